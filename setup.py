@@ -17,6 +17,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "transformers>=4.56",
         "safetensors",
+        "accelerate",
         "tqdm",
         "pyyaml",
         "math-verify>=0.7",

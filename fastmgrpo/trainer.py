@@ -1,0 +1,267 @@
+"""Trainer: rollout -> packed micro-batches -> fused GRPO loss -> one optimizer step, logged.
+
+`Trainer.step()` is the whole algorithm for one step; everything it calls is a plain function
+in its own module (mgrpo.collect, packing.pack, kernels.packed_grpo_loss, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .config import MGRPOConfig
+from .data import load_problems
+from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
+from .mgrpo import collect
+from .models import lm_head, load_model, stop_token_ids
+from .packing import microbatches, pack, packed_hidden_states
+from .prompts import layer1_prompt
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many bad steps, out of memory); the message says what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def lr_lambda(cfg: MGRPOConfig):
+    """Linear warm-up over warmup_ratio*max_steps, then cosine/linear decay or constant."""
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return f
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def loss_config(cfg: MGRPOConfig) -> GRPOLossConfig:
+    return GRPOLossConfig(
+        beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+        importance_sampling_level=cfg.importance_sampling_level,
+        sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
+        temperature=cfg.temperature or 1.0, delta=cfg.delta,
+        use_bias_correction_kl=cfg.use_bias_correction_kl, entropy_coef=cfg.entropy_coef,
+    )
+
+
+class Trainer:
+    """Owns the policy, optional reference model, optimizer, data cursor and output files."""
+
+    def __init__(self, cfg: MGRPOConfig, model=None, tokenizer=None, problems=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = compute_dtype(cfg.precision, self.device)
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            # fp32 master weights; bf16 compute comes from autocast on GPU.
+            model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=self.device)
+        self.model, self.tokenizer = model.to(self.device), tokenizer
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.ref_model = None
+        if cfg.beta > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        self.problems, self.prompts, self.data_stats = self._load_data(problems)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
+                                           betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.loss_cfg = loss_config(cfg)
+        self.rng = random.Random(cfg.seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.step_idx, self.bad_steps = 0, 0
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self._resume()
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
+
+    # --- data -----------------------------------------------------------------------------
+    def _load_data(self, problems):
+        cfg = self.cfg
+        problems = problems if problems is not None else load_problems(cfg.dataset, strict=cfg.strict_data,
+                                                                       seed=cfg.seed)
+        kept, prompts, truncated, skipped = [], [], 0, 0
+        for p in problems:
+            ids = layer1_prompt(self.tokenizer, p)
+            if len(ids) > cfg.max_prompt_length:
+                if cfg.prompt_overflow == "skip":
+                    skipped += 1
+                    continue
+                ids, truncated = ids[-cfg.max_prompt_length:], truncated + 1
+            kept.append(p)
+            prompts.append(ids)
+        if not kept:
+            raise TrainingError(f"no usable problems in {cfg.dataset!r}: all {skipped} prompts exceed "
+                                f"max_prompt_length={cfg.max_prompt_length}")
+        return kept, prompts, {"problems": len(kept), "prompts_skipped": skipped,
+                               "prompts_truncated": truncated}
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """Questions of `step`: a fresh seeded permutation per epoch, so resume needs only `step`."""
+        n, q = len(self.problems), self.cfg.questions_per_step
+        out = []
+        for k in range(step * q, step * q + q):
+            epoch, pos = divmod(k, n)
+            perm = list(range(n))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(perm)
+            out.append(perm[pos])
+        return out
+
+    # --- one step -------------------------------------------------------------------------
+    def step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        idx = self._batch_indices(self.step_idx)
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            rollout = collect(self.model, self.tokenizer, [self.problems[i] for i in idx],
+                              [self.prompts[i] for i in idx], cfg, rng=self.rng, generator=self.generator,
+                              stop_ids=self.stop_ids, pad_id=self.pad_id)
+        t_rollout = time.perf_counter()
+        episodes = rollout.episodes
+        normaliser = {"num_sequences": len(episodes),
+                      "num_tokens": sum(len(e.completion_ids) for e in episodes)}
+        self.model.train()
+        totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ref_time": 0.0}
+        for _ in range(cfg.num_iterations):
+            for mb in microbatches(episodes, cfg.micro_batch_tokens):
+                self._accumulate(pack(mb).to(self.device), normaliser, totals)
+        grad_norm = self._optimizer_step(totals["loss"])
+        t_end = time.perf_counter()
+        metrics = {
+            "step": self.step_idx + 1, **rollout.stats, **{k: v for k, v in totals.items()},
+            "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+            "tokens_trained": float(sum(e.num_tokens for e in episodes)),
+            "sequences": float(len(episodes)), "padding_fraction": 0.0,
+            "rollout_time": t_rollout - t0, "train_time": t_end - t_rollout, "step_time": t_end - t0,
+            "peak_memory_gb": peak_memory_gb(self.device), "skipped": not math.isfinite(grad_norm),
+        }
+        self.step_idx += 1
+        return metrics
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _hidden_rows(self, model, batch):
+        """Final hidden states at the rows that predict completion tokens: (M, H)."""
+        with self._autocast():
+            hidden = packed_hidden_states(model, batch)
+        return hidden[batch.target_rows].to(self.dtype)
+
+    def _accumulate(self, batch, normaliser: dict, totals: dict) -> None:
+        """Forward + backward of one packed micro-batch; gradients add up across micro-batches."""
+        ref_lp = None
+        if self.ref_model is not None:
+            t = time.perf_counter()
+            with torch.no_grad():
+                w, b = lm_head(self.ref_model)
+                ref_lp = token_logprobs(self._hidden_rows(self.ref_model, batch), w.to(self.dtype),
+                                        batch.targets, temperature=self.loss_cfg.temperature,
+                                        bias=None if b is None else b.to(self.dtype))
+            totals["ref_time"] += time.perf_counter() - t
+        weight, bias = lm_head(self.model)
+        loss, m = packed_grpo_loss(
+            self._hidden_rows(self.model, batch), weight.to(self.dtype), batch.targets, batch.cu_targets,
+            batch.advantages, batch.old_logprobs, ref_lp, config=self.loss_cfg,
+            bias=None if bias is None else bias.to(self.dtype), seq_weights=batch.weights, **normaliser)
+        (loss / self.cfg.num_iterations).backward()
+        share = batch.targets.numel() / max(1, normaliser["num_tokens"]) / self.cfg.num_iterations
+        totals["loss"] += loss.item() / self.cfg.num_iterations  # sync point, once per micro-batch
+        for k in ("kl", "clip_ratio", "entropy"):
+            if k in m:
+                totals[k] += float(m[k]) * share
+
+    def _optimizer_step(self, loss: float) -> float:
+        """Clip and apply; a NaN/Inf loss or gradient skips the update (counted, then fatal)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            grad_norm, self.bad_steps = float("nan"), self.bad_steps + 1
+            if self.bad_steps >= self.cfg.max_bad_steps:
+                raise TrainingError(f"{self.bad_steps} steps in a row had a NaN/Inf loss or gradient; "
+                                    "lower --learning-rate or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    def evaluate(self) -> dict:
+        """Self-correction eval (acc@t1, acc@t2, transitions) on the held-out file, greedy."""
+        from .eval import evaluate
+
+        cfg = self.cfg
+        problems = load_problems(cfg.eval_dataset, limit=cfg.eval_limit, seed=cfg.seed)
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            summary, _ = evaluate(self.model, self.tokenizer, problems,
+                                  max_new_tokens=cfg.max_completion_length, temperature=0.0, top_p=1.0,
+                                  batch_size=cfg.rollout_batch_size, l2_format=cfg.l2_format,
+                                  phrase=cfg.guiding_phrases[1 % len(cfg.guiding_phrases)], pass_k=0,
+                                  seed=cfg.seed)
+        return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def save(self) -> Path:
+        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        version, internal, gauss = self.rng.getstate()
+        state = {"step": self.step_idx, "bad_steps": self.bad_steps, "config": self.cfg.to_dict(),
+                 "python_rng": [version, list(internal), gauss]}
+        return save_checkpoint(self.out, self.step_idx, self.model, self.tokenizer, tensors, state,
+                               keep=self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            raise TrainingError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+            raise TrainingError(f"{path}: checkpoint does not match the model "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        tensors, state = load_trainer_state(path)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        self.generator.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch_rng"])
+        version, internal, gauss = state["python_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.step_idx, self.bad_steps = state["step"], state["bad_steps"]

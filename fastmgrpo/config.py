@@ -15,15 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GUIDING_PHRASES = (
-    "Where might I have gone wrong this time? Let me double-check carefully.",
-    "Wait, let me double-check that.",
-    "Wait a minute, let me make sure I didn't make a mistake.",
-    "Hmm, let me think if there's another way to approach this problem.",
-    "Wait, maybe I can think about it like this:",
-    "Another thought: maybe I can",
-    "But wait, let me just make sure I didn't miss anything in the original problem.",
-)
+from .prompts import GUIDING_PHRASES
+
 
 
 class ConfigError(ValueError):

@@ -32,8 +32,8 @@ class Rollout:
 
 
 def _sample(model, prompts: list[list[int]], n: int, cfg: MGRPOConfig, ctx: dict) -> list[Completion]:
-    """n completions per prompt, prompt-major order."""
-    return sample(
+    """n completions per prompt, prompt-major order, with their decoded text."""
+    completions = sample(
         model,
         [p for p in prompts for _ in range(n)],
         max_new_tokens=cfg.max_completion_length,
@@ -46,6 +46,9 @@ def _sample(model, prompts: list[list[int]], n: int, cfg: MGRPOConfig, ctx: dict
         generator=ctx["generator"],
         progress=ctx.get("progress"),
     )
+    for c in completions:
+        c.text = ctx["tokenizer"].decode(c.token_ids, skip_special_tokens=True)
+    return completions
 
 
 def _scores(completions: list[Completion], problems: list[Problem], cfg: MGRPOConfig):
@@ -78,7 +81,7 @@ def collect(
         Rollout with Q*G layer-1 episodes and up to Q*G*H layer-2 episodes.
     """
     G, H = cfg.group_size, cfg.l2_samples
-    ctx = {"stop_ids": stop_ids, "pad_id": pad_id, "generator": generator, "progress": progress}
+    ctx = {"tokenizer": tokenizer, "stop_ids": stop_ids, "pad_id": pad_id, "generator": generator, "progress": progress}
 
     # Layer 1: G answers per question, one advantage group per question.
     l1 = _sample(model, prompts, G, cfg, ctx)

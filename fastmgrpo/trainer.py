@@ -101,7 +101,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.loss_cfg = loss_config(cfg)
         self.rng = random.Random(cfg.seed)
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step_idx, self.bad_steps = 0, 0
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)

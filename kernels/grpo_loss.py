@@ -1,0 +1,659 @@
+"""GRPO-family losses on top of the fused linear-logprob primitive.
+
+The only O(N x V) work is ``dispatch.linear_logprobs`` (one call per loss). Everything here is
+O(N) PyTorch on per-token log-probs, written on a flat "token view" of the batch (N positions,
+each with a sequence id) so that the padded Liger-shaped form and the packed (cu_seqlens) form
+share one implementation. Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5)
+and TRL's GRPOTrainer.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .dispatch import linear_logprobs
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+_TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")  # Liger rejects sequence-level IS for these
+_LOG_EPS = math.log(1e-8)
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """All loss options; defaults equal ``LigerFusedLinearGRPOLoss``'s (plus entropy_coef=0).
+
+    beta: k3 KL weight (0 disables the penalty and the "kl" Liger metric).
+    epsilon_low / epsilon_high: ratio clip range [1-eps_low, 1+eps_high]; for cispo
+        epsilon_high is the absolute upper bound of the detached weight (e.g. 5.0).
+    loss_type: one of LOSS_TYPES. max_completion_length: needed by dr_grpo.
+    importance_sampling_level: "token" or "sequence" (GSPO; not with cispo/sapo/vespo).
+    sapo_temperature_pos / _neg: SAPO gate temperatures (> 0).
+    temperature: logits divisor (> 0). delta: optional upper clamp of the ratio (INTELLECT-2).
+    use_bias_correction_kl: multiply the KL by the (unclipped) importance ratio (DeepSeek-V3.2).
+    vespo_*: VESPO gamma-weight shape/rate for non-negative / negative advantages.
+    entropy_coef: loss -= entropy_coef * entropy (aggregated like the loss); not a Liger option.
+    """
+
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "dapo"
+    max_completion_length: int | None = None
+    importance_sampling_level: str = "token"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    temperature: float = 1.0
+    delta: float | None = None
+    use_bias_correction_kl: bool = False
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    entropy_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r} is not one of {list(LOSS_TYPES)}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r} is not one of "
+                f"{list(IMPORTANCE_SAMPLING_LEVELS)}"
+            )
+        if self.importance_sampling_level == "sequence" and self.loss_type in _TOKEN_LEVEL_ONLY:
+            raise ValueError(
+                f"importance_sampling_level='sequence' is not supported for loss_type={self.loss_type!r} "
+                "(use 'token')"
+            )
+        for name in ("beta", "epsilon_low", "epsilon_high", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                     "vespo_lambda_neg", "entropy_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite float, got {value!r}")
+        for name in ("beta", "epsilon_low", "epsilon_high"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and self.delta > 0):
+            raise ValueError(f"delta must be None or > 0, got {self.delta!r}")
+        mcl = self.max_completion_length
+        if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0):
+            raise ValueError(f"max_completion_length must be a positive int or None, got {mcl!r}")
+        if self.loss_type == "dr_grpo" and mcl is None:
+            raise ValueError("loss_type='dr_grpo' requires max_completion_length")
+
+
+# --------------------------------------------------------------------------------------------
+# Flat token view shared by both public forms
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tokens:
+    """N positions of B sequences (padding positions allowed, with mask 0)."""
+
+    logp: torch.Tensor  # (N,) fp32, differentiable
+    old: torch.Tensor  # (N,) fp32
+    ref: torch.Tensor | None  # (N,) fp32
+    adv: torch.Tensor  # (N,) fp32 advantage of each position's sequence
+    adv_seq: torch.Tensor  # (B,) fp32
+    seg: torch.Tensor  # (N,) int64 sequence id
+    mask: torch.Tensor  # (N,) fp32, 1 for completion tokens
+    seq_len: torch.Tensor  # (B,) fp32 completion tokens per sequence
+    vllm: torch.Tensor | None  # (N,) fp32 rollout-mismatch IS ratio per position
+    vllm_log_seq: torch.Tensor | None  # (B,) clamped log IS ratio summed per sequence (VESPO)
+
+
+@dataclass
+class _Norm:
+    """Normalisers of the reductions (global counts make micro-batch losses add up)."""
+
+    tok_w: torch.Tensor  # (N,) weight of each position in masked sums: mask * seq_weight
+    luspo_w: torch.Tensor  # (N,) LUSPO length weight (see _reduce_luspo)
+    num_sequences: float
+    num_tokens: torch.Tensor  # () bnpo normaliser
+    dapo_norm: torch.Tensor  # () dapo / cispo / vespo normaliser
+    max_completion_length: int | None
+    metric_w: torch.Tensor  # (N,) weight of each position in the metrics
+    metric_den: torch.Tensor  # () metric normaliser
+
+
+def _segment_sum(x: torch.Tensor, seg: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """(N,) -> (B,) sum per sequence (differentiable, no Python loop)."""
+    return x.new_zeros(num_seqs).index_add(0, seg, x)
+
+
+def _k3(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || ref) (http://joschu.net/blog/kl-approx.html)."""
+    d = ref - logp
+    return torch.exp(d) - d - 1.0
+
+
+# ---- per-token losses: (tokens, coef, log_ratio, cfg) -> (loss (N,), is_clipped (N,) bool) ----
+
+
+def _clipped_surrogate(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """PPO clipped surrogate (grpo, bnpo, dr_grpo, dapo, luspo), with optional delta clamp."""
+    lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+    coef_1 = coef if cfg.delta is None else torch.clamp(coef, max=cfg.delta)
+    loss = -torch.min(coef_1 * t.adv, torch.clamp(coef, lo, hi) * t.adv)
+    clipped = ((coef < lo) & (t.adv < 0)) | ((coef > hi) & (t.adv > 0))
+    return loss, clipped
+
+
+def _cispo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """CISPO: detached weight min(ratio, epsilon_high) times the log-prob."""
+    weight = torch.clamp(coef, max=cfg.epsilon_high).detach()
+    return -weight * t.adv * t.logp, (coef > cfg.epsilon_high) & (t.adv > 0)
+
+
+def _sapo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """SAPO: smooth sigmoid gate 4/tau * sigmoid(tau * (ratio - 1)) instead of hard clipping."""
+
+    def gate(tau: float) -> torch.Tensor:
+        return torch.sigmoid(tau * (coef - 1)) * 4 / tau
+
+    gated = torch.where(t.adv > 0, gate(cfg.sapo_temperature_pos), gate(cfg.sapo_temperature_neg))
+    return -gated * t.adv, torch.zeros_like(coef, dtype=torch.bool)
+
+
+@torch.no_grad()
+def _vespo_phi(t: _Tokens, log_ratio, cfg: GRPOLossConfig) -> torch.Tensor:
+    """VESPO detached gamma weight per sequence, phi(w) = e^lam w^k e^(-lam w): (B,)."""
+    num_seqs = t.adv_seq.shape[0]
+    log_w = _segment_sum(torch.clamp(log_ratio, -20.0, 20.0) * t.mask, t.seg, num_seqs)  # (B,)
+    if t.vllm_log_seq is not None:
+        log_w = log_w + t.vllm_log_seq
+    log_w = torch.clamp(log_w, _LOG_EPS, 20.0)
+    nonneg = t.adv_seq >= 0
+    k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg)
+    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _vespo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """VESPO: -phi(seq ratio) * A * logp; the rollout IS ratio is folded into phi."""
+    phi = _vespo_phi(t, log_ratio, cfg)[t.seg]  # (N,)
+    return -phi * t.adv * t.logp, torch.zeros_like(coef, dtype=torch.bool)
+
+
+_PER_TOKEN_LOSS = {
+    "grpo": _clipped_surrogate,
+    "bnpo": _clipped_surrogate,
+    "dr_grpo": _clipped_surrogate,
+    "dapo": _clipped_surrogate,
+    "luspo": _clipped_surrogate,
+    "cispo": _cispo,
+    "sapo": _sapo,
+    "vespo": _vespo,
+}
+
+
+# ---- reductions: (per-token values (N,), tokens, norm) -> scalar ----
+
+
+def _reduce_seq_mean(x, t: _Tokens, n: _Norm):
+    """grpo / sapo: mean over each sequence's tokens, summed, / num_sequences."""
+    per_seq = _segment_sum(x * n.tok_w, t.seg, t.seq_len.shape[0]) / t.seq_len.clamp(min=1.0)
+    return per_seq.sum() / n.num_sequences
+
+
+def _reduce_bnpo(x, t: _Tokens, n: _Norm):
+    return (x * n.tok_w).sum() / n.num_tokens
+
+
+def _reduce_dr_grpo(x, t: _Tokens, n: _Norm):
+    return (x * n.tok_w).sum() / (n.num_sequences * n.max_completion_length)
+
+
+def _reduce_dapo(x, t: _Tokens, n: _Norm):
+    return (x * n.tok_w).sum() / n.dapo_norm
+
+
+def _reduce_luspo(x, t: _Tokens, n: _Norm):
+    """luspo: sum_i len_i * (sequence loss) / num_sequences (TRL: (loss * lengths).mean())."""
+    return (x * n.luspo_w).sum() / n.num_sequences
+
+
+_REDUCE = {
+    "grpo": _reduce_seq_mean,
+    "sapo": _reduce_seq_mean,
+    "bnpo": _reduce_bnpo,
+    "dr_grpo": _reduce_dr_grpo,
+    "dapo": _reduce_dapo,
+    "cispo": _reduce_dapo,
+    "vespo": _reduce_dapo,
+    "luspo": _reduce_luspo,
+}
+
+
+def _grpo_core(t: _Tokens, n: _Norm, cfg: GRPOLossConfig, entropy: torch.Tensor | None):
+    """Loss and metric tensors from the token view. Returns (loss, metrics dict)."""
+    log_ratio = t.logp - t.old  # (N,)
+    if cfg.importance_sampling_level == "sequence":  # GSPO: masked mean log-ratio per sequence
+        seq_lr = _segment_sum(log_ratio * t.mask, t.seg, t.seq_len.shape[0]) / t.seq_len.clamp(min=1.0)
+        log_w = seq_lr[t.seg]  # (N,)
+    else:
+        log_w = log_ratio
+    coef = torch.exp(log_w)  # (N,) importance ratio
+    per_token, clipped = _PER_TOKEN_LOSS[cfg.loss_type](t, coef, log_ratio, cfg)
+    if t.vllm is not None and cfg.loss_type != "vespo":
+        per_token = per_token * t.vllm
+    kl = _k3(t.ref if t.ref is not None else t.logp.detach(), t.logp)  # (N,)
+    if cfg.use_bias_correction_kl:
+        kl = kl * coef
+    if cfg.beta != 0.0:
+        per_token = per_token + cfg.beta * kl
+    reduce = _REDUCE[cfg.loss_type]
+    loss = reduce(per_token, t, n)
+    if entropy is not None and cfg.entropy_coef != 0.0:
+        loss = loss - cfg.entropy_coef * reduce(entropy, t, n)
+
+    def metric(x):
+        return ((x.detach().float() * n.metric_w).sum() / n.metric_den).detach()
+
+    metrics = {"kl": metric(kl), "clip_ratio": metric(clipped), "ratio_mean": metric(coef)}
+    if entropy is not None:
+        metrics["entropy"] = metric(entropy)
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name, x, shape, floating: bool | None = True):
+    """Type/shape check; floating=True needs a float dtype, False an integer one, None any."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if floating is True and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if floating is False and (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+
+
+def _check_config(config):
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"config must be a GRPOLossConfig, got {type(config).__name__}")
+
+
+def _positive_count(name, value, default):
+    if value is None:
+        return float(default)
+    if isinstance(value, torch.Tensor):
+        value = value.item()  # host sync (a scalar)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Padded (Liger-shaped) form
+# --------------------------------------------------------------------------------------------
+
+
+def _dapo_normalizer(mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """Liger's DAPO normaliser: num_items_in_batch / world_size, else the (all-reduced) token
+    count / world_size; clamped to >= 1."""
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    if num_items_in_batch is not None:
+        norm = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device).float()
+        return torch.clamp(norm / world, min=1.0)
+    norm = mask.sum()
+    if distributed:
+        norm = norm.clone()
+        dist.all_reduce(norm, op=dist.ReduceOp.SUM)
+    return torch.clamp(norm / world, min=1.0)
+
+
+def _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias, use_ref_model, config, backend):
+    """Reference log-probs (B*T,) or None, following Liger's use_ref_model rules."""
+    if not use_ref_model:
+        if ref_per_token_logps is not None or ref_input is not None:
+            raise ValueError("ref_per_token_logps / ref_input were given but use_ref_model=False")
+        return None
+    if ref_per_token_logps is None and ref_input is None:
+        raise ValueError("use_ref_model=True needs ref_per_token_logps or ref_input (with ref_weight)")
+    if ref_per_token_logps is not None:
+        if ref_input is not None:
+            warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.")
+        return ref_per_token_logps.reshape(-1).float()
+    if ref_weight is None:
+        raise ValueError("ref_input requires ref_weight")
+    with torch.no_grad():
+        ref, _ = linear_logprobs(
+            ref_input.reshape(ids.shape[0], -1), ref_weight, ids, ref_bias, config.temperature, False, backend
+        )
+    return ref
+
+
+def _padded_vllm(vllm_is_ratio, B, T):
+    """(B,), (B, 1) or (B, T) -> per-position (B*T,) ratio and VESPO's summed log ratio (B,)."""
+    if vllm_is_ratio is None:
+        return None, None
+    if not isinstance(vllm_is_ratio, torch.Tensor) or vllm_is_ratio.dim() not in (1, 2):
+        raise ValueError("vllm_is_ratio must be a tensor of shape (B,), (B, 1) or (B, T)")
+    v = vllm_is_ratio.float()
+    v = v[:, None] if v.dim() == 1 else v
+    if v.shape[0] != B or v.shape[1] not in (1, T):
+        raise ValueError(f"vllm_is_ratio shape must be ({B},), ({B}, 1) or ({B}, {T}), got {tuple(vllm_is_ratio.shape)}")
+    log_seq = torch.clamp(torch.log(v), _LOG_EPS, 20.0).sum(-1)  # (B,), all T positions (as Liger)
+    return v.expand(B, T).reshape(-1), log_seq
+
+
+def fused_linear_grpo_loss(
+    _input,
+    lin_weight,
+    selected_token_ids,
+    attention_mask,
+    advantages,
+    bias=None,
+    ref_per_token_logps=None,
+    old_per_token_logps=None,
+    ref_input=None,
+    ref_weight=None,
+    ref_bias=None,
+    vllm_is_ratio=None,
+    num_items_in_batch=None,
+    *,
+    config: GRPOLossConfig,
+    use_ref_model: bool = True,
+    backend: str | None = None,
+):
+    """Padded GRPO loss with the LM head fused in; same semantics as Liger's GRPO loss.
+
+    Runs the fused primitive once over all B*T rows (padding rows too: Liger's luspo counts them).
+    Targets at padding positions may be any id (out-of-range ones are replaced by 0).
+
+    Args:
+        _input: (B, T, H) hidden states, row (b, t) predicts selected_token_ids[b, t].
+        lin_weight: (V, H) LM head, same dtype as _input. bias: (V,) or None.
+        selected_token_ids: (B, T) int token ids. attention_mask: (B, T) 0/1 completion mask.
+        advantages: (B,) float.
+        ref_per_token_logps / old_per_token_logps: (B, T) float or None (old None = on-policy).
+        ref_input / ref_weight / ref_bias: (B, T, H) / (V, H) / (V,) reference hidden states and
+            head, used (without grad) when use_ref_model and ref_per_token_logps is None.
+        vllm_is_ratio: (B,), (B, 1) or (B, T) rollout/trainer IS ratio, or None.
+        num_items_in_batch: global completion-token count (dapo/cispo/vespo normaliser), or None.
+        config: GRPOLossConfig. use_ref_model: as Liger's. backend: see linear_logprobs.
+
+    Returns:
+        loss: () fp32 scalar.
+        metrics: tuple of detached () fp32 tensors in Liger's order: (kl if beta != 0,
+            clip_ratio), then mean entropy when config.entropy_coef != 0 (our addition).
+    """
+    _check_config(config)
+    if not isinstance(_input, torch.Tensor) or _input.dim() != 3:
+        raise ValueError("_input must be a (B, T, H) tensor")
+    B, T, H = _input.shape
+    _check_tensor("selected_token_ids", selected_token_ids, (B, T), floating=False)
+    _check_tensor("attention_mask", attention_mask, (B, T), floating=None)
+    _check_tensor("advantages", advantages, (B,))
+    for name, x in (("ref_per_token_logps", ref_per_token_logps), ("old_per_token_logps", old_per_token_logps)):
+        if x is not None:
+            _check_tensor(name, x, (B, T))
+    if ref_input is not None and use_ref_model and ref_per_token_logps is None:
+        _check_tensor("ref_input", ref_input, (B, T, H))
+    if not isinstance(lin_weight, torch.Tensor) or lin_weight.dim() != 2:
+        raise ValueError("lin_weight must be a (V, H) tensor")
+    mask = attention_mask.reshape(-1).float()  # (N,)
+    ids = selected_token_ids.reshape(-1).long()  # (N,)
+    ids = torch.where(mask > 0, ids, ids.clamp(0, lin_weight.shape[0] - 1))
+    want_entropy = config.entropy_coef != 0.0
+    logp, entropy = linear_logprobs(
+        _input.reshape(B * T, H), lin_weight, ids, bias, config.temperature, want_entropy, backend
+    )
+    ref = _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias, use_ref_model, config, backend)
+    vllm, vllm_log_seq = _padded_vllm(vllm_is_ratio, B, T)
+    seg = torch.arange(B, device=_input.device).repeat_interleave(T)  # (N,)
+    seq_len = mask.view(B, T).sum(-1)  # (B,)
+    adv = advantages.float()
+    old = logp.detach() if old_per_token_logps is None else old_per_token_logps.reshape(-1).float()
+    tokens = _Tokens(logp, old, ref, adv[seg], adv, seg, mask, seq_len, vllm, vllm_log_seq)
+    n_tok = mask.sum().clamp(min=1.0)
+    norm = _Norm(
+        tok_w=mask, luspo_w=seq_len[seg] / T, num_sequences=float(B), num_tokens=n_tok,
+        dapo_norm=_dapo_normalizer(mask, num_items_in_batch), max_completion_length=config.max_completion_length,
+        metric_w=mask, metric_den=n_tok,
+    )
+    loss, m = _grpo_core(tokens, norm, config, entropy)
+    metrics = ((m["kl"],) if config.beta != 0.0 else ()) + (m["clip_ratio"],)
+    return loss, metrics + ((m["entropy"],) if want_entropy else ())
+
+
+# --------------------------------------------------------------------------------------------
+# Packed (cu_seqlens) form
+# --------------------------------------------------------------------------------------------
+
+
+def _packed_segments(cu_seqlens, num_rows: int, num_seqs: int):
+    """Validate cu_seqlens (one host sync) and return (seg (M,) int64, lengths (B,) int64)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("cu_seqlens must be an int32/int64 tensor")
+    if tuple(cu_seqlens.shape) != (num_seqs + 1,):
+        raise ValueError(f"cu_seqlens must have shape ({num_seqs + 1},) (B+1 with B=len(advantages)), "
+                         f"got {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]  # (B,)
+    ok = (cu[0] == 0) & (cu[-1] == num_rows) & (lengths >= 0).all()
+    if not bool(ok):  # host sync
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at M={num_rows}")
+    seg = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths, output_size=num_rows)
+    return seg, lengths
+
+
+def _packed_vllm(vllm_is_ratio, seg, num_rows: int, num_seqs: int):
+    """(B, 1) per-sequence or (M,) per-token ratio -> per-token (M,) and VESPO's log sum (B,)."""
+    if vllm_is_ratio is None:
+        return None, None
+    shape = tuple(vllm_is_ratio.shape) if isinstance(vllm_is_ratio, torch.Tensor) else None
+    if shape not in ((num_seqs, 1), (num_rows,)):
+        raise ValueError(f"vllm_is_ratio must have shape (B={num_seqs}, 1) or (M={num_rows},), got {shape}")
+    v = vllm_is_ratio.float()
+    log_v = torch.clamp(torch.log(v), _LOG_EPS, 20.0)
+    if v.dim() == 2:  # per sequence
+        return v[:, 0][seg], log_v[:, 0]
+    return v, _segment_sum(log_v, seg, num_seqs)
+
+
+def packed_grpo_loss(
+    hidden,
+    weight,
+    targets,
+    cu_seqlens,
+    advantages,
+    old_logprobs=None,
+    ref_logprobs=None,
+    *,
+    config: GRPOLossConfig,
+    bias=None,
+    seq_weights=None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+    vllm_is_ratio=None,
+    return_entropy: bool = False,
+    backend: str | None = None,
+):
+    """GRPO loss on packed sequences (no padding), LM head fused in.
+
+    Sum the returned losses (and metrics) of micro-batches built with the same global
+    num_sequences / num_tokens to get exactly the full-batch loss: grpo/sapo = sum_i mean_t(l) /
+    num_sequences; bnpo/dapo/cispo/vespo = sum l / num_tokens; dr_grpo = sum l / (num_sequences *
+    max_completion_length); luspo = sum_i len_i * mean_t(l) / num_sequences. No implicit
+    all-reduce: for data parallelism pass global counts and scale by world size as needed.
+
+    Args:
+        hidden: (M, H) rows of all sequences back to back; row i predicts targets[i].
+        weight: (V, H) LM head (same dtype as hidden). bias: (V,) or None.
+        targets: (M,) int token ids in [0, V).
+        cu_seqlens: (B+1,) int32 offsets (0, ..., M); empty sequences allowed.
+        advantages: (B,) float, one per sequence.
+        old_logprobs: (M,) float or None (on-policy: old = logp.detach()).
+        ref_logprobs: (M,) float or None (required when config.beta != 0).
+        config: GRPOLossConfig.
+        seq_weights: (B,) float multiplying each sequence's loss contribution, or None.
+        num_sequences / num_tokens: global counts across micro-batches and ranks (default local).
+        vllm_is_ratio: (B, 1) per-sequence or (M,) per-token rollout IS ratio, or None.
+        return_entropy: also report the mean entropy (always when config.entropy_coef != 0).
+        backend: see linear_logprobs.
+
+    Returns:
+        loss: () fp32 scalar.
+        metrics: dict of detached () fp32 tensors, each sum over local tokens / num_tokens:
+            "kl", "clip_ratio", "ratio_mean" and "entropy" (when computed). Unweighted by seq_weights.
+    """
+    _check_config(config)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError("hidden must be a (M, H) tensor")
+    M = hidden.shape[0]
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() != 1:
+        raise ValueError("advantages must be a (B,) tensor")
+    B = advantages.shape[0]
+    _check_tensor("advantages", advantages, (B,))
+    _check_tensor("targets", targets, (M,), floating=False)
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            _check_tensor(name, x, (M,))
+    if seq_weights is not None:
+        _check_tensor("seq_weights", seq_weights, (B,))
+    if config.beta != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when config.beta != 0")
+    seg, lengths = _packed_segments(cu_seqlens, M, B)
+    n_seq = _positive_count("num_sequences", num_sequences, B)
+    n_tok = _positive_count("num_tokens", num_tokens, max(M, 1))
+    want_entropy = bool(return_entropy) or config.entropy_coef != 0.0
+    logp, entropy = linear_logprobs(hidden, weight, targets, bias, config.temperature, want_entropy, backend)
+    vllm, vllm_log_seq = _packed_vllm(vllm_is_ratio, seg, M, B)
+    adv = advantages.float()
+    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    ref = None if ref_logprobs is None else ref_logprobs.float()
+    ones = logp.new_ones(M)
+    tokens = _Tokens(logp, old, ref, adv[seg], adv, seg, ones, lengths.float(), vllm, vllm_log_seq)
+    tok_w = ones if seq_weights is None else seq_weights.float()[seg]
+    n_tok_t = logp.new_tensor(n_tok)
+    norm = _Norm(
+        tok_w=tok_w, luspo_w=tok_w, num_sequences=n_seq, num_tokens=n_tok_t, dapo_norm=n_tok_t,
+        max_completion_length=config.max_completion_length, metric_w=ones, metric_den=n_tok_t,
+    )
+    return _grpo_core(tokens, norm, config, entropy)
+
+
+# --------------------------------------------------------------------------------------------
+# nn.Module drop-in and log-prob helper
+# --------------------------------------------------------------------------------------------
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss`` (same constructor,
+    forward arguments and ``(loss, metrics)`` return).
+
+    `compiled` is accepted and has no effect: nothing here is torch.compile'd (the loss math is
+    O(N) elementwise). `chunk_size` (Liger: sequences per chunk, a memory bound) must be a positive
+    int and does not change results: the primitive bounds its own memory from V. `backend` (extra,
+    last) picks the primitive's backend. Attributes may be changed after construction as in Liger.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: int | None = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: float | None = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
+        self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
+        self.max_completion_length = max_completion_length
+        self.importance_sampling_level = importance_sampling_level
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.temperature, self.delta, self.use_bias_correction_kl = temperature, delta, use_bias_correction_kl
+        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
+        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
+        self.backend = backend
+        self.config  # validate now
+
+    @property
+    def config(self) -> GRPOLossConfig:
+        """The current attributes as a validated GRPOLossConfig."""
+        names = ("beta", "epsilon_low", "epsilon_high", "loss_type", "max_completion_length",
+                 "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg", "temperature",
+                 "delta", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                 "vespo_lambda_neg")
+        return GRPOLossConfig(**{name: getattr(self, name) for name in names})
+
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+    ):
+        """See fused_linear_grpo_loss. Returns (loss (), metrics tuple in Liger's order)."""
+        return fused_linear_grpo_loss(
+            _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
+            ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias,
+            vllm_is_ratio, num_items_in_batch,
+            config=self.config, use_ref_model=self.use_ref_model, backend=self.backend,
+        )
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_entropy=False, backend=None):
+    """Per-token log-probs (and entropy) of `targets`, e.g. for old / ref / rollout log-probs.
+
+    Differentiable; call under torch.no_grad() for old/ref log-probs.
+
+    Args:
+        hidden: (..., H) e.g. (N, H) or (B, T, H). weight: (V, H), same dtype. targets: (...) int.
+        temperature: float > 0. bias: (V,) or None. return_entropy: also return the entropy.
+        backend: see linear_logprobs.
+
+    Returns:
+        logp (...) fp32, or (logp, entropy) both (...) fp32 when return_entropy.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a (..., H) tensor")
+    lead = hidden.shape[:-1]
+    if not isinstance(targets, torch.Tensor) or targets.shape != lead:
+        raise ValueError(f"targets must have shape {tuple(lead)} (hidden's leading dims)")
+    logp, entropy = linear_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, temperature,
+        bool(return_entropy), backend,
+    )
+    return (logp.reshape(lead), entropy.reshape(lead)) if return_entropy else logp.reshape(lead)

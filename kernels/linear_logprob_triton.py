@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import triton
@@ -62,12 +61,33 @@ DEFAULT_OPTIONS = TritonOptions()
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (decided at import)."""
+    return type(_linear_logprob_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _rsum(x, axis: tl.constexpr, INTERP: tl.constexpr):
+    """tl.sum; under the interpreter, tl.reduce with the standard combine function directly:
+    tl.sum itself is a @jit function that only runs interpreted if TRITON_INTERPRET was set
+    before triton was first imported in the process, this form works either way."""
+    if INTERP:
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+    else:
+        return tl.sum(x, axis)
+
+
+@triton.jit
+def _rmax(x, axis: tl.constexpr, INTERP: tl.constexpr):
+    """tl.max (see _rsum)."""
+    if INTERP:
+        return tl.reduce(x, axis, tl.standard._elementwise_max)
+    else:
+        return tl.max(x, axis)
+
+
 @triton.jit
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot with fp32 accumulation. UPCAST (interpreter only) multiplies 16-bit operands in
@@ -87,7 +107,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, H, inv_tem
     offs_k = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * H  # (BLOCK_M, 1) row pointers
     w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * H  # (BLOCK_V, 1) row pointers
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_V), 0.0, tl.float32)
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < H
@@ -107,7 +127,7 @@ def _linear_logprob_fwd_kernel(
     N, V, H, inv_temp, m_blocks, blocks_per_split,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # split-major order: programs running at the same time stream the same rows of W
@@ -118,9 +138,9 @@ def _linear_logprob_fwd_kernel(
     tgt = tl.load(tgt_ptr + offs_m, mask=mask_m, other=-1)
 
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: keeps (m_old − m_new)·s = 0
-    s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    t_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    zt_i = tl.full((BLOCK_M,), 0.0, tl.float32)
 
     v_lo = pid_s * blocks_per_split * BLOCK_V
     v_hi = tl.minimum(v_lo + blocks_per_split * BLOCK_V, V)
@@ -130,17 +150,17 @@ def _linear_logprob_fwd_kernel(
         z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, H, inv_temp,
                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)
         z = tl.where(mask_v[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        m_new = tl.maximum(m_i, _rmax(z, 1, INTERP))
         alpha = tl.exp(m_i - m_new)
         zs = z - m_new[:, None]                                # (BLOCK_M, BLOCK_V), ≤ 0
         p = tl.exp(zs)                                         # 0 on masked columns
         if WITH_ENTROPY:
             pz = p * tl.where(mask_v[None, :], zs, 0.0)        # no 0·(−inf) on masked columns
-            t_i = alpha * (t_i + (m_i - m_new) * s_i) + tl.sum(pz, axis=1)
-        s_i = alpha * s_i + tl.sum(p, axis=1)
+            t_i = alpha * (t_i + (m_i - m_new) * s_i) + _rsum(pz, 1, INTERP)
+        s_i = alpha * s_i + _rsum(p, 1, INTERP)
         m_i = m_new
         hit = offs_v[None, :] == tgt[:, None]
-        zt_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        zt_i += _rsum(tl.where(hit, z, 0.0), 1, INTERP)
 
     out = pid_s.to(tl.int64) * N + offs_m
     tl.store(m_out + out, m_i, mask=mask_m)
@@ -159,7 +179,7 @@ def _linear_logprob_bwd_kernel(
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     SKIP: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
 ):
     # grouped ordering: GROUP_M token blocks × all v blocks of the slab per group, so the
     # programs in flight share a few h tiles and a range of W tiles in L2
@@ -178,7 +198,7 @@ def _linear_logprob_bwd_kernel(
                      HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)
     lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
     p = tl.exp(z - lse[:, None])                                # (BLOCK_M, BLOCK_V) softmax
-    dz = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    dz = tl.full((BLOCK_M, BLOCK_V), 0.0, tl.float32)
     if HAS_GLOGP:
         g = tl.load(glogp_ptr + offs_m, mask=mask_m, other=0.0)
         tgt = tl.load(tgt_ptr + offs_m, mask=mask_m, other=-1)
@@ -193,11 +213,11 @@ def _linear_logprob_bwd_kernel(
 
     run = True
     if SKIP:
-        run = tl.max(tl.abs(dl)) >= skip_eps
+        run = _rmax(_rmax(tl.abs(dl), 1, INTERP), 0, INTERP) >= skip_eps
     if run:
         offs_vl = offs_v - v_start                              # row inside the slab buffers
         if COMPUTE_DB:
-            tl.atomic_add(db_ptr + offs_vl, tl.sum(dl, axis=0), mask=mask_v)
+            tl.atomic_add(db_ptr + offs_vl, _rsum(dl, 0, INTERP), mask=mask_v)
         dl_in = dl.to(h_ptr.dtype.element_ty)
         offs_k = tl.arange(0, BLOCK_K)
         h_rows = offs_m.to(tl.int64)[:, None] * H
@@ -236,7 +256,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
     """DOT_PRECISION ("ieee" keeps fp32 inputs exact; ignored for 16-bit) and UPCAST."""
     upcast = _interpreting() and dtype != torch.float32
     return dict(DOT_PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32",
-                UPCAST=upcast)
+                UPCAST=upcast, INTERP=_interpreting())
 
 
 def _num_sms(device: torch.device) -> int:
@@ -356,6 +376,7 @@ class LinearLogprobTriton(torch.autograd.Function):
         logp, entropy, lse = linear_logprob_fwd(hidden, weight, bias, targets, temperature,
                                                 with_entropy, opts)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: skip it
         ctx.temperature, ctx.with_entropy, ctx.opts = temperature, with_entropy, opts
         return logp, entropy
 
@@ -367,6 +388,8 @@ class LinearLogprobTriton(torch.autograd.Function):
         g_logp = grad_logp.contiguous().float() if grad_logp is not None else None
         g_ent = grad_entropy.contiguous().float() if grad_entropy is not None else None
         needs = ctx.needs_input_grad[:3]
+        if g_logp is None and g_ent is None:
+            return None, None, None, None, None, None, None
         dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, ctx.temperature, lse,
                                         entropy, g_logp, g_ent, needs, ctx.opts)
         return dh, dw, db, None, None, None, None

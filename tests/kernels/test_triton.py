@@ -165,10 +165,17 @@ def test_vocab_slabs_and_splits_match():
 
 
 def test_sparsity_skip():
-    """Peaked softmax: skipping tiles with max |dlogits| < 2^-12 changes the bf16 gradients
-    by less than bf16 resolution; an enormous threshold skips every tile (zero grads)."""
+    """Columns ≥ 64 are pushed 30 nats down (softmax ≈ 1e-13 there), except where a target
+    sits (column 200). With skip_eps=2^-12 those tiles skip both products: the gradients stay
+    within bf16 resolution of the dense path, a skipped row of d_W is exactly 0 (dense: tiny,
+    nonzero) and the target's row is unaffected. An enormous threshold skips every tile."""
     N, H, V = 37, 24, 301
-    hidden, weight, bias, targets = make_inputs(N, H, V, torch.bfloat16, True, w_scale=4.0)
+    hidden, weight, bias, _ = make_inputs(N, H, V, torch.bfloat16, True)
+    bias = bias.float()
+    bias[64:] -= 30.0
+    bias = bias.to(torch.bfloat16)
+    targets = torch.randint(0, 64, (N,), device=DEV)
+    targets[3] = 200
     g = torch.randn(N, device=DEV, dtype=torch.float64)
     ge = torch.randn(N, device=DEV, dtype=torch.float64)
     dense = run(triton_fn(), hidden, weight, bias, targets, 1.0, True, g, ge)
@@ -176,6 +183,9 @@ def test_sparsity_skip():
                  hidden, weight, bias, targets, 1.0, True, g, ge)
     for name, d, s in zip(NAMES, dense, sparse):
         assert max_err(d, s) <= 1e-2 * max(1.0, d.abs().max().item()), name
+    d_w_dense, d_w_sparse = dense[3], sparse[3]
+    assert d_w_dense[290].abs().max() > 0 and d_w_sparse[290].abs().max() == 0   # skipped
+    assert max_err(d_w_dense[200], d_w_sparse[200]) <= 1e-3 * d_w_dense[200].abs().max()  # kept
     none = run(triton_fn(llt.TritonOptions(skip_eps=1e30)),
                hidden, weight, bias, targets, 1.0, True, g, ge)
     assert max_err(none[0], dense[0]) == 0                       # forward is unaffected

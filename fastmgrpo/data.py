@@ -68,7 +68,7 @@ def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
                 if gold is None:
                     if strict:
                         expected = _EXPECTED_ANSWER[source]
-                        raise DatasetError(f"{path}:{lineno}: no parseable final answer ({expected})")
+                        raise DatasetError(f"{path}:{lineno}: no parseable answer ({expected})")
                     skipped.append(lineno)
                     continue
                 problems.append(Problem(question.strip(), gold, source, uid=lineno - 1))

@@ -31,7 +31,7 @@ _HASH_ANSWER_RE = re.compile(r"####\s*\\?\$?\s*[-+]?\.?\d")  # "#### 12", "#### 
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (nested braces kept), or None if there is none."""
+    """Content of the last `\\boxed{...}` in `text` (nested braces kept), or None."""
     start = text.rfind("\\boxed{")
     while start != -1:
         i = start + len("\\boxed{")
@@ -129,7 +129,8 @@ def answers_match(pred: str | None, gold: str, source: str) -> bool:
 
 
 def format_ok(text: str, source: str) -> bool:
-    """Whether `text` ends its answer in the requested form: `#### n` (GSM8K/synthetic) or `\\boxed{}`."""
+    """Whether `text` gives its answer in the requested form: `#### n` (GSM8K, synthetic) or
+    a non-empty `\\boxed{}` (other sources)."""
     if source in NUMERIC_SOURCES:
         return _HASH_ANSWER_RE.search(text) is not None
     return bool(last_boxed(text))

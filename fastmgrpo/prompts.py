@@ -1,0 +1,113 @@
+"""Prompt token ids for both MGRPO layers.
+
+Prompts are built on token ids, never by re-tokenising generated text, so a layer-2 prompt
+holds exactly the layer-1 prompt and sampled completion tokens. A tokenizer with a chat
+template gets chat prompts; one without gets a plain "Question: ... Answer:" format, preceded
+by its BOS token when it has one (added once, by us, not by the tokenizer's post-processor).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+from fastmgrpo.types import Problem
+
+# The guiding phrases of the MGRPO paper (arXiv 2506.04746), verbatim.
+GUIDING_PHRASES = (
+    "Where might I have gone wrong this time? Let me double-check carefully.",
+    "Wait, let me double-check that.",
+    "Wait a minute, let me make sure I didn't make a mistake.",
+    "Hmm, let me think if there's another way to approach this problem.",
+    "Wait, maybe I can think about it like this:",
+    "Another thought: maybe I can",
+    "But wait, let me just make sure I didn't miss anything in the original problem.",
+)
+
+INSTRUCTION = "Solve the problem step by step, then give the final answer as {final}."
+REVIEW_INSTRUCTION = "Review your previous answer. {phrase} Then give the final answer as {final}."
+# The requested final-answer form, per problem source (anything else: a \boxed{} answer).
+FINAL_FORMS = {"gsm8k": "#### <number>", "synthetic": "#### <number>"}
+BOXED_FORM = "\\boxed{<answer>}"
+_SENTINEL = "@@fastmgrpo-layer1-answer@@"  # stands for the layer-1 answer in a chat template
+
+
+def _final_form(problem: Problem) -> str:
+    return FINAL_FORMS.get(problem.source, BOXED_FORM)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding by default, 4.x a plain list of ids.
+    return list(out["input_ids"] if isinstance(out, Mapping) else out)
+
+
+def _bos(tokenizer) -> list[int]:
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
+def layer1_prompt(tokenizer, problem: Problem) -> list[int]:
+    """Token ids of the prompt for a first attempt at `problem` (ends where the answer starts)."""
+    user = f"{problem.question}\n{INSTRUCTION.format(final=_final_form(problem))}"
+    if tokenizer.chat_template:
+        return _chat_ids(tokenizer, [{"role": "user", "content": user}])
+    text = f"Question: {user}\nAnswer: Let's think step by step."
+    return _bos(tokenizer) + _encode(tokenizer, text)
+
+
+def _strip_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
+    end = len(ids)
+    while end and ids[end - 1] in stop_ids:
+        end -= 1
+    return list(ids[:end])
+
+
+def _turn_suffix(tokenizer, problem: Problem, phrase: str) -> list[int]:
+    """Ids that close the layer-1 assistant turn, ask for a review and open a new answer."""
+    final = _final_form(problem)
+    review = REVIEW_INSTRUCTION.format(phrase=phrase, final=final)
+    if not tokenizer.chat_template:
+        return _encode(tokenizer, f"\n\nQuestion: {review}\nAnswer:")
+    user = f"{problem.question}\n{INSTRUCTION.format(final=final)}"
+    messages = [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _SENTINEL},
+        {"role": "user", "content": review},
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("the chat template does not render the assistant message verbatim")
+    return _encode(tokenizer, text.split(_SENTINEL)[1])
+
+
+def layer2_prompt(
+    tokenizer,
+    problem: Problem,
+    l1_prompt_ids: Sequence[int],
+    l1_completion_ids: Sequence[int],
+    phrase: str,
+    fmt: str = "continue",
+    stop_ids: set[int] = frozenset(),
+) -> list[int]:
+    """Token ids of the correction prompt q' = layer-1 prompt + layer-1 answer + guiding phrase.
+
+    The layer-1 ids are kept verbatim, minus trailing `stop_ids` (EOS / end-of-turn).
+    fmt "continue": "\\n\\n" + phrase is appended inside the same assistant turn (the paper).
+    fmt "turn": the assistant turn is closed and a new user turn asks for a review with the
+    phrase, then a new assistant turn opens (plain-text equivalent without a chat template).
+    """
+    prefix = list(l1_prompt_ids) + _strip_stop(l1_completion_ids, stop_ids)
+    if fmt == "continue":
+        return prefix + _encode(tokenizer, "\n\n" + phrase)
+    if fmt == "turn":
+        return prefix + _turn_suffix(tokenizer, problem, phrase)
+    raise ValueError(f"unknown layer-2 prompt format {fmt!r}: expected 'continue' or 'turn'")
+
+
+def sample_phrase(rng: random.Random, pool: Sequence[str] = GUIDING_PHRASES) -> str:
+    """One guiding phrase drawn uniformly from `pool`."""
+    return rng.choice(pool)

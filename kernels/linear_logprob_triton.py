@@ -270,6 +270,9 @@ def linear_logprob_fwd(hidden, weight, bias, targets, temperature, with_entropy,
     """Returns (logp (N,) fp32, entropy (N,) fp32 or empty, lse (N,) fp32)."""
     N, H = hidden.shape
     V = weight.shape[0]
+    if N == 0:
+        empty = hidden.new_empty((0,), dtype=torch.float32)
+        return empty, empty, empty
     bm, bv, bk, warps, stages = _config(hidden.dtype, hidden.device, opts)
     m_blocks = triton.cdiv(N, bm)
     v_blocks = triton.cdiv(V, bv)
@@ -321,8 +324,9 @@ def linear_logprob_bwd(hidden, weight, bias, targets, temperature, lse, entropy,
     dw_buf = None if (not need_w or fp32) else torch.empty((min(slab, V), H), device=dev,
                                                            dtype=torch.float32)
     db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
-    if not (need_h or need_w or need_b):
-        return None, None, None
+    if not (need_h or need_w or need_b) or N == 0:
+        return (dh.to(hidden.dtype) if need_h else None,
+                dw_out.zero_() if need_w else None, db.to(bias.dtype) if need_b else None)
     dummy = lse
     m_blocks = triton.cdiv(N, bm)
     for v0 in range(0, V, slab):

@@ -35,8 +35,7 @@ def backend() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIALS, initial_alphabet=alphabet
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=alphabet
     )
     tok.train_from_iterator(CORPUS, trainer)
     return tok

@@ -1,0 +1,176 @@
+"""Fused linear + GRPO loss, forward + backward: fastmgrpo vs eager PyTorch vs Liger.
+
+Providers (one setup factory, `_setup`):
+    fastmgrpo            FusedLinearGRPOLoss, default backend (Triton on CUDA, chunked torch on CPU)
+    fastmgrpo_torch      the same with backend="torch" (CUDA only: on CPU it is `fastmgrpo`)
+    fastmgrpo_logp_fwd   token_logprobs under no_grad (the old/ref log-prob pass), forward only
+    eager                full (N, V) logits in PyTorch (kernels.reference.reference_grpo_loss)
+    liger_chunked        liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled on CUDA)
+    liger_triton_logits  h·Wᵀ logits + liger_kernel triton_grpo_loss (CUDA only)
+    matmul_floor         h·Wᵀ, dlogits·W, dlogitsᵀ·h: the three GEMMs any exact method needs
+
+Every provider uses loss_type="dapo", beta=0.04 with given ref/old log-probs, T=1.
+extra_info: peak_mem_bytes (extra peak of one fwd+bwd, including the gradients it returns),
+ratio_vs_matmul_floor (mean time / three-matmul floor time on the same shape), tokens_per_s.
+"""
+import pytest
+import torch
+
+from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, median_time, peak_memory_bytes, sync
+
+PROVIDERS = ["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_logp_fwd", "eager", "liger_chunked",
+             "liger_triton_logits", "matmul_floor"]
+BETA, LOSS_TYPE = 0.04, "dapo"
+_FLOOR_S = {}  # shape -> seconds
+
+
+def _setup(shape):
+    B, L, H, V = shape
+    hidden = torch.randn(B, L, H, device=DEVICE, dtype=DTYPE).requires_grad_()   # (B, L, H)
+    weight = (torch.randn(V, H, device=DEVICE) * H ** -0.5).to(DTYPE).requires_grad_()  # (V, H)
+    ids = torch.randint(0, V, (B, L), device=DEVICE)                                # (B, L)
+    lengths = torch.randint(L // 2, L + 1, (B,), device=DEVICE)
+    mask = (torch.arange(L, device=DEVICE)[None, :] < lengths[:, None]).long()      # (B, L)
+    adv = torch.randn(B, device=DEVICE)                                             # (B,)
+    base = -torch.rand(B, L, device=DEVICE) * 5                                     # (B, L) fp32
+    old, ref = base + 0.01 * torch.randn_like(base), base + 0.01 * torch.randn_like(base)
+    return dict(hidden=hidden, weight=weight, ids=ids, mask=mask, adv=adv, old=old, ref=ref)
+
+
+def _eager_loss(x):
+    try:
+        from fastmgrpo.kernels.reference import reference_grpo_loss
+    except ImportError:  # a tiny stand-in: token-level dapo with k3 KL
+        reference_grpo_loss = None
+    if reference_grpo_loss is not None:
+        return reference_grpo_loss(x["hidden"], x["weight"], x["ids"], x["mask"], x["adv"],
+                                   ref_logps=x["ref"], old_logps=x["old"], beta=BETA,
+                                   loss_type=LOSS_TYPE)[0]
+    logits = (x["hidden"] @ x["weight"].T).float()                                  # (B, L, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, x["ids"][..., None])[..., 0]
+    coef = torch.exp(logp - x["old"])
+    a = x["adv"][:, None]
+    per_tok = -torch.min(coef * a, coef.clamp(0.8, 1.2) * a)
+    d = x["ref"] - logp
+    per_tok = per_tok + BETA * (torch.exp(d) - d - 1)
+    m = x["mask"].float()
+    return (per_tok * m).sum() / m.sum()
+
+
+def _make_target(provider, x):
+    """A zero-argument callable doing one fwd(+bwd) pass, ending in a device sync."""
+    h, w = x["hidden"], x["weight"]
+
+    def zero():
+        h.grad = None
+        w.grad = None
+
+    if provider in ("fastmgrpo", "fastmgrpo_torch"):
+        from fastmgrpo.kernels import FusedLinearGRPOLoss
+        if provider == "fastmgrpo_torch" and not CUDA:
+            pytest.skip("on CPU the default backend already is the chunked torch backend")
+        fn = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE,
+                                 backend="torch" if provider == "fastmgrpo_torch" else None)
+
+        def step():
+            zero()
+            loss, _ = fn(h, w, x["ids"], x["mask"], x["adv"], ref_per_token_logps=x["ref"],
+                         old_per_token_logps=x["old"])
+            loss.backward()
+            sync()
+        return step
+
+    if provider == "fastmgrpo_logp_fwd":
+        from fastmgrpo.kernels import token_logprobs
+
+        def step():
+            with torch.no_grad():
+                token_logprobs(h, w, x["ids"])
+            sync()
+        return step
+
+    if provider == "eager":
+        def step():
+            zero()
+            _eager_loss(x).backward()
+            sync()
+        return step
+
+    if provider == "liger_chunked":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        fn = LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=CUDA,
+                                      use_ref_model=True)
+
+        def step():
+            zero()
+            loss, _ = fn(h, w, x["ids"], x["mask"], x["adv"], ref_per_token_logps=x["ref"],
+                         old_per_token_logps=x["old"])
+            loss.backward()
+            sync()
+        return step
+
+    if provider == "liger_triton_logits":
+        if not CUDA:
+            pytest.skip("liger triton_grpo_loss is a CUDA Triton kernel (no CPU path)")
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+        L = x["ids"].shape[1]
+
+        def step():
+            zero()
+            logits = h @ w.T                                # (B, L, V): position L is dropped
+            loss, _ = triton_grpo_loss(logits, x["old"][:, : L - 1], x["ref"][:, : L - 1],
+                                       x["ids"][:, : L - 1], x["adv"], x["mask"][:, : L - 1],
+                                       temperature=1.0, beta=BETA, eps_low=0.2, eps_high=0.2,
+                                       loss_type=LOSS_TYPE, reduce=True)
+            loss.backward()
+            sync()
+        return step
+
+    if provider == "matmul_floor":
+        return _floor_target(x)
+    raise ValueError(provider)
+
+
+def _floor_target(x):
+    h2 = x["hidden"].detach().reshape(-1, x["hidden"].shape[-1])                  # (N, H)
+    w = x["weight"].detach()                                                       # (V, H)
+
+    def step():
+        logits = h2 @ w.T                                   # (N, V), stands in for dlogits
+        logits @ w                                          # d_hidden (N, H)
+        logits.T @ h2                                       # d_W (V, H)
+        sync()
+    return step
+
+
+def _floor_seconds(shape, x):
+    if shape not in _FLOOR_S:
+        _FLOOR_S[shape] = median_time(_floor_target(x), reps=3 if CUDA else 5)
+    return _FLOOR_S[shape]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-H{}-V{}".format(*s))
+def test_grpo_loss_fwd_bwd(benchmark, shape, provider):
+    B, L, H, V = shape
+    x = _setup(shape)
+    benchmark.group = "grpo_loss B{} L{} H{} V{} {}".format(B, L, H, V, str(DTYPE)[6:])
+    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider,
+                                B=B, L=L, H=H, V=V)
+    try:
+        target = _make_target(provider, x)
+        floor = _floor_seconds(shape, x)
+        peak = peak_memory_bytes(target)                    # also the warm-up / compile call
+        benchmark.pedantic(target, rounds=3 if CUDA else 5, warmup_rounds=1 if CUDA else 0,
+                           iterations=1)
+    except torch.OutOfMemoryError as err:
+        pytest.skip(f"{provider} runs out of memory at {shape}: {str(err)[:120]}")
+    finally:
+        if CUDA:
+            torch.cuda.empty_cache()
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info.update(
+        peak_mem_bytes=peak, peak_mem_gib=None if peak is None else round(peak / 2 ** 30, 3),
+        matmul_floor_s=floor, ratio_vs_matmul_floor=round(mean / floor, 3),
+        tokens_per_s=round(B * L / mean),
+    )

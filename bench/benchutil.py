@@ -1,0 +1,94 @@
+"""Device, shapes, timing and memory helpers shared by the bench_*.py suites.
+
+Shapes (B, L, H, V):
+    CUDA: bf16 (8,1024,1536,151936) Qwen2.5-1.5B head, (8,1024,3584,152064) and
+          (16,2048,3584,152064) Qwen2.5-7B head.
+    CPU:  fp32 (2,256,256,8192), small enough for the whole suite to take a few minutes.
+FASTMGRPO_BENCH_SHAPES="B,L,H,V;B,L,H,V" overrides the list.
+"""
+import os
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+_CUDA_SHAPES = [(8, 1024, 1536, 151936), (8, 1024, 3584, 152064), (16, 2048, 3584, 152064)]
+_CPU_SHAPES = [(2, 256, 256, 8192)]
+
+
+def _shapes():
+    env = os.environ.get("FASTMGRPO_BENCH_SHAPES")
+    if env:
+        return [tuple(int(x) for x in s.split(",")) for s in env.split(";") if s.strip()]
+    return _CUDA_SHAPES if CUDA else _CPU_SHAPES
+
+
+SHAPES = _shapes()
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _vm_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory_bytes(fn) -> int | None:
+    """Extra peak memory of one call of fn beyond what was allocated before it.
+
+    CUDA: torch.cuda.max_memory_allocated() − memory_allocated() before the call.
+    CPU: VmHWM − VmRSS after resetting the high-water mark (/proc/self/clear_refs "5");
+    None where that is unavailable. Includes the gradients the call produces.
+    """
+    if CUDA:
+        sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _vm_kib("VmRSS")
+    fn()
+    peak = _vm_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) * 1024
+
+
+def median_time(fn, reps: int = 5, warmup: int = 1) -> float:
+    """Median wall time (s) of fn, synchronized; used for the three-matmul floor."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]

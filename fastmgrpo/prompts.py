@@ -9,7 +9,7 @@ by its BOS token when it has one (added once, by us, not by the tokenizer's post
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from fastmgrpo.types import Problem
 
@@ -36,6 +36,10 @@ def _final_form(problem: Problem) -> str:
     return FINAL_FORMS.get(problem.source, BOXED_FORM)
 
 
+def _question_message(problem: Problem) -> str:
+    return f"{problem.question}\n{INSTRUCTION.format(final=_final_form(problem))}"
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -46,20 +50,16 @@ def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
-def _bos(tokenizer) -> list[int]:
-    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-
-
 def layer1_prompt(tokenizer, problem: Problem) -> list[int]:
     """Token ids of the prompt for a first attempt at `problem` (ends where the answer starts)."""
-    user = f"{problem.question}\n{INSTRUCTION.format(final=_final_form(problem))}"
+    user = _question_message(problem)
     if tokenizer.chat_template:
         return _chat_ids(tokenizer, [{"role": "user", "content": user}])
-    text = f"Question: {user}\nAnswer: Let's think step by step."
-    return _bos(tokenizer) + _encode(tokenizer, text)
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos + _encode(tokenizer, f"Question: {user}\nAnswer: Let's think step by step.")
 
 
-def _strip_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
+def _strip_stop(ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:
     end = len(ids)
     while end and ids[end - 1] in stop_ids:
         end -= 1
@@ -68,13 +68,11 @@ def _strip_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
 
 def _turn_suffix(tokenizer, problem: Problem, phrase: str) -> list[int]:
     """Ids that close the layer-1 assistant turn, ask for a review and open a new answer."""
-    final = _final_form(problem)
-    review = REVIEW_INSTRUCTION.format(phrase=phrase, final=final)
+    review = REVIEW_INSTRUCTION.format(phrase=phrase, final=_final_form(problem))
     if not tokenizer.chat_template:
         return _encode(tokenizer, f"\n\nQuestion: {review}\nAnswer:")
-    user = f"{problem.question}\n{INSTRUCTION.format(final=final)}"
     messages = [
-        {"role": "user", "content": user},
+        {"role": "user", "content": _question_message(problem)},
         {"role": "assistant", "content": _SENTINEL},
         {"role": "user", "content": review},
     ]
@@ -91,7 +89,7 @@ def layer2_prompt(
     l1_completion_ids: Sequence[int],
     phrase: str,
     fmt: str = "continue",
-    stop_ids: set[int] = frozenset(),
+    stop_ids: Collection[int] = frozenset(),
 ) -> list[int]:
     """Token ids of the correction prompt q' = layer-1 prompt + layer-1 answer + guiding phrase.
 

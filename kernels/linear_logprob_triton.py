@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import triton
@@ -45,11 +46,15 @@ __all__ = ["TritonOptions", "LinearLogprobTriton", "linear_logprob_triton",
 class TritonOptions:
     """Tuning knobs of the Triton backend; None picks the default for the device.
 
-    skip_eps:  backward sparsity skip threshold on max |dlogits| of a tile (None = dense).
+    skip_eps:  backward sparsity skip threshold on max |dlogits| of a tile (None = dense;
+               "atomic" mode only).
+    bwd:       "atomic" (default; $FASTMGRPO_TRITON_BWD overrides) or "gemm" (dlogits slab
+               stored in the input dtype, products by cuBLAS).
     slab_rows: vocabulary rows per backward slab (bounds the fp32 d_W buffer).
     splits:    vocabulary splits in the forward (parallelism for short sequences).
     """
     skip_eps: float | None = None
+    bwd: str | None = None
     slab_rows: int | None = None
     splits: int | None = None
     block_m: int | None = None
@@ -174,10 +179,11 @@ def _linear_logprob_fwd_kernel(
 def _linear_logprob_bwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
     dh_ptr, dw_ptr, db_ptr,                 # fp32: (N, H), (slab rows, H), (slab rows,)
+    dl_ptr, dl_stride,                      # STORE_DL: (N, slab rows) dlogits in input dtype
     N, V, H, inv_temp, v_start, v_end, m_blocks, v_blocks, skip_eps,
     HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    SKIP: tl.constexpr, GROUP_M: tl.constexpr,
+    SKIP: tl.constexpr, STORE_DL: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -217,8 +223,11 @@ def _linear_logprob_bwd_kernel(
     if run:
         offs_vl = offs_v - v_start                              # row inside the slab buffers
         if COMPUTE_DB:
-            tl.atomic_add(db_ptr + offs_vl, _rsum(dl, 0, INTERP), mask=mask_v)
+            tl.atomic_add(db_ptr + offs_vl, _rsum(dl, 0, INTERP), mask=mask_v, sem="relaxed")
         dl_in = dl.to(h_ptr.dtype.element_ty)
+        if STORE_DL:  # "gemm" mode: the two products are left to cuBLAS on the stored slab
+            dl_ptrs = dl_ptr + offs_m.to(tl.int64)[:, None] * dl_stride + offs_vl[None, :]
+            tl.store(dl_ptrs, dl_in, mask=mask_m[:, None] & mask_v[None, :])
         offs_k = tl.arange(0, BLOCK_K)
         h_rows = offs_m.to(tl.int64)[:, None] * H
         w_rows = offs_v.to(tl.int64)[:, None] * H
@@ -231,11 +240,11 @@ def _linear_logprob_bwd_kernel(
             if COMPUTE_DH:
                 w = tl.load(w_ptr + w_rows + kk[None, :], mask=mask_wk, other=0.0)
                 dh = _mma(dl_in, w, None, DOT_PRECISION, UPCAST)        # (BLOCK_M, BLOCK_K)
-                tl.atomic_add(dh_ptr + h_rows + kk[None, :], dh, mask=mask_hk)
+                tl.atomic_add(dh_ptr + h_rows + kk[None, :], dh, mask=mask_hk, sem="relaxed")
             if COMPUTE_DW:
                 h = tl.load(h_ptr + h_rows + kk[None, :], mask=mask_hk, other=0.0)
                 dw = _mma(tl.trans(dl_in), h, None, DOT_PRECISION, UPCAST)  # (BLOCK_V, BLOCK_K)
-                tl.atomic_add(dw_ptr + wl_rows + kk[None, :], dw, mask=mask_wk)
+                tl.atomic_add(dw_ptr + wl_rows + kk[None, :], dw, mask=mask_wk, sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------
@@ -305,59 +314,94 @@ def linear_logprob_fwd(hidden, weight, bias, targets, temperature, with_entropy,
     return logp, entropy, lse
 
 
+def _bwd_mode(opts: TritonOptions) -> str:
+    mode = opts.bwd or os.environ.get("FASTMGRPO_TRITON_BWD", "atomic")
+    if mode not in ("atomic", "gemm"):
+        raise ValueError(f"Triton backward mode must be 'atomic' or 'gemm', got {mode!r}")
+    return mode
+
+
+def _addmm_fp32_(acc, a, b):
+    """acc (fp32) += a @ b for 16-bit a, b: cuBLAS with an fp32 output where torch has it
+    (aten::addmm.dtype_out), else a 16-bit product added in fp32."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError):
+            pass
+    return acc.add_(a @ b)
+
+
 def linear_logprob_bwd(hidden, weight, bias, targets, temperature, lse, entropy,
                        grad_logp, grad_entropy, needs=(True, True, True),
                        opts: TritonOptions = DEFAULT_OPTIONS):
-    """Returns (d_hidden, d_weight, d_bias) in the input dtypes (None where not needed)."""
+    """Returns (d_hidden, d_weight, d_bias) in the input dtypes (None where not needed).
+
+    mode "atomic": per slab one kernel recomputes the logits tiles and atomically adds both
+    products into fp32 buffers. mode "gemm": per slab the kernel stores the dlogits slab
+    (N, slab) in the input dtype and cuBLAS does d_h += dl·W_slab, d_W[slab] = dlᵀ·h.
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    mode = _bwd_mode(opts)
     bm, bv, bk, warps, stages = _config(hidden.dtype, dev, opts)
-    slab = opts.slab_rows or (16384 if dev.type == "cuda" and not _interpreting() else 1024)
-    slab = max(bv, slab // bv * bv)                             # whole v blocks per slab
+    on_gpu = dev.type == "cuda" and not _interpreting()
+    if mode == "gemm":  # dlogits slab ≤ ~512 MB: N=32768 → 8192 rows
+        default_slab = max(1024, (2 ** 29 // max(1, N * hidden.element_size())))
+    else:               # fp32 d_W slab: 16384 × H × 4 bytes (235 MB at H=3584)
+        default_slab = 16384
+    slab = opts.slab_rows or (default_slab if on_gpu else 1024)
+    slab = max(bv, min(slab, triton.cdiv(V, bv) * bv) // bv * bv)   # whole v blocks
     fp32 = hidden.dtype == torch.float32
 
     dh = torch.zeros((N, H), device=dev, dtype=torch.float32) if need_h else None
-    dw_out = (torch.zeros if fp32 else torch.empty)((V, H), device=dev, dtype=weight.dtype) \
+    zero_w = fp32 and mode == "atomic"
+    dw_out = (torch.zeros if zero_w else torch.empty)((V, H), device=dev, dtype=weight.dtype) \
         if need_w else None
-    dw_buf = None if (not need_w or fp32) else torch.empty((min(slab, V), H), device=dev,
-                                                           dtype=torch.float32)
     db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
     if not (need_h or need_w or need_b) or N == 0:
         return (dh.to(hidden.dtype) if need_h else None,
                 dw_out.zero_() if need_w else None, db.to(bias.dtype) if need_b else None)
+    gemm = mode == "gemm" and (need_h or need_w)
+    dl_buf = torch.empty((N, slab), device=dev, dtype=hidden.dtype) if gemm else None
+    dw_buf = None if (not need_w or fp32 or gemm) else \
+        torch.empty((slab, H), device=dev, dtype=torch.float32)
     dummy = lse
     m_blocks = triton.cdiv(N, bm)
     for v0 in range(0, V, slab):
         v1 = min(v0 + slab, V)
         v_blocks = triton.cdiv(v1 - v0, bv)
-        if need_w and not fp32:
+        if dw_buf is not None:
             dw_buf.zero_()
-            dw = dw_buf
-            dw_base = 0
-        else:
-            dw = dw_out
-            dw_base = v0
-        # slab-relative indexing: pass views starting at row v0 of the d_W / d_b buffers
-        dw_view = dw[dw_base:] if dw is not None else dummy
-        db_view = db[v0:] if db is not None else dummy
+        # slab-relative indexing: views starting at row v0 of the d_W / d_b buffers
+        dw_view = dw_buf if dw_buf is not None else (dw_out[v0:] if need_w else dummy)
         _linear_logprob_bwd_kernel[(m_blocks * v_blocks,)](
             hidden, weight, bias if bias is not None else hidden, targets, lse,
             entropy if grad_entropy is not None else dummy,
             grad_logp if grad_logp is not None else dummy,
             grad_entropy if grad_entropy is not None else dummy,
-            dh if dh is not None else dummy, dw_view, db_view,
+            dh if dh is not None else dummy, dw_view, db[v0:] if need_b else dummy,
+            dl_buf if gemm else dummy, slab,
             N, V, H, 1.0 / temperature, v0, v1, m_blocks, v_blocks,
             float(opts.skip_eps or 0.0),
             HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None,
             HAS_GENT=grad_entropy is not None,
-            COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
-            SKIP=opts.skip_eps is not None, GROUP_M=8,
+            COMPUTE_DH=need_h and not gemm, COMPUTE_DW=need_w and not gemm, COMPUTE_DB=need_b,
+            SKIP=opts.skip_eps is not None and not gemm, STORE_DL=gemm, GROUP_M=8,
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_dot_args(hidden.dtype),
             num_warps=warps, num_stages=stages,
         )
-        if need_w and not fp32:
+        if gemm:
+            dl = dl_buf[:, : v1 - v0]                           # (N, slab) strided view
+            if need_h:
+                _addmm_fp32_(dh, dl, weight[v0:v1])             # (N, H) += (N, s)·(s, H)
+            if need_w:
+                torch.mm(dl.T, hidden, out=dw_out[v0:v1])       # (s, H) = (s, N)·(N, H)
+        elif dw_buf is not None:
             dw_out[v0:v1].copy_(dw_buf[: v1 - v0])              # finished slab → output dtype
     d_hidden = dh.to(hidden.dtype) if need_h else None
     d_bias = db.to(bias.dtype) if need_b else None

@@ -147,6 +147,13 @@ def test_large_vocab_bf16():
     check_against_reference(20, 40, 1999, torch.bfloat16, True, 0.9, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_backward_mode(dtype):
+    """bwd="gemm" (dlogits slab stored, products by torch matmuls), several slabs."""
+    check_against_reference(37, 24, 301, dtype, True, 0.8, True,
+                            llt.TritonOptions(bwd="gemm", slab_rows=96))
+
+
 def test_vocab_slabs_and_splits_match():
     """More vocabulary slabs than one (slab_rows=64 → 5 slabs, d_W slab buffer reused) and
     several forward splits give the same results as one slab / one split."""
@@ -160,6 +167,11 @@ def test_vocab_slabs_and_splits_match():
                    hidden, weight, bias, targets, 0.8, True, g, ge)
         for name, a, b in zip(NAMES, one, many):
             assert max_err(a, b) <= 1e-5 * max(1.0, a.abs().max().item()), (dtype, name)
+        if dtype == torch.float32:  # "gemm" mode: same math, another summation order
+            gemm = run(triton_fn(llt.TritonOptions(bwd="gemm", slab_rows=64)),
+                       hidden, weight, bias, targets, 0.8, True, g, ge)
+            for name, a, b in zip(NAMES, one, gemm):
+                assert max_err(a, b) <= 1e-5 * max(1.0, a.abs().max().item()), ("gemm", name)
     check_against_reference(37, 24, 301, torch.bfloat16, True, 0.8, True,
                             llt.TritonOptions(slab_rows=64, splits=3))
 

@@ -47,14 +47,14 @@ def test_matches_loop_reference(scale, trial):
 
 
 def test_equal_rewards_give_exact_zero():
-    # 0.1 three times: the float mean is not exactly 0.1, the advantage must still be exactly 0.
-    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 1.0, 0.0], dtype=torch.float32)
-    groups = torch.tensor([5, 5, 5, 2, 2, 9, 9])
+    # 0.1 seven times: the float32 mean is not exactly 0.1, the advantage must still be exactly 0.
+    rewards = torch.tensor([0.1] * 7 + [0.7] * 2 + [1.0, 0.0], dtype=torch.float32)
+    groups = torch.tensor([5] * 7 + [2] * 2 + [9, 9])
     for scale in ("none", "std", "batch"):
         adv = group_advantages(rewards, groups, scale)
         assert not torch.isnan(adv).any()
-        assert (adv[:5] == 0).all(), scale
-        assert adv[5] > 0 > adv[6]
+        assert (adv[:9] == 0).all(), scale
+        assert adv[9] > 0 > adv[10]
 
 
 def test_single_member_groups_and_int_rewards():

@@ -227,11 +227,14 @@ cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton)")
 
 
 @cuda
-@pytest.mark.parametrize("dtype,has_bias,with_entropy", [
-    (torch.bfloat16, False, True), (torch.bfloat16, True, False), (torch.float32, False, True),
+@pytest.mark.parametrize("dtype,has_bias,with_entropy,bwd", [
+    (torch.bfloat16, False, True, "atomic"), (torch.bfloat16, True, False, "atomic"),
+    (torch.float32, False, True, "atomic"), (torch.bfloat16, False, True, "gemm"),
+    (torch.float16, True, True, "gemm"),
 ])
-def test_cuda_realish(dtype, has_bias, with_entropy):
-    check_against_reference(2053, 1024, 32003, dtype, has_bias, 0.9, with_entropy)
+def test_cuda_realish(dtype, has_bias, with_entropy, bwd):
+    check_against_reference(2053, 1024, 32003, dtype, has_bias, 0.9, with_entropy,
+                            llt.TritonOptions(bwd=bwd, slab_rows=8192))
 
 
 @cuda
@@ -259,7 +262,8 @@ def test_cuda_long_sequence_1d_grid():
 
 
 @cuda
-def test_cuda_memory_qwen7b_head():
+@pytest.mark.parametrize("bwd", ["atomic", "gemm"])
+def test_cuda_memory_qwen7b_head(bwd):
     """Extra peak memory of fwd+bwd at N=32768, H=3584, V=152064 bf16 is ≤ 1.5 GiB beyond
     the inputs and the gradients themselves."""
     N, H, V = 32768, 3584, 152064
@@ -270,7 +274,8 @@ def test_cuda_memory_qwen7b_head():
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     grads = (N * H + V * H) * 2                                   # d_hidden + d_weight, bf16
-    logp, ent = llt.LinearLogprobTriton.apply(hidden, weight, None, targets, 1.0, True)
+    logp, ent = llt.LinearLogprobTriton.apply(hidden, weight, None, targets, 1.0, True,
+                                              llt.TritonOptions(bwd=bwd))
     (logp.sum() + ent.sum()).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - grads

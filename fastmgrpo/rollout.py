@@ -82,7 +82,7 @@ def _sample_batch(
     for step in range(max_new_tokens):
         logits = model(
             input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            cache=cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1].float()  # (A, V)
         next_ids, next_logp = _pick(logits, temperature, top_p, top_k, generator)  # (A,), (A,)
         done = torch.isin(next_ids, stop)  # (A,)

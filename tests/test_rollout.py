@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from fastmgrpo.models import build_tiny_model
+from fastmgrpo.rollout import sample
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_model(arch="gemma3", seed=0)
+
+
+def _prompts(tok):
+    # Different lengths -> left padding inside a batch; the longest crosses the sliding window (16).
+    return [tok.encode(s) for s in ["12+3=", "Natalia sold 48 clips in April. ####", "x", "7*8 is"]]
+
+
+def _reference_logprobs(model, prompt, completion, temperature):
+    """Log-softmax of one full forward over prompt+completion, at the completion tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].double()
+    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)[len(prompt) - 1 : -1]
+    return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("arch,temperature,top_p,top_k", [
+    ("gemma3", 1.0, 1.0, 0), ("gemma3", 0.7, 0.9, 20), ("gemma3", 0.0, 1.0, 0), ("llama", 0.7, 0.9, 20),
+])
+def test_logprobs_match_full_forward(arch, temperature, top_p, top_k):
+    model, tok = build_tiny_model(arch=arch, seed=0)
+    prompts = _prompts(tok)
+    out = sample(model, prompts, max_new_tokens=14, temperature=temperature, top_p=top_p, top_k=top_k,
+                 stop_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, batch_size=3,
+                 generator=torch.Generator().manual_seed(1))
+    assert len(out) == len(prompts)
+    for p, c in zip(prompts, out):
+        assert len(c.token_ids) == len(c.logprobs) > 0
+        ref = _reference_logprobs(model, p, c.token_ids, temperature)
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
+
+
+def test_greedy_is_deterministic_and_argmax(tiny):
+    model, tok = tiny
+    prompts = _prompts(tok)
+    kw = dict(max_new_tokens=10, temperature=0.0, stop_ids=set(), pad_id=tok.pad_token_id)
+    a = sample(model, prompts, batch_size=4, **kw)
+    b = sample(model, prompts, batch_size=1, **kw)  # no padding at all
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # Independent greedy loop without a cache.
+    ids = list(prompts[1])
+    for _ in range(10):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert a[1].token_ids == ids[len(prompts[1]):]
+
+
+def test_seeded_sampling_reproducible(tiny):
+    model, tok = tiny
+    prompts = _prompts(tok) * 2
+    kw = dict(max_new_tokens=12, temperature=1.0, stop_ids=set(), pad_id=tok.pad_token_id)
+    a = sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)
+    b = sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)
+    c = sample(model, prompts, generator=torch.Generator().manual_seed(6), **kw)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.logprobs for x in a] == [x.logprobs for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_stops_at_stop_ids_and_respects_max_new_tokens(tiny):
+    model, tok = tiny
+    prompts = _prompts(tok)
+    kw = dict(temperature=1.0, pad_id=tok.pad_token_id)
+    free = sample(model, prompts, max_new_tokens=9, stop_ids=set(), generator=torch.Generator().manual_seed(0), **kw)
+    assert all(len(c.token_ids) == 9 and not c.finished for c in free)
+    # Declare the token sampled at step 3 of prompt 0 a stop id: with the same seed that row
+    # must end there and be finished; no completion may contain a stop id before its end.
+    stop = free[0].token_ids[3]
+    out = sample(model, prompts, max_new_tokens=9, stop_ids={stop}, generator=torch.Generator().manual_seed(0), **kw)
+    first = free[0].token_ids.index(stop)
+    assert out[0].token_ids == free[0].token_ids[: first + 1] and out[0].finished
+    for c in out:
+        assert stop not in c.token_ids[:-1]
+        assert c.finished == (c.token_ids[-1] == stop)
+        assert 1 <= len(c.token_ids) <= 9
+
+
+def test_progress_and_empty_prompt(tiny):
+    model, tok = tiny
+    seen = []
+    sample(model, _prompts(tok), max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0,
+           batch_size=3, progress=seen.append)
+    assert seen == [3, 1]
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(model, [[]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import random
+import subprocess
+import sys
 
 import pytest
+import torch
 
+from fastmgrpo.data import load_problems
+from fastmgrpo.eval import evaluate
+from fastmgrpo.eval import main as eval_main
 from fastmgrpo.metrics import correction_metrics, pass_at_k
+from fastmgrpo.models import build_tiny_model
+from fastmgrpo.prompts import GUIDING_PHRASES
+from fastmgrpo.rewards import answers_match, extract_answer
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -68,3 +79,103 @@ def test_pass_at_k_rejects_impossible_counts():
         pass_at_k(4, 1, 5)
     with pytest.raises(ValueError):
         pass_at_k([4, 4], [1], 1)
+
+
+# --- evaluate and the CLI on a tiny model --------------------------------------------------
+
+
+def _digit_model():
+    """Tiny random model whose head only scores digits and EOS (all other logits are 0), so
+    greedy completions are digit strings, sometimes ended early by EOS."""
+    model, tok = build_tiny_model(arch="llama", seed=3)
+    keep = tok.convert_tokens_to_ids(list("0123456789")) + [tok.eos_token_id]
+    weight = model.lm_head.weight  # (V, H)
+    with torch.no_grad():
+        mask = torch.zeros(weight.shape[0], 1)
+        mask[keep] = 1.0
+        weight.mul_(mask * 50.0)
+    return model, tok
+
+
+def _value(answer: str | None) -> int | None:
+    return None if answer is None else int(answer)
+
+
+def test_evaluate_records_and_summary_on_a_tiny_model():
+    model, tok = _digit_model()
+    problems = load_problems("synthetic:4", seed=1)
+    kwargs = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, l2_format="continue",
+                  phrase=GUIDING_PHRASES[1], seed=0, progress=False)
+    _, first = evaluate(model, tok, problems, pass_k=0, **kwargs)
+    for r in first:  # digit strings only: the extracted answer is the whole text
+        assert set(r["t1_text"] + r["t2_text"]) <= set("0123456789")
+    t1_values = [_value(r["t1_text"] or None) for r in first]
+    t2_values = [_value(r["t2_text"] or None) for r in first]
+    # Gold answers chosen from what the model says (greedy; the gold is not in the prompt):
+    # 0 and 3 right at t1, 1 right at t2, 2 never right (12 digits cannot fit in 8 tokens).
+    impossible = 10**11
+    chosen = [t1_values[0], t2_values[1], impossible, t1_values[3]]
+    golds = [impossible if v is None else v for v in chosen]
+    problems = [dataclasses.replace(p, answer=str(g)) for p, g in zip(problems, golds)]
+    summary, records = evaluate(model, tok, problems, pass_k=2, **kwargs)
+
+    assert len(records) == len(problems)
+    assert [r["t1_text"] for r in records] == [r["t1_text"] for r in first]
+    assert [r["t2_text"] for r in records] == [r["t2_text"] for r in first]
+    want_t1 = [v is not None and v == g for v, g in zip(t1_values, golds)]
+    want_t2 = [v is not None and v == g for v, g in zip(t2_values, golds)]
+    assert want_t1[0] and want_t2[1] and not (want_t1[2] or want_t2[2])
+    assert [r["t1_correct"] for r in records] == want_t1
+    assert [r["t2_correct"] for r in records] == want_t2
+    for r, p in zip(records, problems):
+        assert r["gold"] == p.answer and r["question"] == p.question
+        for t in ("t1", "t2"):
+            assert r[f"{t}_answer"] == extract_answer(r[f"{t}_text"])
+            assert r[f"{t}_correct"] == answers_match(extract_answer(r[f"{t}_text"]), p.answer, p.source)
+            assert r[f"{t}_tokens"] == len(r[f"{t}_text"]) + r[f"{t}_finished"]  # EOS is not text
+    expected = correction_metrics(want_t1, want_t2)
+    assert {k: summary[k] for k in expected} == pytest.approx(expected)
+    counts = [r["pass_k_correct"] for r in records]
+    assert all(0 <= c <= 2 for c in counts)
+    assert summary["pass@1"] == pytest.approx(sum(counts) / 8)
+    assert summary["pass@2"] == pytest.approx(sum(c > 0 for c in counts) / 4)
+
+
+def test_cli_writes_consistent_summary_and_records(tmp_path):
+    model, tok = _digit_model()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out_json, out_records = tmp_path / "out" / "summary.json", tmp_path / "rec.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmgrpo.eval", "--model", str(tmp_path / "model"),
+         "--dataset", "synthetic:4", "--max-new-tokens", "8", "--device", "cpu", "--no-progress",
+         "--json", str(out_json), "--output", str(out_records)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "acc@t1" in proc.stdout and "Δi→c" in proc.stdout
+    records = [json.loads(line) for line in out_records.read_text().splitlines()]
+    result = json.loads(out_json.read_text())
+    metrics = result["metrics"]
+    assert len(records) == 4 == metrics["n"]
+    assert [r["gold"] for r in records] == [p.answer for p in load_problems("synthetic:4")]
+    assert metrics["acc_t1"] == pytest.approx(sum(r["t1_correct"] for r in records) / 4)
+    assert metrics["acc_t2"] == pytest.approx(sum(r["t2_correct"] for r in records) / 4)
+    assert metrics["t1_mean_tokens"] == pytest.approx(sum(r["t1_tokens"] for r in records) / 4)
+    assert 0 < metrics["t1_mean_tokens"] <= 8
+    assert result["settings"]["phrase"] == GUIDING_PHRASES[1]
+    assert result["settings"]["temperature"] == 0.0
+
+
+def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert eval_main(["--model", str(missing), "--dataset", "synthetic:2"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
+    assert eval_main(["--model", str(missing), "--dataset", str(bad_data)]) == 2
+    assert f"{bad_data}:2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--phrase", "7"])
+    assert "phrase index 7" in capsys.readouterr().err

@@ -1,0 +1,298 @@
+"""Self-correction evaluation: first attempt, one correction round, SCoRe metrics.
+
+`python -m fastmgrpo.eval` measures a model (the embedded default, a Hugging Face directory, a
+.gguf file, or a checkpoint written by the trainer) on a problem set: acc@t1, acc@t2,
+Δ(t1,t2), Δi→c, Δc→i and optionally pass@k, with the same prompts, decoding and answer
+checking as training. `evaluate` is the library entry point the trainer calls on held-out data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import DatasetError, load_problems
+from .metrics import correction_metrics, pass_at_k
+from .models import load_model, stop_token_ids
+from .prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
+from .rewards import extract_answer, score
+from .rollout import sample
+from .types import Completion, Problem
+
+DEFAULT_PHRASE = GUIDING_PHRASES[1]  # "Wait, let me double-check that."
+PASS_K_TEMPERATURE = 0.7  # the paper's evaluation temperature
+
+
+def _generate(model, tokenizer, prompts, *, desc, progress, **sampling) -> list[Completion]:
+    """One completion per prompt, with its decoded text, under a tqdm bar over prompts."""
+    with tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=not progress) as bar:
+        completions = sample(model, prompts, progress=bar.update, **sampling)
+    for c in completions:
+        c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    return completions
+
+
+def _attempt(prefix: str, completion: Completion, problem: Problem) -> dict:
+    """Record fields of one attempt: text, extracted answer, verdict, finished, length."""
+    _, correct = score(completion.text, problem)
+    return {
+        f"{prefix}_text": completion.text,
+        f"{prefix}_answer": extract_answer(completion.text),
+        f"{prefix}_correct": correct,
+        f"{prefix}_finished": completion.finished,
+        f"{prefix}_tokens": len(completion.token_ids),
+    }
+
+
+def evaluate(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 64,
+    l2_format: str = "continue",
+    phrase: str = DEFAULT_PHRASE,
+    pass_k: int = 0,
+    pass_k_temperature: float = PASS_K_TEMPERATURE,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Evaluate first attempts and one self-correction round on `problems`.
+
+    Each problem gets a layer-1 prompt; its completion (t1) is extended into a layer-2 prompt
+    exactly as in training (`phrase`, `l2_format`) and completed again (t2). Both are scored
+    with `rewards.score`.
+
+    Args:
+        temperature: 0 = greedy (default); top_p / top_k as in `rollout.sample`.
+        pass_k: if > 0, also draw `pass_k` layer-1 samples per problem at `pass_k_temperature`
+            and report pass@1 and pass@k (unbiased estimator over those samples).
+        seed: seeds the sampling generator (on the model's device).
+        progress: show tqdm bars over the sequences of each generation phase.
+
+    Returns:
+        summary: numbers only — `correction_metrics` keys (acc_t1, acc_t2, delta,
+            delta_i_to_c, delta_c_to_i, n), t1/t2 mean completion tokens and truncated
+            fractions, `pass@1` and `pass@{k}` when pass_k > 0, and wall `seconds`.
+        records: one dict per problem (same order): uid, source, question, gold, and per
+            attempt `t{1,2}_text`, `_answer` (extracted), `_correct`, `_finished`, `_tokens`;
+            `pass_k_correct` (correct samples out of pass_k) when pass_k > 0.
+    """
+    if not problems:
+        raise ValueError("evaluate needs at least one problem")
+    t0 = time.perf_counter()
+    device = model.get_input_embeddings().weight.device
+    stop_ids = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    sampling = dict(max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, stop_ids=stop_ids,
+                    pad_id=pad_id, batch_size=batch_size,
+                    generator=torch.Generator(device=device).manual_seed(seed))
+
+    l1_prompts = [layer1_prompt(tokenizer, p) for p in problems]
+    t1 = _generate(model, tokenizer, l1_prompts, desc="eval t1", progress=progress,
+                   temperature=temperature, **sampling)
+    l2_prompts = [
+        layer2_prompt(tokenizer, p, q, c.token_ids, phrase, fmt=l2_format, stop_ids=stop_ids)
+        for p, q, c in zip(problems, l1_prompts, t1)
+    ]
+    t2 = _generate(model, tokenizer, l2_prompts, desc="eval t2", progress=progress,
+                   temperature=temperature, **sampling)
+    records = [
+        {"uid": p.uid, "source": p.source, "question": p.question, "gold": p.answer,
+         **_attempt("t1", a, p), **_attempt("t2", b, p)}
+        for p, a, b in zip(problems, t1, t2)
+    ]
+
+    n = len(problems)
+    summary = correction_metrics([r["t1_correct"] for r in records], [r["t2_correct"] for r in records])
+    for t in ("t1", "t2"):
+        summary[f"{t}_mean_tokens"] = sum(r[f"{t}_tokens"] for r in records) / n
+        summary[f"{t}_truncated"] = sum(not r[f"{t}_finished"] for r in records) / n
+    if pass_k > 0:
+        repeated = [q for q in l1_prompts for _ in range(pass_k)]
+        samples = _generate(model, tokenizer, repeated, desc=f"eval pass@{pass_k}", progress=progress,
+                            temperature=pass_k_temperature, **sampling)
+        for i, (r, p) in enumerate(zip(records, problems)):
+            r["pass_k_correct"] = sum(score(c.text, p)[1] for c in samples[i * pass_k : (i + 1) * pass_k])
+        counts = [r["pass_k_correct"] for r in records]
+        summary["pass@1"] = pass_at_k(pass_k, counts, 1)
+        summary[f"pass@{pass_k}"] = pass_at_k(pass_k, counts, pass_k)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary, records
+
+
+# --- command line ---------------------------------------------------------------------------
+
+_ROWS = [  # (summary key, label, signed)
+    ("acc_t1", "acc@t1 (first attempt)", False),
+    ("acc_t2", "acc@t2 (after correction)", False),
+    ("delta", "Δ(t1,t2)", True),
+    ("delta_i_to_c", "Δi→c (wrong → right)", False),
+    ("delta_c_to_i", "Δc→i (right → wrong)", False),
+    ("t1_truncated", "t1 truncated", False),
+    ("t2_truncated", "t2 truncated", False),
+    ("t1_mean_tokens", "t1 mean tokens", False),
+    ("t2_mean_tokens", "t2 mean tokens", False),
+]
+
+
+def format_table(summary: dict) -> str:
+    """The summary as aligned `label  value` lines (rates as fractions, 3 decimals)."""
+    rows = [(label, f"{summary[key]:+.3f}" if signed else f"{summary[key]:.3f}")
+            for key, label, signed in _ROWS]
+    rows += [(k, f"{v:.3f}") for k, v in summary.items() if k.startswith("pass@")]
+    rows += [("problems", str(summary["n"])), ("seconds", f"{summary['seconds']:.1f}")]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value:>8}" for label, value in rows)
+
+
+def _phrase(value: str) -> str:
+    """--phrase: an index into GUIDING_PHRASES or the literal phrase text."""
+    if value.isdigit():
+        index = int(value)
+        if index >= len(GUIDING_PHRASES):
+            raise argparse.ArgumentTypeError(f"phrase index {index} not in 0..{len(GUIDING_PHRASES) - 1}")
+        return GUIDING_PHRASES[index]
+    if not value.strip():
+        raise argparse.ArgumentTypeError("phrase must not be empty")
+    return value
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m fastmgrpo.eval` argument parser."""
+    phrases = "; ".join(f"{i}: {p!r}" for i, p in enumerate(GUIDING_PHRASES)).replace("%", "%%")
+    p = argparse.ArgumentParser(
+        prog="python -m fastmgrpo.eval",
+        description="Measure a model's first-attempt accuracy, its accuracy after one "
+        "self-correction round, and the transition rates (SCoRe metrics), with MGRPO's prompts.",
+    )
+    p.add_argument("--model", default="default",
+                   help="Hugging Face model directory, a checkpoint directory written by "
+                   "fastmgrpo.train, a .gguf file, or 'default' (embedded Gemma 3 270M). "
+                   "(default: %(default)s)")
+    p.add_argument("--dataset", default="gsm8k",
+                   help="Problems: 'gsm8k' (the embedded GSM8K train split, the only split shipped; "
+                   "use a file you held out of training for a held-out score), 'synthetic[:N]', or "
+                   "a .jsonl/.jsonl.gz file in GSM8K or MATH style. (default: %(default)s)")
+    p.add_argument("--limit", type=_positive, default=50,
+                   help="Evaluate the first N problems of the dataset. (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=64,
+                   help="Sequences decoded together; lower it on out-of-memory. (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_positive, default=256,
+                   help="Maximum tokens per attempt. (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="Sampling temperature of both attempts; 0 = greedy. (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="Nucleus sampling threshold when temperature > 0; 1 = off. (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="Top-k sampling when temperature > 0; 0 = off. (default: %(default)s)")
+    p.add_argument("--l2-format", choices=("continue", "turn"), default="continue",
+                   help="Correction prompt: 'continue' appends the phrase inside the answer's turn "
+                   "(paper), 'turn' asks in a new user turn (SCoRe). Match training. "
+                   "(default: %(default)s)")
+    p.add_argument("--phrase", type=_phrase, default=DEFAULT_PHRASE,
+                   help=f"Guiding phrase of the correction prompt: an index into the paper's pool "
+                   f"({phrases}) or any text. (default: 1)")
+    p.add_argument("--pass-k", type=int, default=0,
+                   help="Also draw K first-attempt samples per problem at --pass-k-temperature and "
+                   "report pass@1 and pass@K; 0 = off. (default: %(default)s)")
+    p.add_argument("--pass-k-temperature", type=float, default=PASS_K_TEMPERATURE,
+                   help="Sampling temperature of the pass@k samples (paper's eval temperature). "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed of the sampling generator and of synthetic problems. (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'. "
+                   "(default: %(default)s)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="Weights dtype: 'auto' = bf16 on GPU, fp32 on CPU. (default: %(default)s)")
+    p.add_argument("--output", type=Path,
+                   help="Write one JSON record per problem here (JSONL): question, gold answer, both "
+                   "attempts' text, extracted answers and verdicts.")
+    p.add_argument("--json", type=Path,
+                   help="Write the summary (metrics and settings) here as JSON.")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
+    return p
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.temperature < 0 or args.pass_k_temperature <= 0:
+        parser.error("--temperature must be >= 0 and --pass-k-temperature > 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0 or args.pass_k < 0:
+        parser.error("--top-p must be in (0, 1], --top-k and --pass-k >= 0")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Load, evaluate, print the table and write the files; return the summary JSON object."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    precision = "bf16" if args.precision == "auto" and device.type == "cuda" else args.precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    problems = load_problems(args.dataset, limit=args.limit, seed=args.seed)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    settings = {k: v for k, v in vars(args).items() if k not in ("output", "json", "no_progress")}
+    summary, records = evaluate(
+        model, tokenizer, problems, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, l2_format=args.l2_format,
+        phrase=args.phrase, pass_k=args.pass_k, pass_k_temperature=args.pass_k_temperature,
+        seed=args.seed, progress=not args.no_progress,
+    )
+    result = {"settings": {**settings, "device": str(device), "precision": precision}, "metrics": summary}
+    print(f"model {args.model}  dataset {args.dataset}  ({len(problems)} problems)")
+    print(format_table(summary))
+    if args.output:
+        _write(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        print(f"records: {args.output}")
+    if args.json:
+        _write(args.json, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        print(f"summary: {args.json}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 for unusable input, 3 for CUDA OOM)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    try:
+        run(args)
+    except (DatasetError, OSError) as e:  # missing model/dataset, unwritable output
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: CUDA out of memory; lower --batch-size or --max-new-tokens", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

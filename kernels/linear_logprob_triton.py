@@ -232,8 +232,12 @@ def _linear_logprob_bwd_kernel(
         h_rows = offs_m.to(tl.int64)[:, None] * H
         w_rows = offs_v.to(tl.int64)[:, None] * H
         wl_rows = offs_vl.to(tl.int64)[:, None] * H
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + offs_k
+        # start each program at a different K block (rotated by pid_m + pid_v) so the
+        # programs in flight that share a d_h or d_W tile hit different addresses at a time
+        k_blocks = (H + BLOCK_K - 1) // BLOCK_K
+        rot = pid_m + pid_v
+        for ki in range(0, k_blocks):
+            kk = ((ki + rot) % k_blocks) * BLOCK_K + offs_k
             mask_k = kk < H
             mask_hk = mask_m[:, None] & mask_k[None, :]
             mask_wk = mask_v[:, None] & mask_k[None, :]
@@ -285,8 +289,8 @@ def linear_logprob_fwd(hidden, weight, bias, targets, temperature, with_entropy,
     bm, bv, bk, warps, stages = _config(hidden.dtype, hidden.device, opts)
     m_blocks = triton.cdiv(N, bm)
     v_blocks = triton.cdiv(V, bv)
-    # enough programs to fill the GPU ~4 times over, never an empty split
-    splits = opts.splits or max(1, min(v_blocks, triton.cdiv(4 * _num_sms(hidden.device), m_blocks)))
+    # enough programs to fill the GPU ~8 times over (short tail), never an empty split
+    splits = opts.splits or max(1, min(v_blocks, triton.cdiv(8 * _num_sms(hidden.device), m_blocks)))
     blocks_per_split = triton.cdiv(v_blocks, splits)
     splits = triton.cdiv(v_blocks, blocks_per_split)
     part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)

@@ -97,7 +97,8 @@ def _make_target(provider, x):
         return step
 
     if provider == "liger_chunked":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        LigerFusedLinearGRPOLoss = pytest.importorskip(
+            "liger_kernel.chunked_loss", reason="liger-kernel is not installed").LigerFusedLinearGRPOLoss
         fn = LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=CUDA,
                                       use_ref_model=True)
 
@@ -112,7 +113,8 @@ def _make_target(provider, x):
     if provider == "liger_triton_logits":
         if not CUDA:
             pytest.skip("liger triton_grpo_loss is a CUDA Triton kernel (no CPU path)")
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+        triton_grpo_loss = pytest.importorskip(
+            "liger_kernel.transformers.grpo_loss", reason="liger-kernel is not installed").triton_grpo_loss
         L = x["ids"].shape[1]
 
         def step():

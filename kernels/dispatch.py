@@ -46,30 +46,32 @@ def _resolve_backend(backend, hidden: torch.Tensor):
     return LinearLogprobTorch
 
 
-def _validate(hidden, weight, targets, bias, temperature):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+def _validate(hidden, weight, targets, bias, temperature, names):
+    """Raise TypeError/ValueError naming the argument (as the caller knows it: `names` maps ours to theirs)."""
+    hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
+    for name, t in ((hn, hidden), (wn, weight), (tn, targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
+        raise ValueError(f"{hn} must be 2-D (N, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be (V, H={hidden.shape[1]}), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{wn} must be (V, H={hidden.shape[1]}), got shape {tuple(weight.shape)}")
     if not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating tensor, got {hidden.dtype}")
+        raise TypeError(f"{hn} must be a floating tensor, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+        raise TypeError(f"{wn} dtype {weight.dtype} must match {hn} dtype {hidden.dtype}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+        raise TypeError(f"{tn} must be an integer tensor, got {targets.dtype}")
     if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+        raise ValueError(f"{tn} must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},)")
+            raise ValueError(f"{bn} must be a tensor of shape ({weight.shape[0]},)")
         if not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+            raise TypeError(f"{bn} must be a floating tensor, got {bias.dtype}")
     devices = {t.device for t in (hidden, weight, targets) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
-        raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{hn}, {wn}, {tn} and {bn} must be on one device, got {sorted(map(str, devices))}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
@@ -81,9 +83,9 @@ def _validate(hidden, weight, targets, bias, temperature):
         [((targets < 0) | (targets >= weight.shape[0])).any(), ~torch.isfinite(hidden).all()]
     ).tolist()
     if bad_targets:
-        raise ValueError(f"targets must lie in [0, V={weight.shape[0]})")
+        raise ValueError(f"{tn} must lie in [0, V={weight.shape[0]})")
     if bad_hidden:
-        raise ValueError("hidden contains NaN or Inf")
+        raise ValueError(f"{hn} contains NaN or Inf")
 
 
 def linear_logprobs(
@@ -117,7 +119,12 @@ def linear_logprobs(
         TypeError / ValueError naming the offending argument. Checks data (targets range,
         NaN/Inf in hidden) with one host sync.
     """
-    _validate(hidden, weight, targets, bias, temperature)
+    return _linear_logprobs(hidden, weight, targets, bias, temperature, with_entropy, backend, {})
+
+
+def _linear_logprobs(hidden, weight, targets, bias, temperature, with_entropy, backend, names):
+    """linear_logprobs whose errors call the tensors by the caller's names (e.g. "_input")."""
+    _validate(hidden, weight, targets, bias, temperature, names)
     fn = _resolve_backend(backend, hidden)
     logp, entropy = fn.apply(hidden, weight, bias, targets.long(), float(temperature), bool(with_entropy))
     return logp, (entropy if with_entropy else None)

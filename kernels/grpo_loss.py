@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import linear_logprobs
+from .dispatch import _linear_logprobs, linear_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -332,8 +332,9 @@ def _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias,
     if ref_weight is None:
         raise ValueError("ref_input requires ref_weight")
     with torch.no_grad():
-        ref, _ = linear_logprobs(
-            ref_input.reshape(ids.shape[0], -1), ref_weight, ids, ref_bias, config.temperature, False, backend
+        ref, _ = _linear_logprobs(
+            ref_input.reshape(ids.shape[0], -1), ref_weight, ids, ref_bias, config.temperature, False, backend,
+            {"hidden": "ref_input", "weight": "ref_weight", "targets": "selected_token_ids", "bias": "ref_bias"},
         )
     return ref
 
@@ -411,8 +412,9 @@ def fused_linear_grpo_loss(
     ids = selected_token_ids.reshape(-1).long()  # (N,)
     ids = torch.where(mask > 0, ids, ids.clamp(0, lin_weight.shape[0] - 1))
     want_entropy = config.entropy_coef != 0.0
-    logp, entropy = linear_logprobs(
-        _input.reshape(B * T, H), lin_weight, ids, bias, config.temperature, want_entropy, backend
+    logp, entropy = _linear_logprobs(
+        _input.reshape(B * T, H), lin_weight, ids, bias, config.temperature, want_entropy, backend,
+        {"hidden": "_input", "weight": "lin_weight", "targets": "selected_token_ids"},
     )
     ref = _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias, use_ref_model, config, backend)
     vllm, vllm_log_seq = _padded_vllm(vllm_is_ratio, B, T)

@@ -255,7 +255,8 @@ def test_cuda_long_sequence_1d_grid():
     N, H, V = 131072, 128, 2048
     hidden, weight, _, targets = make_inputs(N, H, V, torch.bfloat16, False)
     out = run(triton_fn(), hidden, weight, None, targets, 1.0, True,
-              torch.ones(N, device=DEV, dtype=torch.float64), None)
+              torch.ones(N, device=DEV, dtype=torch.float64),
+              torch.zeros(N, device=DEV, dtype=torch.float64))
     ref = naive(hidden.double(), weight.double(), None, targets, 1.0, False)[0]
     assert max_err(out[0], ref) <= 0.1
     assert out[2].isfinite().all() and out[3].isfinite().all()

@@ -18,12 +18,24 @@ grid over (m_blocks × v_blocks) with a grouped ordering for L2 reuse. Each prog
 its logits tile, forms dlogits in fp32, casts it to the input dtype for the two products and
 adds them with fp32 ``tl.atomic_add`` into an fp32 d_hidden (N, H) buffer and an fp32 d_W slab
 buffer (slab_rows, H), which is cast into the output gradient when the slab is finished.
-Extra peak memory at N=32768, H=3584, V=152064, bf16: d_h fp32 470 MB + d_W slab 235 MB.
+Extra peak memory at N=32768, H=3584, V=152064, bf16: d_h fp32 470 MB + d_W slab 235 MB
+(forward: 4 × SPLITS × N fp32 partials, negligible).
 For fp32 inputs the atomics go straight into the output gradients (no extra buffers).
 
-Optional sparsity skip (Cut-Cross-Entropy style, ``skip_eps``): a backward tile whose
-max |dlogits| < skip_eps skips both products (its softmax is below the input dtype's
+The K loop of each backward program starts at a block rotated by (pid_m + pid_v), so the
+programs in flight that add into the same d_h / d_W tile hit different addresses at a time.
+
+Backward mode "gemm" (``TritonOptions(bwd="gemm")`` or FASTMGRPO_TRITON_BWD=gemm) is the
+alternative to atomics: the same kernel stores each dlogits slab (N, slab) in the input dtype
+(≤ ~512 MB) and cuBLAS does d_h += dl·W_slab (fp32 accumulator) and d_W[slab] = dlᵀ·h. Which
+mode is faster on H100/H200 is measured by bench/bench_linear_logprob.py.
+
+Optional sparsity skip (Cut-Cross-Entropy style, ``skip_eps``, atomic mode): a backward tile
+whose max |dlogits| < skip_eps skips both products (its softmax is below the input dtype's
 resolution and holds no target). Off by default.
+
+Under TRITON_INTERPRET=1 (CPU tests) 16-bit dots are done on fp32-upcast operands and the
+row reductions go through tl.reduce directly (see _mma, _rsum).
 
 The launch grid is 1-D everywhere (axis 0 allows 2^31 − 1 programs), so there is no cap
 on sequence length. Pointer offsets are int64.

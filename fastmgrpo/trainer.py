@@ -196,13 +196,14 @@ class Trainer:
         loss, m = packed_grpo_loss(
             self._hidden_rows(self.model, batch), weight.to(self.dtype), batch.targets, batch.cu_targets,
             batch.advantages, batch.old_logprobs, ref_lp, config=self.loss_cfg,
-            bias=None if bias is None else bias.to(self.dtype), seq_weights=batch.weights, **normaliser)
+            bias=None if bias is None else bias.to(self.dtype), seq_weights=batch.weights,
+            return_entropy=True, **normaliser)
         (loss / self.cfg.num_iterations).backward()
-        share = batch.targets.numel() / max(1, normaliser["num_tokens"]) / self.cfg.num_iterations
+        # Losses and metrics are already divided by the global counts: micro-batch values add up.
         totals["loss"] += loss.item() / self.cfg.num_iterations  # sync point, once per micro-batch
         for k in ("kl", "clip_ratio", "entropy"):
             if k in m:
-                totals[k] += float(m[k]) * share
+                totals[k] += float(m[k]) / self.cfg.num_iterations
 
     def _optimizer_step(self, loss: float) -> float:
         """Clip and apply; a NaN/Inf loss or gradient skips the update (counted, then fatal)."""

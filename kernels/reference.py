@@ -6,6 +6,15 @@ Everything here materialises the (N, V) logits on purpose; use ``fastmgrpo.kerne
 import torch
 
 
+def _full_log_softmax(hidden, weight, bias, temperature):
+    """(N, V) log-probabilities; in-place bias/temperature as eager trainers (TRL) do."""
+    logits = hidden @ weight.T  # (N, V): the N x V tensor the fused kernels avoid
+    if bias is not None:
+        logits += bias
+    logits /= temperature
+    return torch.log_softmax(logits, dim=-1)  # (N, V)
+
+
 def reference_linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0):
     """Naive log-prob and entropy of `targets`, computed in the inputs' dtype (pass float64 for a gold ref).
 
@@ -15,11 +24,7 @@ def reference_linear_logprobs(hidden, weight, targets, bias=None, temperature=1.
     Returns:
         logp (N,), entropy (N,) in hidden's dtype.
     """
-    logits = hidden @ weight.T  # (N, V)
-    if bias is not None:
-        logits = logits + bias
-    logits = logits / temperature
-    logprobs = torch.log_softmax(logits, dim=-1)  # (N, V)
+    logprobs = _full_log_softmax(hidden, weight, bias, temperature)  # (N, V)
     logp = logprobs.gather(-1, targets.long()[:, None]).squeeze(-1)  # (N,)
     entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N,)
     return logp, entropy
@@ -61,10 +66,8 @@ def reference_grpo_loss(
     vllm_is_ratio is (B, T) or (B, 1). Returns (loss scalar, kl metric, clip_ratio metric).
     """
     B, T, H = hidden.shape
-    logp, _ = reference_linear_logprobs(
-        hidden.reshape(B * T, H), weight, targets.reshape(-1), bias, temperature
-    )
-    logp = logp.float().reshape(B, T)  # (B, T)
+    logprobs = _full_log_softmax(hidden.reshape(B * T, H), weight, bias, temperature)  # (B*T, V)
+    logp = logprobs.gather(-1, targets.reshape(-1, 1).long()).float().reshape(B, T)  # (B, T)
     mask = mask.float()
     adv = advantages.float()[:, None]  # (B, 1)
     old = logp.detach() if old_logps is None else old_logps.float()

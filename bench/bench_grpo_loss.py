@@ -115,13 +115,13 @@ def _make_target(provider, x):
             pytest.skip("liger triton_grpo_loss is a CUDA Triton kernel (no CPU path)")
         triton_grpo_loss = pytest.importorskip(
             "liger_kernel.transformers.grpo_loss", reason="liger-kernel is not installed").triton_grpo_loss
-        L = x["ids"].shape[1]
+        # logits (B, L, V) score completions (B, L-1): Liger drops the last position
+        old, ref, ids, mask = (x[k][:, :-1].contiguous() for k in ("old", "ref", "ids", "mask"))
 
         def step():
             zero()
-            logits = h @ w.T                                # (B, L, V): position L is dropped
-            loss, _ = triton_grpo_loss(logits, x["old"][:, : L - 1], x["ref"][:, : L - 1],
-                                       x["ids"][:, : L - 1], x["adv"], x["mask"][:, : L - 1],
+            logits = h @ w.T                                # (B, L, V)
+            loss, _ = triton_grpo_loss(logits, old, ref, ids, x["adv"], mask,
                                        temperature=1.0, beta=BETA, eps_low=0.2, eps_high=0.2,
                                        loss_type=LOSS_TYPE, reduce=True)
             loss.backward()

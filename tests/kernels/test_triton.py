@@ -165,8 +165,10 @@ def test_vocab_slabs_and_splits_match():
                   hidden, weight, bias, targets, 0.8, True, g, ge)
         many = run(triton_fn(llt.TritonOptions(slab_rows=64, splits=4)),
                    hidden, weight, bias, targets, 0.8, True, g, ge)
+        # fp32 atomics add in any order on a GPU: bf16 grads may differ by one rounding
+        rel = 1e-5 if dtype == torch.float32 else 1e-2
         for name, a, b in zip(NAMES, one, many):
-            assert max_err(a, b) <= 1e-5 * max(1.0, a.abs().max().item()), (dtype, name)
+            assert max_err(a, b) <= rel * max(1.0, a.abs().max().item()), (dtype, name)
         if dtype == torch.float32:  # "gemm" mode: same math, another summation order
             gemm = run(triton_fn(llt.TritonOptions(bwd="gemm", slab_rows=64)),
                        hidden, weight, bias, targets, 0.8, True, g, ge)

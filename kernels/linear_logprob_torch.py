@@ -42,41 +42,90 @@ def _tile_logits(h32, weight, bias, v0, v1, inv_t):
     return z, w
 
 
+def _linear_logprob_fwd(hidden, weight, bias, targets, inv_t: float, with_entropy: bool):
+    """Online log-sum-exp over vocab blocks, per row chunk. Returns logp, entropy (or empty), lse: (N,) fp32."""
+    n, v = hidden.shape[0], weight.shape[0]
+    rows, vb = _tile_sizes(n, v, hidden.shape[1], weight.dtype)
+    lse = torch.empty(n, device=hidden.device, dtype=torch.float32)  # (N,)
+    logp = torch.empty_like(lse)  # (N,)
+    ent = torch.empty_like(lse) if with_entropy else lse.new_empty(0)  # (N,) or (0,)
+    for r0 in range(0, n, rows):
+        h32 = hidden[r0 : r0 + rows].float()  # (R, H)
+        tgt = targets[r0 : r0 + rows]  # (R,)
+        m = torch.full((h32.shape[0],), float("-inf"), device=h32.device)  # running max (R,)
+        s = torch.zeros_like(m)  # sum exp(z - m)
+        sz = torch.zeros_like(m)  # sum exp(z - m) * z
+        zt = torch.zeros_like(m)  # target logit
+        for v0 in range(0, v, vb):
+            z, _ = _tile_logits(h32, weight, bias, v0, v0 + vb, inv_t)  # (R, Vb)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            scale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first block
+            e = torch.exp(z - m_new[:, None])  # (R, Vb)
+            s = s * scale + e.sum(dim=1)
+            if with_entropy:
+                sz = sz * scale + (e * z).sum(dim=1)
+            m = m_new
+            inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
+            local = (tgt - v0).clamp(0, z.shape[1] - 1)
+            zt += torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
+        lse_c = m + torch.log(s)
+        lse[r0 : r0 + rows] = lse_c
+        logp[r0 : r0 + rows] = zt - lse_c
+        if with_entropy:
+            ent[r0 : r0 + rows] = lse_c - sz / s  # H = lse - sum p z
+    return logp, ent, lse
+
+
+def _linear_logprob_bwd(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, inv_t, needs):
+    """Recompute each tile and accumulate fp32 d_hidden, d_weight, d_bias (None where not needed).
+
+    dz = g_logp*(onehot - p) + g_H*(-p*(z - lse + H)); dlogits = dz / T.
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    rows, vb = _tile_sizes(n, v, hidden.shape[1], weight.dtype)
+    with_entropy = g_ent is not None
+    g_logp = lse.new_zeros(n) if g_logp is None else g_logp.float()  # (N,)
+    d_h = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if needs[0] else None
+    d_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs[1] else None
+    d_b = torch.zeros(v, device=weight.device, dtype=torch.float32) if needs[2] and bias is not None else None
+    for r0 in range(0, n, rows):
+        h32 = hidden[r0 : r0 + rows].float()  # (R, H)
+        tgt, lse_c, gl = targets[r0 : r0 + rows], lse[r0 : r0 + rows], g_logp[r0 : r0 + rows]  # (R,)
+        if with_entropy:
+            gh = g_ent[r0 : r0 + rows].float()  # (R,)
+            shift = ent[r0 : r0 + rows] - lse_c  # H - lse (R,)
+        for v0 in range(0, v, vb):
+            z, w = _tile_logits(h32, weight, bias, v0, v0 + vb, inv_t)  # (R, Vb)
+            p = torch.exp(z - lse_c[:, None])  # softmax tile (R, Vb)
+            if with_entropy:  # build dz in z's buffer: -p * (g_logp + g_H * (z - lse + H))
+                z += shift[:, None]
+                z *= gh[:, None]
+                z += gl[:, None]
+            else:
+                z.copy_(gl[:, None].expand_as(z))
+            z *= p
+            z.neg_()
+            del p
+            inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
+            local = (tgt - v0).clamp(0, z.shape[1] - 1)
+            z.scatter_add_(1, local[:, None], torch.where(inside, gl, 0.0)[:, None])  # + g_logp * onehot
+            z *= inv_t  # dlogits (R, Vb)
+            if d_h is not None:
+                d_h[r0 : r0 + rows] += z @ w  # (R, H)
+            if d_w is not None:
+                d_w[v0 : v0 + vb] += z.T @ h32  # (Vb, H)
+            if d_b is not None:
+                d_b[v0 : v0 + vb] += z.sum(dim=0)
+    return d_h, d_w, d_b
+
+
 class LinearLogprobTorch(torch.autograd.Function):
     """Chunked PyTorch implementation of the primitive; see the module docstring for the contract."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
-        n, v = hidden.shape[0], weight.shape[0]
-        rows, vb = _tile_sizes(n, v, hidden.shape[1], weight.dtype)
         inv_t = 1.0 / float(temperature)
-        lse = torch.empty(n, device=hidden.device, dtype=torch.float32)  # (N,)
-        logp = torch.empty_like(lse)  # (N,)
-        ent = torch.empty_like(lse) if with_entropy else lse.new_empty(0)  # (N,) or (0,)
-        for r0 in range(0, n, rows):
-            h32 = hidden[r0 : r0 + rows].float()  # (R, H)
-            tgt = targets[r0 : r0 + rows]  # (R,)
-            m = torch.full((h32.shape[0],), float("-inf"), device=h32.device)  # running max (R,)
-            s = torch.zeros_like(m)  # sum exp(z - m)
-            sz = torch.zeros_like(m)  # sum exp(z - m) * z
-            zt = torch.zeros_like(m)  # target logit
-            for v0 in range(0, v, vb):
-                z, _ = _tile_logits(h32, weight, bias, v0, v0 + vb, inv_t)  # (R, Vb)
-                m_new = torch.maximum(m, z.amax(dim=1))
-                scale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first block
-                e = torch.exp(z - m_new[:, None])  # (R, Vb)
-                s = s * scale + e.sum(dim=1)
-                if with_entropy:
-                    sz = sz * scale + (e * z).sum(dim=1)
-                m = m_new
-                inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
-                local = (tgt - v0).clamp(0, z.shape[1] - 1)
-                zt += torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
-            lse_c = m + torch.log(s)
-            lse[r0 : r0 + rows] = lse_c
-            logp[r0 : r0 + rows] = zt - lse_c
-            if with_entropy:
-                ent[r0 : r0 + rows] = lse_c - sz / s  # H = lse - sum p z
+        logp, ent, lse = _linear_logprob_fwd(hidden, weight, bias, targets, inv_t, with_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.inv_t, ctx.with_entropy = inv_t, with_entropy
         ctx.set_materialize_grads(False)
@@ -87,52 +136,11 @@ class LinearLogprobTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        if not ctx.with_entropy:
-            g_ent = None
+        g_ent = g_ent if ctx.with_entropy else None
         if g_logp is None and g_ent is None:
             return None, None, None, None, None, None
-        n, v = hidden.shape[0], weight.shape[0]
-        rows, vb = _tile_sizes(n, v, hidden.shape[1], weight.dtype)
-        zeros = lse.new_zeros(n)
-        g_logp = zeros if g_logp is None else g_logp.float()  # (N,)
-        g_ent = zeros if g_ent is None else g_ent.float()  # (N,)
-        d_h = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_h else None
-        d_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        d_b = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_b and bias is not None else None
-        for r0 in range(0, n, rows):
-            h32 = hidden[r0 : r0 + rows].float()  # (R, H)
-            tgt, lse_c = targets[r0 : r0 + rows], lse[r0 : r0 + rows]
-            gl, gh = g_logp[r0 : r0 + rows], g_ent[r0 : r0 + rows]  # (R,)
-            shift = (ent[r0 : r0 + rows] - lse_c) if ctx.with_entropy else None  # H - lse (R,)
-            for v0 in range(0, v, vb):
-                z, w = _tile_logits(h32, weight, bias, v0, v0 + vb, ctx.inv_t)  # (R, Vb)
-                p = torch.exp(z - lse_c[:, None])  # softmax tile (R, Vb)
-                # dz = g_logp*(onehot - p) + g_H*(-p*(z - lse + H)), built in place in z's buffer
-                if shift is not None:
-                    z += shift[:, None]
-                    z *= gh[:, None]
-                    z += gl[:, None]
-                else:
-                    z.copy_(gl[:, None].expand_as(z))
-                z *= p
-                z.neg_()  # z now holds dz without the one-hot term
-                del p
-                inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
-                local = (tgt - v0).clamp(0, z.shape[1] - 1)
-                z.scatter_add_(1, local[:, None], torch.where(inside, gl, 0.0)[:, None])
-                z *= ctx.inv_t  # dlogits = dz / T
-                if d_h is not None:
-                    d_h[r0 : r0 + rows] += z @ w  # (R, H)
-                if d_w is not None:
-                    d_w[v0 : v0 + vb] += z.T @ h32  # (Vb, H)
-                if d_b is not None:
-                    d_b[v0 : v0 + vb] += z.sum(dim=0)
-        return (
-            d_h.to(hidden.dtype) if d_h is not None else None,
-            d_w.to(weight.dtype) if d_w is not None else None,
-            d_b.to(bias.dtype) if d_b is not None else None,
-            None,
-            None,
-            None,
+        d_h, d_w, d_b = _linear_logprob_bwd(
+            hidden, weight, bias, targets, lse, ent, g_logp, g_ent, ctx.inv_t, ctx.needs_input_grad[:3]
         )
+        cast = lambda d, like: None if d is None else d.to(like.dtype)  # noqa: E731
+        return cast(d_h, hidden), cast(d_w, weight), cast(d_b, bias), None, None, None

@@ -1,9 +1,9 @@
 """The fused linear + log-softmax + gather (+ entropy) primitive alone: backends and options.
 
 Providers:
-    triton_atomic        Triton, backward with fp32 atomics into slab buffers (default)
+    triton_atomic        Triton, backward with fp32 atomics into slab buffers
     triton_atomic_skip   the same with the sparsity skip (skip_eps = 2^-12)
-    triton_gemm          Triton, backward storing the dlogits slab, products by cuBLAS
+    triton_gemm          Triton, backward storing the dlogits slab, products by cuBLAS (default)
     triton_fwd           Triton forward only (no grad): the old/ref log-prob pass
     torch_chunked        the chunked PyTorch backend (kernels.linear_logprob_torch)
     eager                full (N, V) logits (kernels.reference.reference_linear_logprobs)

@@ -13,7 +13,7 @@ running max m, s = Σ exp(z − m) and t = Σ exp(z − m)·(z − m) (the shift
 entropy free of the lse − Σpz cancellation), plus the target logit when it falls in a tile.
 The (SPLITS, N) partials are merged in O(N·SPLITS) torch ops.
 
-Backward: for each vocabulary slab (``slab_rows`` rows of W, default 16384) a flattened 1-D
+Backward, mode "atomic": for each vocabulary slab (``slab_rows`` rows of W, default 16384) a flattened 1-D
 grid over (m_blocks × v_blocks) with a grouped ordering for L2 reuse. Each program recomputes
 its logits tile, forms dlogits in fp32, casts it to the input dtype for the two products and
 adds them with fp32 ``tl.atomic_add`` into an fp32 d_hidden (N, H) buffer and an fp32 d_W slab
@@ -25,10 +25,10 @@ For fp32 inputs the atomics go straight into the output gradients (no extra buff
 The K loop of each backward program starts at a block rotated by (pid_m + pid_v), so the
 programs in flight that add into the same d_h / d_W tile hit different addresses at a time.
 
-Backward mode "gemm" (``TritonOptions(bwd="gemm")`` or FASTMGRPO_TRITON_BWD=gemm) is the
-alternative to atomics: the same kernel stores each dlogits slab (N, slab) in the input dtype
-(≤ ~512 MB) and cuBLAS does d_h += dl·W_slab (fp32 accumulator) and d_W[slab] = dlᵀ·h. Which
-mode is faster on H100/H200 is measured by bench/bench_linear_logprob.py.
+Backward, mode "gemm" (the default unless a sparsity skip is asked for; see _bwd_mode): the
+same kernel stores each dlogits slab (N, slab) in the input dtype (≤ ~512 MB) and cuBLAS does
+d_h += dl·W_slab (fp32 accumulator) and d_W[slab] = dlᵀ·h. Which mode is faster on H100/H200
+is measured by bench/bench_linear_logprob.py; FASTMGRPO_TRITON_BWD=atomic|gemm overrides.
 
 Optional sparsity skip (Cut-Cross-Entropy style, ``skip_eps``, atomic mode): a backward tile
 whose max |dlogits| < skip_eps skips both products (its softmax is below the input dtype's
@@ -60,8 +60,9 @@ class TritonOptions:
 
     skip_eps:  backward sparsity skip threshold on max |dlogits| of a tile (None = dense;
                "atomic" mode only).
-    bwd:       "atomic" (default; $FASTMGRPO_TRITON_BWD overrides) or "gemm" (dlogits slab
-               stored in the input dtype, products by cuBLAS).
+    bwd:       "gemm" (default: dlogits slab stored in the input dtype, products by cuBLAS)
+               or "atomic" (fp32 atomics from the kernel; default when skip_eps is set);
+               $FASTMGRPO_TRITON_BWD sets it when this is None.
     slab_rows: vocabulary rows per backward slab (bounds the fp32 d_W buffer).
     splits:    vocabulary splits in the forward (parallelism for short sequences).
     """
@@ -331,9 +332,20 @@ def linear_logprob_fwd(hidden, weight, bias, targets, temperature, with_entropy,
 
 
 def _bwd_mode(opts: TritonOptions) -> str:
-    mode = opts.bwd or os.environ.get("FASTMGRPO_TRITON_BWD", "atomic")
+    """opts.bwd, else $FASTMGRPO_TRITON_BWD, else "atomic" with a sparsity skip, "gemm" without.
+
+    Why "gemm" by default: with 128×128 tiles the atomic path moves (BLOCK_M + BLOCK_V)·H·4
+    bytes of fp32 atomics per 6·BLOCK_M·BLOCK_V·H flops (~0.01 B/flop: ~6 TB/s at 600
+    TFLOP/s, beyond H100 memory bandwidth), while the gemm path writes the dlogits once in
+    bf16 (N·V·2 bytes) and leaves both products to cuBLAS. To be confirmed on the GPU by
+    bench/bench_linear_logprob.py (triton_atomic vs triton_gemm).
+    """
+    mode = opts.bwd or os.environ.get("FASTMGRPO_TRITON_BWD") or (
+        "atomic" if opts.skip_eps is not None else "gemm")
     if mode not in ("atomic", "gemm"):
         raise ValueError(f"Triton backward mode must be 'atomic' or 'gemm', got {mode!r}")
+    if mode == "gemm" and opts.skip_eps is not None:
+        raise ValueError("skip_eps (sparsity skip) needs the 'atomic' backward mode")
     return mode
 
 

@@ -132,26 +132,33 @@ def check_against_reference(N, H, V, dtype, has_bias, T, with_entropy, opts=None
 # ----------------------------------------------------------------------------------------
 # Tests (tiny shapes that do not divide the interpreter blocks 16/32/32)
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,has_bias,T,with_entropy", [
-    (torch.float32, True, 0.7, True),
-    (torch.float32, False, 1.0, False),
-    (torch.bfloat16, True, 1.3, True),
-    (torch.bfloat16, False, 0.7, False),
-    (torch.float16, True, 1.0, True),
+@pytest.mark.parametrize("dtype,has_bias,T,with_entropy,bwd", [
+    (torch.float32, True, 0.7, True, "atomic"),
+    (torch.float32, False, 1.0, False, None),
+    (torch.bfloat16, True, 1.3, True, "atomic"),
+    (torch.bfloat16, True, 1.3, True, None),
+    (torch.bfloat16, False, 0.7, False, "atomic"),
+    (torch.float16, True, 1.0, True, None),
 ])
-def test_matches_float64_reference(dtype, has_bias, T, with_entropy):
-    check_against_reference(37, 24, 301, dtype, has_bias, T, with_entropy)
+def test_matches_float64_reference(dtype, has_bias, T, with_entropy, bwd):
+    """bwd None is the default mode ("gemm": dlogits slab stored, products by matmuls)."""
+    check_against_reference(37, 24, 301, dtype, has_bias, T, with_entropy,
+                            llt.TritonOptions(bwd=bwd))
 
 
-def test_large_vocab_bf16():
-    check_against_reference(20, 40, 1999, torch.bfloat16, True, 0.9, True)
+@pytest.mark.parametrize("bwd", ["atomic", "gemm"])
+def test_large_vocab_bf16(bwd):
+    check_against_reference(20, 40, 1999, torch.bfloat16, True, 0.9, True,
+                            llt.TritonOptions(bwd=bwd))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemm_backward_mode(dtype):
-    """bwd="gemm" (dlogits slab stored, products by torch matmuls), several slabs."""
-    check_against_reference(37, 24, 301, dtype, True, 0.8, True,
-                            llt.TritonOptions(bwd="gemm", slab_rows=96))
+def test_backward_mode_choice():
+    assert llt._bwd_mode(llt.TritonOptions()) in ("gemm", os.environ.get("FASTMGRPO_TRITON_BWD"))
+    assert llt._bwd_mode(llt.TritonOptions(skip_eps=1e-4)) == "atomic"
+    with pytest.raises(ValueError, match="atomic"):
+        llt._bwd_mode(llt.TritonOptions(bwd="gemm", skip_eps=1e-4))
+    with pytest.raises(ValueError, match="backward mode"):
+        llt._bwd_mode(llt.TritonOptions(bwd="dense"))
 
 
 def test_vocab_slabs_and_splits_match():
@@ -161,9 +168,9 @@ def test_vocab_slabs_and_splits_match():
         hidden, weight, bias, targets = make_inputs(37, 24, 301, dtype, True)
         g = torch.randn(37, device=DEV, dtype=torch.float64)
         ge = torch.randn(37, device=DEV, dtype=torch.float64)
-        one = run(triton_fn(llt.TritonOptions(slab_rows=4096, splits=1)),
+        one = run(triton_fn(llt.TritonOptions(bwd="atomic", slab_rows=4096, splits=1)),
                   hidden, weight, bias, targets, 0.8, True, g, ge)
-        many = run(triton_fn(llt.TritonOptions(slab_rows=64, splits=4)),
+        many = run(triton_fn(llt.TritonOptions(bwd="atomic", slab_rows=64, splits=4)),
                    hidden, weight, bias, targets, 0.8, True, g, ge)
         # fp32 atomics add in any order on a GPU: bf16 grads may differ by one rounding
         rel = 1e-5 if dtype == torch.float32 else 1e-2
@@ -174,8 +181,9 @@ def test_vocab_slabs_and_splits_match():
                        hidden, weight, bias, targets, 0.8, True, g, ge)
             for name, a, b in zip(NAMES, one, gemm):
                 assert max_err(a, b) <= 1e-5 * max(1.0, a.abs().max().item()), ("gemm", name)
-    check_against_reference(37, 24, 301, torch.bfloat16, True, 0.8, True,
-                            llt.TritonOptions(slab_rows=64, splits=3))
+    for bwd in ("atomic", "gemm"):
+        check_against_reference(37, 24, 301, torch.bfloat16, True, 0.8, True,
+                                llt.TritonOptions(bwd=bwd, slab_rows=64, splits=3))
 
 
 def test_sparsity_skip():
@@ -192,7 +200,8 @@ def test_sparsity_skip():
     targets[3] = 200
     g = torch.randn(N, device=DEV, dtype=torch.float64)
     ge = torch.randn(N, device=DEV, dtype=torch.float64)
-    dense = run(triton_fn(), hidden, weight, bias, targets, 1.0, True, g, ge)
+    dense = run(triton_fn(llt.TritonOptions(bwd="atomic")),
+                hidden, weight, bias, targets, 1.0, True, g, ge)
     sparse = run(triton_fn(llt.TritonOptions(skip_eps=2.0 ** -12)),
                  hidden, weight, bias, targets, 1.0, True, g, ge)
     for name, d, s in zip(NAMES, dense, sparse):
@@ -243,7 +252,8 @@ def test_cuda_realish(dtype, has_bias, with_entropy, bwd):
 def test_cuda_sparsity_skip_realish():
     hidden, weight, bias, targets = make_inputs(1024, 512, 32000, torch.bfloat16, False, w_scale=4)
     g = torch.randn(1024, device=DEV, dtype=torch.float64)
-    dense = run(triton_fn(), hidden, weight, None, targets, 1.0, False, g, None)
+    dense = run(triton_fn(llt.TritonOptions(bwd="atomic")),
+                hidden, weight, None, targets, 1.0, False, g, None)
     sparse = run(triton_fn(llt.TritonOptions(skip_eps=2.0 ** -12)),
                  hidden, weight, None, targets, 1.0, False, g, None)
     for name, d, s in zip(NAMES, dense, sparse):

@@ -411,13 +411,13 @@ def fused_linear_grpo_loss(
     mask = attention_mask.reshape(-1).float()  # (N,)
     ids = selected_token_ids.reshape(-1).long()  # (N,)
     ids = torch.where(mask > 0, ids, ids.clamp(0, lin_weight.shape[0] - 1))
+    vllm, vllm_log_seq = _padded_vllm(vllm_is_ratio, B, T)  # checks first, the costly passes after
+    ref = _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias, use_ref_model, config, backend)
     want_entropy = config.entropy_coef != 0.0
     logp, entropy = _linear_logprobs(
         _input.reshape(B * T, H), lin_weight, ids, bias, config.temperature, want_entropy, backend,
         {"hidden": "_input", "weight": "lin_weight", "targets": "selected_token_ids"},
     )
-    ref = _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias, use_ref_model, config, backend)
-    vllm, vllm_log_seq = _padded_vllm(vllm_is_ratio, B, T)
     seg = torch.arange(B, device=_input.device).repeat_interleave(T)  # (N,)
     seq_len = mask.view(B, T).sum(-1)  # (B,)
     adv = advantages.float()
@@ -534,9 +534,9 @@ def packed_grpo_loss(
     seg, lengths = _packed_segments(cu_seqlens, M, B)
     n_seq = _positive_count("num_sequences", num_sequences, B)
     n_tok = _positive_count("num_tokens", num_tokens, max(M, 1))
+    vllm, vllm_log_seq = _packed_vllm(vllm_is_ratio, seg, M, B)
     want_entropy = bool(return_entropy) or config.entropy_coef != 0.0
     logp, entropy = linear_logprobs(hidden, weight, targets, bias, config.temperature, want_entropy, backend)
-    vllm, vllm_log_seq = _packed_vllm(vllm_is_ratio, seg, M, B)
     adv = advantages.float()
     old = logp.detach() if old_logprobs is None else old_logprobs.float()
     ref = None if ref_logprobs is None else ref_logprobs.float()

@@ -44,8 +44,10 @@ def _grads_of(module, d, with_bias, **fw):
 
 VARIANTS = {
     # beta, delta, bias-corrected KL, temperature, bias, use_ref_model, how ref/old/vllm/num_items are given
-    "beta0": dict(beta=0.0, delta=None, bc=False, temp=1.0, bias=False, use_ref=True, ref="logps", old=False,
+    "beta0": dict(beta=0.0, delta=1.5, bc=False, temp=1.0, bias=False, use_ref=True, ref="logps", old=False,
                   vllm=None, nib=None),
+    "bias_corrected_kl": dict(beta=0.1, delta=None, bc=True, temp=0.7, bias=False, use_ref=True, ref="logps",
+                              old=True, vllm=None, nib=None),
     "kl_delta_vllm_bt": dict(beta=0.1, delta=1.5, bc=True, temp=0.7, bias=True, use_ref=True, ref="logps", old=True,
                              vllm="bt", nib=40),
     "ref_input_vllm_b": dict(beta=0.1, delta=None, bc=False, temp=1.3, bias=True, use_ref=True, ref="input",

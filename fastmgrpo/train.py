@@ -56,9 +56,11 @@ def _mean(history: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def summarize(history: list[dict], out: Path, checkpoint: Path | None, wall: float) -> dict:
+def summarize(history: list[dict], out: Path, checkpoint: Path | None, wall: float,
+              data_stats: dict) -> dict:
     """Run summary (also written to summary.json)."""
     summary = {
+        **data_stats,
         "steps": len(history),
         "reward_l1": _mean(history, "reward_l1"),
         "reward_l2": _mean(history, "reward_l2"),
@@ -81,6 +83,10 @@ def run(cfg: MGRPOConfig, trainer: Trainer | None = None) -> dict:
     """Train for cfg.max_steps (from the resumed step), checkpoint, evaluate, summarise."""
     trainer = trainer or Trainer(cfg)
     log = MetricsLog(trainer.out, trainer.step_idx, cfg.tensorboard)
+    stats = trainer.data_stats
+    print(f"{stats['problems']} problems from {cfg.dataset!r} ({stats['prompts_skipped']} skipped, "
+          f"{stats['prompts_truncated']} truncated: longer than max_prompt_length="
+          f"{cfg.max_prompt_length}); device {trainer.device}, {trainer.dtype}", file=sys.stderr)
     history, checkpoint, t0 = [], None, time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=trainer.step_idx, desc="MGRPO" if cfg.layers == 2 else "GRPO",
                unit="step", dynamic_ncols=True)
@@ -105,7 +111,7 @@ def run(cfg: MGRPOConfig, trainer: Trainer | None = None) -> dict:
     finally:
         bar.close()
         log.close()
-    summary = summarize(history, trainer.out, checkpoint, time.perf_counter() - t0)
+    summary = summarize(history, trainer.out, checkpoint, time.perf_counter() - t0, trainer.data_stats)
     print("\n".join(f"{k:>22}: {_fmt(v)}" for k, v in summary.items()))
     return summary
 

@@ -331,6 +331,8 @@ def _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias,
         return ref_per_token_logps.reshape(-1).float()
     if ref_weight is None:
         raise ValueError("ref_input requires ref_weight")
+    if config.beta == 0.0:  # the KL is neither in the loss nor in Liger's metrics: skip the pass
+        return None
     with torch.no_grad():
         ref, _ = _linear_logprobs(
             ref_input.reshape(ids.shape[0], -1), ref_weight, ids, ref_bias, config.temperature, False, backend,

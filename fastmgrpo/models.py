@@ -124,6 +124,7 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -140,7 +141,7 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
 
 @torch.no_grad()
 def _check_same_logits(model: torch.nn.Module, saved: Path) -> None:
-    ids = torch.arange(2, 34).unsqueeze(0)  # (1, 32)
+    ids = (torch.arange(2, 34) % model.get_input_embeddings().num_embeddings).unsqueeze(0)  # (1, 32)
     reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
     if not torch.equal(model.eval()(ids).logits, reloaded(ids).logits):
         raise RuntimeError(f"converted model in {saved} does not reproduce the GGUF model's logits")

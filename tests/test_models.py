@@ -1,5 +1,9 @@
+import json
+
+import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from fastmgrpo.models import build_tiny_model, decoder, lm_head, load_model, stop_token_ids
 
@@ -92,3 +96,60 @@ def test_lm_head_rejects_softcapping_and_logit_scale():
     model.config.logit_scale = 0.5
     with pytest.raises(ValueError, match="logit_scale"):
         lm_head(model)
+
+
+def _write_tiny_gguf(path):
+    """A 1-layer float32 llama GGUF with a 27-token character vocab (written with `gguf`)."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + list("abcdefghij0123456789 +=\n")
+    vocab, hidden, ffn, heads, kv_heads = len(tokens), 32, 64, 4, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden), "blk.0.attn_q": (hidden, hidden),
+              "blk.0.attn_k": (kv, hidden), "blk.0.attn_v": (kv, hidden), "blk.0.attn_output": (hidden, hidden),
+              "blk.0.ffn_gate": (ffn, hidden), "blk.0.ffn_up": (ffn, hidden), "blk.0.ffn_down": (hidden, ffn)}
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (0.1 * rng.standard_normal(shape)).astype(np.float32))
+    for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        w.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    gguf_path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(gguf_path)
+    monkeypatch.setenv("FASTMGRPO_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model(str(gguf_path), dtype=torch.float32, device="cpu")
+    (cached,) = (tmp_path / "cache").iterdir()  # one directory, no temp leftovers
+    assert cached.name.startswith("tiny-")
+    assert "quantization_config" not in json.loads((cached / "config.json").read_text())
+    assert getattr(model, "hf_quantizer", None) is None
+    direct = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf").eval()
+    ids = torch.tensor([tok.encode("12+3=15\nab")])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    again, _ = load_model(str(gguf_path), dtype=torch.float32, device="cpu")
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp  # read, not rewritten
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

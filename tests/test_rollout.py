@@ -77,19 +77,37 @@ def test_seeded_sampling_reproducible(tiny):
 def test_stops_at_stop_ids_and_respects_max_new_tokens(tiny):
     model, tok = tiny
     prompts = _prompts(tok)
-    kw = dict(temperature=1.0, pad_id=tok.pad_token_id)
-    free = sample(model, prompts, max_new_tokens=9, stop_ids=set(), generator=torch.Generator().manual_seed(0), **kw)
+    kw = dict(max_new_tokens=9, temperature=0.0, pad_id=tok.pad_token_id, batch_size=4)
+    free = sample(model, prompts, stop_ids=set(), **kw)
     assert all(len(c.token_ids) == 9 and not c.finished for c in free)
-    # Declare the token sampled at step 3 of prompt 0 a stop id: with the same seed that row
-    # must end there and be finished; no completion may contain a stop id before its end.
+    # Make the token greedily chosen at step 3 of prompt 0 a stop id: rows that emit it end
+    # there (finished, stop id kept); the rows left decoding after it is dropped from the batch
+    # and the cache must continue exactly as without a stop.
     stop = free[0].token_ids[3]
-    out = sample(model, prompts, max_new_tokens=9, stop_ids={stop}, generator=torch.Generator().manual_seed(0), **kw)
-    first = free[0].token_ids.index(stop)
-    assert out[0].token_ids == free[0].token_ids[: first + 1] and out[0].finished
-    for c in out:
-        assert stop not in c.token_ids[:-1]
-        assert c.finished == (c.token_ids[-1] == stop)
-        assert 1 <= len(c.token_ids) <= 9
+    out = sample(model, prompts, stop_ids={stop}, **kw)
+    for f, c in zip(free, out):
+        if stop in f.token_ids:
+            n = f.token_ids.index(stop) + 1
+            assert c.token_ids == f.token_ids[:n] and c.logprobs == pytest.approx(f.logprobs[:n], abs=1e-5)
+            assert c.finished
+        else:
+            assert c.token_ids == f.token_ids and not c.finished
+            assert c.logprobs == pytest.approx(f.logprobs, abs=1e-5)
+    assert sum(c.finished for c in out) >= 1 and sum(not c.finished for c in out) >= 1
+
+
+def test_logprobs_after_rows_finish_match_full_forward(tiny):
+    model, tok = tiny
+    prompts = _prompts(tok) * 2
+    common = [t for c in sample(model, prompts, max_new_tokens=6, temperature=1.0, stop_ids=set(), pad_id=0,
+                                generator=torch.Generator().manual_seed(3)) for t in c.token_ids]
+    stop = max(set(common), key=common.count)  # a frequent token: several rows stop early
+    out = sample(model, prompts, max_new_tokens=12, temperature=1.0, stop_ids={stop}, pad_id=0,
+                 generator=torch.Generator().manual_seed(3))
+    assert any(c.finished for c in out) and any(not c.finished for c in out)
+    for p, c in zip(prompts, out):
+        ref = _reference_logprobs(model, p, c.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
 
 
 def test_progress_and_empty_prompt(tiny):

@@ -6,14 +6,15 @@
 #   env.txt                       GPU, driver, torch / triton / liger versions
 #   triton_tests.log / .xml       tests/kernels/test_triton.py on CUDA (compiled kernels,
 #                                 real-ish shapes, memory check at N=32768 H=3584 V=152064)
-#   bench_linear_logprob.json/.log  the primitive: atomic / gemm / skip backward vs torch, eager
-#   bench.json / bench.log        fused GRPO loss vs eager, Liger chunked, Liger logits, floor
+#   bench_linear_logprob_<shape>.json/.log  the primitive: gemm / atomic / skip backward vs torch
+#   bench_grpo_loss_<shape>.json/.log       fused GRPO loss vs eager, Liger chunked / logits, floor
+#   bench.json                    all of the above merged (pytest-benchmark JSON)
 # Wheels (e.g. liger-kernel) are installed from $WHEELS_DIR, ./wheels or ./shared/wheels if any.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
-T_TESTS="${T_TESTS:-170}" T_PRIM="${T_PRIM:-120}" T_GRPO="${T_GRPO:-170}"
+T_TESTS="${T_TESTS:-150}" T_PRIM="${T_PRIM:-60}" T_GRPO="${T_GRPO:-90}"  # seconds per step
 start=$(date +%s)
 step() { echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
@@ -37,28 +38,44 @@ step "Triton kernel tests on CUDA (timeout ${T_TESTS}s)"
 timeout "$T_TESTS" python -m pytest tests/kernels/test_triton.py -q -rs -p no:cacheprovider \
   --durations=10 --junitxml="$OUT/triton_tests.xml" 2>&1 | tee "$OUT/triton_tests.log" | tail -25
 
-step "primitive benchmark (timeout ${T_PRIM}s)"
-timeout "$T_PRIM" python -m pytest bench/bench_linear_logprob.py -q -rs -p no:cacheprovider \
-  --benchmark-json "$OUT/bench_linear_logprob.json" --benchmark-columns=mean,min,max,rounds \
-  2>&1 | tee "$OUT/bench_linear_logprob.log" | tail -30
-
-step "GRPO loss benchmark (timeout ${T_GRPO}s)"
-timeout "$T_GRPO" python -m pytest bench/bench_grpo_loss.py -q -rs -p no:cacheprovider \
-  --benchmark-json "$OUT/bench.json" --benchmark-columns=mean,min,max,rounds \
-  2>&1 | tee "$OUT/bench.log" | tail -30
+# one pytest run per (suite, shape), each with its own JSON, so a timeout loses one shape only
+SHAPES="${SHAPES:-8,1024,1536,151936 8,1024,3584,152064 16,2048,3584,152064}"
+DEADLINE=$(( start + ${T_TOTAL:-470} ))
+for suite in linear_logprob grpo_loss; do
+  per=$([ "$suite" = linear_logprob ] && echo "$T_PRIM" || echo "$T_GRPO")
+  for shape in $SHAPES; do
+    left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -lt 20 ]; then step "skip $suite $shape: total budget spent"; continue; fi
+    t=$(( per < left ? per : left ))
+    tag="${suite}_${shape//,/x}"
+    step "benchmark $suite $shape (timeout ${t}s)"
+    FASTMGRPO_BENCH_SHAPES="$shape" timeout "$t" python -m pytest "bench/bench_${suite}.py" -q -rs \
+      -p no:cacheprovider --benchmark-json "$OUT/bench_${tag}.json" \
+      --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_${tag}.log" | tail -14
+  done
+done
 
 step "summary"
 python - "$OUT" <<'EOF'
-import json, os, sys
+import glob, json, os, sys
 out = sys.argv[1]
-for name in ("bench_linear_logprob.json", "bench.json"):
-    path = os.path.join(out, name)
-    if not os.path.exists(path):
-        print(f"{name}: missing (step timed out or failed)")
+merged = None
+for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
+    try:
+        data = json.load(open(path))
+    except ValueError:
+        print(f"{os.path.basename(path)}: unreadable")
         continue
-    for b in json.load(open(path))["benchmarks"]:
+    if merged is None:
+        merged = data
+    else:
+        merged["benchmarks"] += data["benchmarks"]
+    for b in data["benchmarks"]:
         e = b["extra_info"]
         print(f"{b['name']:<75} {b['stats']['mean'] * 1e3:9.1f} ms  x{e.get('ratio_vs_matmul_floor')}"
               f" floor  peak {e.get('peak_mem_gib')} GiB")
+if merged is not None:  # every suite and shape in one pytest-benchmark JSON
+    json.dump(merged, open(os.path.join(out, "bench.json"), "w"), indent=1)
+    print("wrote", os.path.join(out, "bench.json"))
 EOF
 step "done"

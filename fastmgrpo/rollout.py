@@ -124,5 +124,9 @@ def _pick(
         # drop a token when the mass strictly before it already reaches top_p (the first stays)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p * sorted_p.sum(-1, keepdim=True)
         probs = probs.scatter(1, sorted_i, sorted_p.masked_fill(drop, 0.0))
-    ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (A,)
+    # Inverse-CDF draw: one uniform per row. (torch.multinomial draws an exponential per vocab
+    # entry: ~40 ms per step at V=262k on one CPU core, vs ~3 ms for this cumsum.)
+    cdf = probs.double().cumsum(-1)  # (A, V) float64 so 262k small terms add up exactly enough
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)  # (A,)
     return ids, logp.gather(1, ids[:, None]).squeeze(1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastmgrpo.models import build_tiny_model
-from fastmgrpo.rollout import sample
+from fastmgrpo.rollout import _pick, sample
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -118,3 +118,21 @@ def test_progress_and_empty_prompt(tiny):
     assert seen == [3, 1]
     with pytest.raises(ValueError, match="at least one token"):
         sample(model, [[]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k,expected", [
+    (1.0, 1.0, 0, [0.5, 0.25, 0.15, 0.1]),
+    (1.0, 1.0, 2, [2 / 3, 1 / 3, 0, 0]),
+    (1.0, 0.7, 0, [2 / 3, 1 / 3, 0, 0]),  # 0.5 + 0.25 reaches 0.7: the rest is cut
+    (1.0, 0.8, 0, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0]),
+    (0.5, 1.0, 0, [0.25 / 0.345, 0.0625 / 0.345, 0.0225 / 0.345, 0.01 / 0.345]),  # p^2 renormalised
+])
+def test_pick_samples_the_truncated_distribution(temperature, top_p, top_k, expected):
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = probs.log().repeat(40000, 1)  # (N, V) identical rows
+    ids, logp = _pick(logits, temperature, top_p, top_k, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).double() / ids.numel()
+    torch.testing.assert_close(freq, torch.tensor(expected, dtype=torch.float64), atol=0.01, rtol=0)
+    # logprobs are those of the untruncated temperature-scaled distribution
+    full = torch.log_softmax(probs.log() / temperature, dim=-1)
+    torch.testing.assert_close(logp, full[ids])

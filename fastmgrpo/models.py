@@ -119,10 +119,8 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
     # The de-quantised weights are plain tensors, but transformers still marks the model as
     # quantized, which makes save_pretrained refuse ("not serializable").
     model.hf_quantizer = None
-    model.is_quantized = False
-    for cfg in (model.config, model.generation_config):
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:

@@ -39,7 +39,8 @@ def sample(
     stop_ids: a sampled id in this set ends the completion (it is kept in token_ids).
     generator: a torch.Generator on the model's device, for reproducible sampling.
     progress: called with the number of prompts done after each batch (e.g. tqdm.update).
-    Returns Completions with float32-precision logprobs, `finished` True when a stop id was hit.
+    Returns Completions with float32-precision logprobs, `finished` True when a stop id was hit,
+    and `text` left empty (the caller owns the tokenizer).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -86,6 +87,7 @@ def _sample_batch(
         ).logits[:, -1].float()  # (A, V)
         next_ids, next_logp = _pick(logits, temperature, top_p, top_k, generator)  # (A,), (A,)
         done = torch.isin(next_ids, stop)  # (A,)
+        # One device sync per step: the host needs the tokens and the finished rows.
         for r, t, lp, d in zip(active.tolist(), next_ids.tolist(), next_logp.tolist(), done.tolist()):
             tokens[r].append(t)
             logprobs[r].append(lp)

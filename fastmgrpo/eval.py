@@ -244,17 +244,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"--device {args.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Load, evaluate, print the table and write the files; return the summary JSON object."""
+def run(args: argparse.Namespace) -> None:
+    """Load, evaluate, print the table and write the --output / --json files."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
-    precision = "bf16" if args.precision == "auto" and device.type == "cuda" else args.precision
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for path in (args.output, args.json):  # fail on an unusable output path before the work
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
     problems = load_problems(args.dataset, limit=args.limit, seed=args.seed)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "json", "no_progress")}
@@ -268,12 +266,12 @@ def run(args: argparse.Namespace) -> dict:
     print(f"model {args.model}  dataset {args.dataset}  ({len(problems)} problems)")
     print(format_table(summary))
     if args.output:
-        _write(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        args.output.write_text(text, encoding="utf-8")
         print(f"records: {args.output}")
     if args.json:
-        _write(args.json, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"summary: {args.json}")
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

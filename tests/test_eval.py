@@ -16,9 +16,10 @@ from fastmgrpo.data import load_problems
 from fastmgrpo.eval import evaluate
 from fastmgrpo.eval import main as eval_main
 from fastmgrpo.metrics import correction_metrics, pass_at_k
-from fastmgrpo.models import build_tiny_model
-from fastmgrpo.prompts import GUIDING_PHRASES
+from fastmgrpo.models import build_tiny_model, stop_token_ids
+from fastmgrpo.prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
 from fastmgrpo.rewards import answers_match, extract_answer
+from fastmgrpo.rollout import sample
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -101,44 +102,70 @@ def _value(answer: str | None) -> int | None:
     return None if answer is None else int(answer)
 
 
-def test_evaluate_records_and_summary_on_a_tiny_model():
-    model, tok = _digit_model()
-    problems = load_problems("synthetic:4", seed=1)
-    kwargs = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, l2_format="continue",
-                  phrase=GUIDING_PHRASES[1], seed=0, progress=False)
-    _, first = evaluate(model, tok, problems, pass_k=0, **kwargs)
-    for r in first:  # digit strings only: the extracted answer is the whole text
-        assert set(r["t1_text"] + r["t2_text"]) <= set("0123456789")
-    t1_values = [_value(r["t1_text"] or None) for r in first]
-    t2_values = [_value(r["t2_text"] or None) for r in first]
-    # Gold answers chosen from what the model says (greedy; the gold is not in the prompt):
-    # 0 and 3 right at t1, 1 right at t2, 2 never right (12 digits cannot fit in 8 tokens).
-    impossible = 10**11
-    chosen = [t1_values[0], t2_values[1], impossible, t1_values[3]]
-    golds = [impossible if v is None else v for v in chosen]
-    problems = [dataclasses.replace(p, answer=str(g)) for p, g in zip(problems, golds)]
-    summary, records = evaluate(model, tok, problems, pass_k=2, **kwargs)
+def _text(tok, completion) -> str:
+    return tok.decode(completion.token_ids, skip_special_tokens=True)
 
+
+def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
+    model, tok = _digit_model()
+    calls = []  # (prompts, completions, temperature) of every sampler call
+
+    def spy(model, prompts, **sampling):
+        out = sample(model, prompts, **sampling)
+        calls.append((prompts, out, sampling["temperature"]))
+        return out
+
+    monkeypatch.setattr("fastmgrpo.eval.sample", spy)
+    problems = load_problems("synthetic:4", seed=1)
+    kwargs = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, l2_format="turn",
+                  phrase=GUIDING_PHRASES[2], pass_k=2, seed=0, progress=False)
+    evaluate(model, tok, problems, **kwargs)
+    # Digit strings only, so a completion's answer is its whole text (None when empty).
+    t1, t2, pk = ([_value(_text(tok, c) or None) for c in call[1]] for call in calls)
+    # Gold answers chosen from what the model says (sampling does not see the gold, and the
+    # same seed replays it): 0 right at t1, 1 right at t2, 2 never right (12 digits cannot
+    # fit in 8 tokens), 3 right in its last pass@k sample.
+    impossible = 10**11
+    golds = [impossible if v is None else v for v in (t1[0], t2[1], impossible, pk[7])]
+    problems = [dataclasses.replace(p, answer=str(g)) for p, g in zip(problems, golds)]
+    calls.clear()
+    summary, records = evaluate(model, tok, problems, **kwargs)
+
+    # The same completions come back, and verdicts agree with an independent comparison.
+    assert [[_value(_text(tok, c) or None) for c in call[1]] for call in calls] == [t1, t2, pk]
+    want_t1 = [v == g for v, g in zip(t1, golds)]
+    want_t2 = [v == g for v, g in zip(t2, golds)]
+    want_k = [sum(v == g for v in pk[2 * i : 2 * i + 2]) for i, g in enumerate(golds)]
+    assert want_t1[0] and want_t2[1] and want_k[3] and not (want_t1[2] or want_t2[2])
     assert len(records) == len(problems)
-    assert [r["t1_text"] for r in records] == [r["t1_text"] for r in first]
-    assert [r["t2_text"] for r in records] == [r["t2_text"] for r in first]
-    want_t1 = [v is not None and v == g for v, g in zip(t1_values, golds)]
-    want_t2 = [v is not None and v == g for v, g in zip(t2_values, golds)]
-    assert want_t1[0] and want_t2[1] and not (want_t1[2] or want_t2[2])
     assert [r["t1_correct"] for r in records] == want_t1
     assert [r["t2_correct"] for r in records] == want_t2
+    assert [r["pass_k_correct"] for r in records] == want_k
     for r, p in zip(records, problems):
         assert r["gold"] == p.answer and r["question"] == p.question
         for t in ("t1", "t2"):
             assert r[f"{t}_answer"] == extract_answer(r[f"{t}_text"])
             assert r[f"{t}_correct"] == answers_match(extract_answer(r[f"{t}_text"]), p.answer, p.source)
             assert r[f"{t}_tokens"] == len(r[f"{t}_text"]) + r[f"{t}_finished"]  # EOS is not text
+
+    # Wiring: t1 answers the layer-1 prompt; t2 answers the layer-2 prompt built from t1 with
+    # the phrase and format; pass@k resamples each layer-1 prompt k times at 0.7.
+    (p1, c1, T1), (p2, c2, T2), (p3, _, T3) = calls
+    q1 = [layer1_prompt(tok, p) for p in problems]
+    stops = stop_token_ids(tok)
+    assert p1 == q1 and p3 == [q for q in q1 for _ in range(2)] and (T1, T2, T3) == (0.0, 0.0, 0.7)
+    assert p2 == [layer2_prompt(tok, p, q, c.token_ids, GUIDING_PHRASES[2], fmt="turn", stop_ids=stops)
+                  for p, q, c in zip(problems, q1, c1)]
+    assert [r["t1_text"] for r in records] == [_text(tok, c) for c in c1]
+    assert [r["t2_text"] for r in records] == [_text(tok, c) for c in c2]
+
     expected = correction_metrics(want_t1, want_t2)
     assert {k: summary[k] for k in expected} == pytest.approx(expected)
-    counts = [r["pass_k_correct"] for r in records]
-    assert all(0 <= c <= 2 for c in counts)
-    assert summary["pass@1"] == pytest.approx(sum(counts) / 8)
-    assert summary["pass@2"] == pytest.approx(sum(c > 0 for c in counts) / 4)
+    for t in ("t1", "t2"):
+        assert summary[f"{t}_truncated"] == pytest.approx(sum(not r[f"{t}_finished"] for r in records) / 4)
+        assert summary[f"{t}_mean_tokens"] == pytest.approx(sum(r[f"{t}_tokens"] for r in records) / 4)
+    assert summary["pass@1"] == pytest.approx(sum(want_k) / 8)
+    assert summary["pass@2"] == pytest.approx(sum(c > 0 for c in want_k) / 4)
 
 
 def test_cli_writes_consistent_summary_and_records(tmp_path):
@@ -149,6 +176,7 @@ def test_cli_writes_consistent_summary_and_records(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fastmgrpo.eval", "--model", str(tmp_path / "model"),
          "--dataset", "synthetic:4", "--max-new-tokens", "8", "--device", "cpu", "--no-progress",
+         "--phrase", "0",
          "--json", str(out_json), "--output", str(out_records)],
         capture_output=True, text=True, timeout=120,
     )
@@ -163,8 +191,9 @@ def test_cli_writes_consistent_summary_and_records(tmp_path):
     assert metrics["acc_t2"] == pytest.approx(sum(r["t2_correct"] for r in records) / 4)
     assert metrics["t1_mean_tokens"] == pytest.approx(sum(r["t1_tokens"] for r in records) / 4)
     assert 0 < metrics["t1_mean_tokens"] <= 8
-    assert result["settings"]["phrase"] == GUIDING_PHRASES[1]
-    assert result["settings"]["temperature"] == 0.0
+    assert result["settings"]["phrase"] == GUIDING_PHRASES[0]
+    assert result["settings"]["temperature"] == 0.0 and result["settings"]["l2_format"] == "continue"
+    assert result["settings"]["device"] == "cpu" and result["settings"]["precision"] == "fp32"
 
 
 def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, capsys):

@@ -6,6 +6,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread: tiny models spend most of their time spin-waiting with two
+    (7-100x slower on a busy 2-core machine); large kernel shapes run in subprocesses."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     seed = random.SystemRandom().randrange(2**31)

@@ -8,15 +8,6 @@ from transformers import AutoModelForCausalLM
 from fastmgrpo.models import build_tiny_model, decoder, lm_head, load_model, stop_token_ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-waiting (100x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MATH = "Q: Tom has 3 boxes of 12 pens, gives away 5.\nHow many?\n3 * 12 = 36; 36 - 5 = 31\n#### 31"
 
 

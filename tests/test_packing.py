@@ -7,15 +7,6 @@ from fastmgrpo.models import build_tiny_model
 from fastmgrpo.packing import microbatches, pack, packed_hidden_states, padded_hidden_states
 from fastmgrpo.types import Episode
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-waiting (100x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _episodes(lengths, vocab=100, seed=0):
     """Episodes with (prompt_len, completion_len) from `lengths`, random ids >= 6 (no specials)."""
     rng = random.Random(seed)

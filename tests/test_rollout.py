@@ -4,15 +4,6 @@ import torch
 from fastmgrpo.models import build_tiny_model
 from fastmgrpo.rollout import _pick, sample
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids spin-waiting (100x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return build_tiny_model(arch="gemma3", seed=0)

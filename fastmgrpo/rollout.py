@@ -1,19 +1,35 @@
-"""Batched KV-cache sampling: our own decode loop over a Hugging Face causal LM.
+"""Continuous-batching KV-cache sampler: our own decode loop over a Hugging Face causal LM.
 
-Prompts are sorted by length and cut into batches (less left padding); each batch is
-left-padded, prefilled once, then decoded one token per step with a DynamicCache. Rows that
-emit a stop token are dropped from the batch (and from the cache), so finished sequences cost
-nothing afterwards.
+A fixed number of slots (batch_size) decode together, one token per step, over a preallocated
+K/V cache per layer of shape (slots, kv_heads, max_len, head_dim). When sequences finish, the
+waiting prompts (sorted by length) are prefilled into the free slots and join the running
+batch, so the batch stays full until the queue runs dry; after that it is compacted whenever
+half of it has finished. On CUDA the decode step is captured once per batch size in a CUDA
+graph and replayed (`cuda_graphs`); elsewhere it runs eagerly.
+
+Cache layout of one slot: a prompt prefilled in a chunk of width W sits left-padded in columns
+[start, W) (start = W - len); generated tokens follow at W, W+1, ...; the token in column c has
+position c - start. Every forward gets explicit 4-D boolean masks built from (start, col) per
+slot and each layer's sliding window (Gemma 3), and attention runs through `_slot_attention`
+(plain SDPA; grouped query heads share their K/V head without copies while decoding).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import warnings
+from collections import deque
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from fastmgrpo.types import Completion
+
+_ATTN = "fastmgrpo_slots"
+_PREFILL_TOKENS = 16384  # prompt tokens per prefill forward: bounds activations on big refills
 
 
 def sample(
@@ -29,6 +45,8 @@ def sample(
     batch_size: int = 64,
     generator: torch.Generator | None = None,
     progress: Callable[[int], object] | None = None,
+    cuda_graphs: bool = True,
+    refill_fraction: float = 0.125,
 ) -> list[Completion]:
     """Sample one completion per prompt.
 
@@ -37,74 +55,267 @@ def sample(
     top_p / top_k: nucleus / top-k truncation of the sampling distribution (1.0 / 0 = off).
         The returned logprobs are under the temperature-scaled distribution BEFORE truncation.
     stop_ids: a sampled id in this set ends the completion (it is kept in token_ids).
+    batch_size: concurrent sequences (cache slots).
     generator: a torch.Generator on the model's device, for reproducible sampling.
-    progress: called with the number of prompts done after each batch (e.g. tqdm.update).
+    progress: called with the number of prompts newly done, as they finish (e.g. tqdm.update).
+    cuda_graphs: on CUDA, replay the decode step from a CUDA graph (eager if capture fails).
+    refill_fraction: prefill waiting prompts once this fraction of the slots is free.
     Returns Completions with float32-precision logprobs, `finished` True when a stop id was hit,
     and `text` left empty (the caller owns the tokenizer).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Completion | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = _sample_batch(
-            model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, stop_ids=stop_ids, pad_id=pad_id, generator=generator,
-        )
-        for i, c in zip(idx, batch):
-            results[i] = c
-        if progress is not None:
-            progress(len(idx))
-    return results
-
-
-@torch.inference_mode()
-def _sample_batch(
-    model, prompts, *, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator
-) -> list[Completion]:
+    out = [Completion(token_ids=[], logprobs=[], finished=False) for _ in prompts]
+    if not prompts or max_new_tokens <= 0:
+        return out
     device = model.get_input_embeddings().weight.device
-    n, width = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # (B, L) left-padded
-    mask = torch.zeros((n, width), dtype=torch.long)  # (B, L) 1 = real token
-    for r, p in enumerate(prompts):
-        input_ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, L) 0 at each row's first real token
+    engine = _Engine(
+        model, slots=min(batch_size, len(prompts)), max_len=max(map(len, prompts)) + max_new_tokens,
+        pad_id=pad_id, graphs=cuda_graphs and device.type == "cuda",
+    )
+    pick = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+    refill_min = max(1, int(refill_fraction * engine.slots))
 
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    finished = [False] * n
-    active = torch.arange(n, device=device)  # (A,) original rows still decoding
-    cache = DynamicCache(config=model.config)
-    step_ids, step_pos = input_ids, positions
-    for step in range(max_new_tokens):
-        logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-            cache=cache, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1].float()  # (A, V)
-        next_ids, next_logp = _pick(logits, temperature, top_p, top_k, generator)  # (A,), (A,)
-        done = torch.isin(next_ids, stop)  # (A,)
-        # One device sync per step: the host needs the tokens and the finished rows.
-        for r, t, lp, d in zip(active.tolist(), next_ids.tolist(), next_logp.tolist(), done.tolist()):
-            tokens[r].append(t)
-            logprobs[r].append(lp)
-            finished[r] = d
-        if step == max_new_tokens - 1:
-            break
-        # The cache already holds this step's inputs; append the new token's slot to the mask.
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # (A, L+step+1)
-        step_pos = step_pos[:, -1:] + 1  # (A, 1)
-        step_ids = next_ids[:, None]  # (A, 1)
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)  # (A',) rows of the current batch to keep
-            if keep.numel() == 0:
-                break
-            cache.batch_select_indices(keep)
-            active, mask, step_pos, step_ids = active[keep], mask[keep], step_pos[keep], step_ids[keep]
-    return [Completion(token_ids=t, logprobs=lp, finished=f) for t, lp, f in zip(tokens, logprobs, finished)]
+    def emit(rows: list[int], logits: torch.Tensor) -> None:
+        """Sample the next token of the sequences in `rows` from their logits (n, V)."""
+        ids, logp = _pick(logits.float(), **pick)  # (n,), (n,)
+        engine.ids[torch.tensor(rows, device=device)] = ids
+        done = 0
+        # One device sync per forward: the host needs the tokens and the finished rows.
+        for s, t, lp, hit in zip(rows, ids.tolist(), logp.tolist(), torch.isin(ids, stop).tolist()):
+            c = out[engine.req[s]]
+            c.token_ids.append(t)
+            c.logprobs.append(lp)
+            if hit or len(c.token_ids) == max_new_tokens:
+                c.finished = hit
+                engine.free(s)
+                done += 1
+        if progress is not None and done:
+            progress(done)
+
+    with torch.inference_mode(), _slot_attention_on(model):
+        while queue or engine.active:
+            free = [s for s in range(engine.slots) if engine.req[s] < 0]
+            if queue and free and (len(free) >= refill_min or not engine.active):
+                for rows, idx in _chunks(free, [queue.popleft() for _ in free[: len(queue)]], prompts):
+                    emit(rows, engine.prefill(rows, idx, [prompts[i] for i in idx]))
+            elif not queue and 0 < len(engine.active) <= engine.slots // 2:
+                engine.compact()
+            if engine.active:
+                rows = engine.active
+                emit(rows, engine.decode(rows))
+    return out
+
+
+def _chunks(rows: list[int], idx: list[int], prompts: list[list[int]]):
+    """Split newcomers (length-sorted) into prefill forwards of at most _PREFILL_TOKENS padded
+    tokens each; yields (slot rows, prompt indices)."""
+    start = 0
+    for end in range(1, len(idx) + 1):
+        if end == len(idx) or (end + 1 - start) * len(prompts[idx[end]]) > _PREFILL_TOKENS:
+            yield rows[start:end], idx[start:end]
+            start = end
+
+
+class _SlotCache:
+    """Per-layer K/V buffers (slots, kv_heads, max_len, head_dim), allocated on first write.
+
+    Duck-types the `update` of transformers' Cache: in prefill (`cols` None) the chunk's keys
+    (n, kv_heads, W, head_dim) go to columns [0, W) of slots `rows` and come straight back;
+    in decode each slot's one new key goes to its column `cols[s]`, and the first `width`
+    columns of every slot come back.
+    """
+
+    def __init__(self, slots: int, max_len: int):
+        self.slots, self.max_len = slots, max_len
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.rows: torch.Tensor | None = None
+        self.cols: torch.Tensor | None = None
+        self.width = max_len
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self.k:
+            shape = (self.slots, key.shape[1], self.max_len, key.shape[3])
+            self.k[layer_idx] = key.new_zeros(shape)
+            self.v[layer_idx] = value.new_zeros(shape)
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self.cols is None:
+            width = key.shape[2]
+            k[:, :, :width].index_copy_(0, self.rows, key)
+            v[:, :, :width].index_copy_(0, self.rows, value)
+            return key, value
+        at = self.cols.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])  # (S, Hkv, 1, D)
+        k.scatter_(2, at, key)
+        v.scatter_(2, at, value)
+        return k[:, :, : self.width], v[:, :, : self.width]
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the slots `keep` (in that order)."""
+        for d in (self.k, self.v):
+            for i in d:
+                d[i] = d[i].index_select(0, keep)
+        self.slots = keep.numel()
+
+
+class _Engine:
+    """Slot bookkeeping (host) around the cache and the model's prefill / decode forwards."""
+
+    def __init__(self, model: torch.nn.Module, *, slots: int, max_len: int, pad_id: int, graphs: bool):
+        cfg = model.config.get_text_config()
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            raise ValueError(f"{cfg.model_type} soft-caps attention logits; the sampler's SDPA does not")
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        unknown = set(types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"unsupported attention layer types {sorted(unknown)}")
+        # one mask per layer type; a single tensor when all layers share it (models without
+        # per-type mask mappings accept only a tensor)
+        self.windows = {t: cfg.sliding_window if t == "sliding_attention" else None for t in types}
+        self.model, self.pad_id, self.graphs = model, pad_id, graphs
+        # transformers renamed `past_key_values` to `cache` (5.2x; the old name warns until 5.40)
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.device = model.get_input_embeddings().weight.device
+        self.slots, self.cache = slots, _SlotCache(slots, max_len)
+        self.req = [-1] * slots  # prompt index per slot, -1 = free
+        self.start = [0] * slots  # first real column per slot
+        self.col = [0] * slots  # column of the next token fed per slot
+        self.ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)  # (S,) next fed
+        self.graph: _GraphStep | None = None
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    @property
+    def active(self) -> list[int]:
+        return [s for s in range(self.slots) if self.req[s] >= 0]
+
+    def free(self, s: int) -> None:
+        self.req[s], self.start[s], self.col[s] = -1, 0, 0
+
+    def _masks(self, allowed: torch.Tensor, key_j: torch.Tensor, query_j: torch.Tensor):
+        """4-D masks per layer type from `allowed` (n, q, L) and key/query columns broadcastable
+        to it: a sliding window w keeps keys with key_j > query_j - w (as transformers does)."""
+        masks = {
+            t: (allowed if w is None else allowed & (key_j > query_j - w))[:, None]
+            for t, w in self.windows.items()
+        }
+        return next(iter(masks.values())) if len(masks) == 1 else masks
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, masks) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=masks, use_cache=True, logits_to_keep=1,
+                         **{self.cache_kw: self.cache})
+        return out.logits[:, -1].float()  # (n, V)
+
+    def prefill(self, rows: list[int], idx: list[int], seqs: list[list[int]]) -> torch.Tensor:
+        """Prefill prompts `seqs` (indices `idx`) into free slots `rows`; return their next-token
+        logits (n, V)."""
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (n, W) left-padded
+        for r, p in enumerate(seqs):
+            ids[r, width - len(p) :] = torch.tensor(p)
+        start = torch.tensor([width - len(p) for p in seqs], device=self.device)  # (n,)
+        j = torch.arange(width, device=self.device)  # (W,)
+        pos = (j[None] - start[:, None]).clamp_min(0)  # (n, W)
+        # causal over real keys; pad queries see only themselves (no all-masked rows -> no NaN)
+        allowed = (j[None, :] <= j[:, None]) & ((j[None, None, :] >= start[:, None, None]) | torch.eye(
+            width, dtype=torch.bool, device=self.device))  # (n, W, W)
+        self.cache.rows, self.cache.cols = torch.tensor(rows, device=self.device), None
+        logits = self._forward(ids.to(self.device), pos, self._masks(allowed, j[None, None, :], j[None, :, None]))
+        for s, i, p in zip(rows, idx, seqs):
+            self.req[s], self.start[s], self.col[s] = i, width - len(p), width
+        return logits
+
+    def _step(self, ids: torch.Tensor, start: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """One decode forward of all slots: ids, start, col (S,) -> logits (S, V)."""
+        self.cache.cols = col
+        j = torch.arange(self.cache.width, device=self.device)[None]  # (1, L)
+        allowed = ((j >= start[:, None]) & (j <= col[:, None]))[:, None]  # (S, 1, L)
+        return self._forward(ids[:, None], (col - start)[:, None], self._masks(allowed, j[:, None], col[:, None, None]))
+
+    def decode(self, rows: list[int]) -> torch.Tensor:
+        """Feed every slot its next token; return the logits (len(rows), V) of slots `rows`."""
+        start_col = torch.tensor([self.start, self.col], device=self.device)  # (2, S)
+        if self.graphs and self.graph is None:
+            self.cache.width = self.cache.max_len
+            try:
+                self.graph = _GraphStep(self._step, (self.ids, start_col[0], start_col[1]), self.pool)
+            except RuntimeError as e:
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=3)
+                self.graphs = False
+        if self.graph is not None:
+            logits = self.graph(self.ids, start_col[0], start_col[1])
+        else:
+            self.cache.width = max(self.col) + 1
+            logits = self._step(self.ids, start_col[0], start_col[1])
+        for s in rows:
+            self.col[s] += 1
+        return logits[torch.tensor(rows, device=self.device)] if len(rows) < self.slots else logits
+
+    def compact(self) -> None:
+        """Drop the free slots (the queue is empty): later steps decode a smaller batch."""
+        keep = self.active
+        at = torch.tensor(keep, device=self.device)
+        self.cache.select(at)
+        self.ids = self.ids[at]
+        self.req, self.start, self.col = ([x[s] for s in keep] for x in (self.req, self.start, self.col))
+        self.slots, self.graph = len(keep), None
+
+
+class _GraphStep:
+    """`step` captured in a CUDA graph; calls copy their tensors into its static inputs and replay.
+
+    The step must be idempotent for the inputs it is captured with (the warm-up run executes it).
+    """
+
+    def __init__(self, step: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...], pool):
+        self.args = tuple(a.clone() for a in args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(*self.args)  # lazy initialisation (cuBLAS handles, workspaces) outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = step(*self.args)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        for dst, src in zip(self.args, args):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.out
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA with the sampler's boolean mask; query (B, H, q, D), key/value (B, Hkv, L, D).
+
+    Decoding (q = 1), the G = H / Hkv query heads of one K/V head become G query rows against
+    that head, so grouped-query K/V are never repeated. Returns (B, q, H, D) like transformers.
+    """
+    b, h, q, d = query.shape
+    g = h // key.shape[1]
+    if q == 1:
+        out = F.scaled_dot_product_attention(query.view(b, -1, g, d), key, value, attn_mask=attention_mask,
+                                             scale=scaling)  # (B, Hkv, G, D)
+        return out.reshape(b, h, 1, d).transpose(1, 2), None
+    key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_ATTN, _slot_attention)
+
+
+@contextlib.contextmanager
+def _slot_attention_on(model: torch.nn.Module):
+    """Route the model's attention through `_slot_attention` for the duration."""
+    cfg = model.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = _ATTN
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
 
 
 def _pick(

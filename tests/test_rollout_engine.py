@@ -1,0 +1,125 @@
+"""Continuous batching in `rollout.sample`: slot refill, tail compaction, chunked prefill and the
+CUDA-graph decode step, each checked against an independent no-cache forward."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from fastmgrpo import rollout
+from fastmgrpo.models import build_tiny_model
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+# Shuffled lengths 1..59 (results must come back in this order); with 20 new tokens most
+# sequences cross the tiny Gemma 3's sliding window (16).
+TEXTS = ["Natalia sold 48 clips in April and half as many in May. ####", "7", "12+30=",
+         "What is 3+4? Answer:", "x*y", "The train leaves at 9 and arrives at 11. How long?", "ab",
+         "Tom has 5 apples."]
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def tiny(request):
+    return build_tiny_model(arch=request.param, seed=0)
+
+
+def _greedy_no_cache(model, prompt, n, stop=()):
+    """Greedy continuation by full forwards over the whole sequence (no KV cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] in stop:
+                break
+    return ids[len(prompt):]
+
+
+def _full_forward_logprobs(model, prompt, completion, temperature):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].double()
+    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)[len(prompt) - 1 : -1]
+    return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the busy slot count at every prefill and the number of compactions."""
+    seen = {"prefill_busy": [], "compact": 0}
+    prefill, compact = rollout._Engine.prefill, rollout._Engine.compact
+
+    def spy_prefill(self, rows, idx, seqs):
+        seen["prefill_busy"].append(len(self.active))
+        return prefill(self, rows, idx, seqs)
+
+    def spy_compact(self):
+        seen["compact"] += 1
+        compact(self)
+
+    monkeypatch.setattr(rollout._Engine, "prefill", spy_prefill)
+    monkeypatch.setattr(rollout._Engine, "compact", spy_compact)
+    return seen
+
+
+def _stop_with_spread(refs):
+    """A token that ends some greedy references early (at different steps) and not others."""
+    for t in sorted({t for r in refs for t in r}):
+        at = {r.index(t) for r in refs if t in r}
+        if len(at) >= 2 and sum(t not in r for r in refs) >= 2:
+            return t
+    raise AssertionError("no token splits the references")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_with_refill_matches_no_cache_loop(tiny, spy, device):
+    cpu_model, tok = tiny
+    model = copy.deepcopy(cpu_model).to(device) if device == "cuda" else cpu_model
+    prompts = [tok.encode(s) for s in TEXTS]
+    free = [_greedy_no_cache(cpu_model, p, 20) for p in prompts]
+    stop = _stop_with_spread(free)
+    want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed CUDA graph capture warns
+        out = rollout.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
+                             pad_id=tok.pad_token_id, batch_size=3, refill_fraction=0.3)
+    assert [c.token_ids for c in out] == want
+    assert [c.finished for c in out] == [stop in f for f in free]
+    # slots were refilled while others were still decoding, and the tail was compacted
+    assert any(busy > 0 for busy in spy["prefill_busy"]) and spy["compact"] >= 1
+    for p, c in zip(prompts, out):
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
+                                   _full_forward_logprobs(cpu_model, p, c.token_ids, 0.0), atol=1e-4, rtol=0)
+
+
+def test_greedy_independent_of_slots_and_prefill_chunks(tiny, monkeypatch):
+    model, tok = tiny
+    prompts = [tok.encode(s) for s in TEXTS]
+    want = [_greedy_no_cache(model, p, 12) for p in prompts]
+    monkeypatch.setattr(rollout, "_PREFILL_TOKENS", 40)  # several prefill forwards per refill
+    for batch_size in (1, 2, 8, 64):
+        out = rollout.sample(model, prompts, max_new_tokens=12, temperature=0.0, stop_ids=set(),
+                             pad_id=tok.pad_token_id, batch_size=batch_size)
+        assert [c.token_ids for c in out] == want, batch_size
+        assert not any(c.finished for c in out)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.8, 0.9, 20)])
+def test_sampled_logprobs_stops_and_lengths(tiny, spy, temperature, top_p, top_k):
+    model, tok = tiny
+    prompts = [tok.encode(s) for s in TEXTS] * 2
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, pad_id=tok.pad_token_id, batch_size=4)
+    first = rollout.sample(model, prompts, max_new_tokens=8, stop_ids=set(), generator=torch.Generator().manual_seed(0), **kw)
+    drawn = [t for c in first for t in c.token_ids]
+    stop = {max(set(drawn), key=drawn.count)}  # a frequent token: rows stop at different steps
+    out = rollout.sample(model, prompts, max_new_tokens=16, stop_ids=stop, generator=torch.Generator().manual_seed(1), **kw)
+    assert any(busy > 0 for busy in spy["prefill_busy"])
+    assert {len(c.token_ids) for c in out if c.finished} - {16}, "no sequence stopped early"
+    assert any(not c.finished for c in out)
+    for p, c in zip(prompts, out):
+        assert 0 < len(c.token_ids) <= 16
+        assert not stop & set(c.token_ids[:-1])
+        assert c.finished == (c.token_ids[-1] in stop)
+        assert c.finished or len(c.token_ids) == 16
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
+                                   _full_forward_logprobs(model, p, c.token_ids, temperature), atol=1e-4, rtol=0)
+    assert model.config._attn_implementation == "sdpa"  # restored after sampling

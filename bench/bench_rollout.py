@@ -1,0 +1,111 @@
+"""Rollout throughput: generated tokens/s of `fastmgrpo.rollout.sample` vs transformers'
+`model.generate` on the same model, prompts and lengths (sampling at T=1, every sequence forced
+to exactly NEW tokens: no stop ids for ours, min_new_tokens for generate).
+
+Providers:
+    fastmgrpo       continuous batching over the slot cache (CUDA-graph decode on CUDA)
+    hf_static       generate(cache_implementation="static"): compiles the decode step on CUDA
+    hf_dynamic      generate() with its default dynamic cache
+Each is timed after one warm-up call (which also compiles / captures).
+CUDA: Gemma 3 270M architecture (random bf16 weights), 64 and 256 sequences × 256 new tokens,
+      prompts of 16..128 tokens. CPU (one thread): the tiny test Gemma 3 (V=32768), 32 sequences × 64 tokens, prompts
+      of 4..24 tokens.
+extra_info: tokens_per_s; on fastmgrpo also ratio_vs_fastest_generate (filled in once the
+generate providers of the same shape have run in this session).
+FASTMGRPO_BENCH_ROLLOUT="N,NEW;N,NEW" overrides the shapes.
+"""
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+from benchutil import CUDA, DEVICE, device_name, sync
+from fastmgrpo.models import build_tiny_model
+from fastmgrpo.rollout import sample
+
+PROVIDERS = ["fastmgrpo", "hf_static", "hf_dynamic"]
+_SHAPES = os.environ.get("FASTMGRPO_BENCH_ROLLOUT", "64,256;256,256" if CUDA else "32,64")
+SHAPES = [tuple(int(x) for x in s.split(",")) for s in _SHAPES.split(";") if s.strip()]
+PROMPT_LEN = (16, 128) if CUDA else (4, 24)
+_RESULTS: dict[tuple[int, int], dict[str, object]] = {}  # shape -> provider -> tok/s or extra_info
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread on CPU: the tiny model spin-waits with two (as in tests/conftest.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1 if not CUDA else n)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    if not CUDA:
+        return build_tiny_model(arch="gemma3", vocab_size=32768, seed=0)[0]
+    # Gemma 3 270M (the default model's config); random weights: speed does not depend on them
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    cfg = Gemma3TextConfig(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=512, layer_types=types, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    cfg._attn_implementation = "sdpa"
+    with torch.device(DEVICE):
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def _prompts(n, vocab):
+    g = torch.Generator().manual_seed(n)
+    lens = torch.randint(PROMPT_LEN[0], PROMPT_LEN[1] + 1, (n,), generator=g).tolist()
+    return [torch.randint(4, vocab, (k,), generator=g).tolist() for k in lens]  # no special ids
+
+
+def _target(provider, model, prompts, new):
+    if provider == "fastmgrpo":
+        gen = torch.Generator(DEVICE).manual_seed(0)
+
+        def run():
+            sample(model, prompts, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
+                   batch_size=len(prompts), generator=gen)
+            sync()
+        return run
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)  # (N, L) left-padded
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+              pad_token_id=0, eos_token_id=1)
+    if provider == "hf_static":
+        kw["cache_implementation"] = "static"
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert out.shape[1] == width + new
+        sync()
+    return run
+
+
+@pytest.mark.parametrize("shape,provider", [(s, p) for s in SHAPES for p in PROVIDERS],
+                         ids=[f"{s[0]}x{s[1]}-{p}" for s in SHAPES for p in PROVIDERS])
+def test_rollout(benchmark, model, shape, provider):
+    n, new = shape
+    target = _target(provider, model, _prompts(n, model.config.vocab_size), new)
+    benchmark.extra_info.update(device=device_name(), provider=provider, sequences=n, new_tokens=new,
+                                prompt_len=list(PROMPT_LEN), dtype=str(model.dtype))
+    benchmark.pedantic(target, rounds=2 if CUDA else 3, warmup_rounds=1, iterations=1)
+    toks = n * new / benchmark.stats.stats.mean
+    benchmark.extra_info["tokens_per_s"] = round(toks, 1)
+    seen = _RESULTS.setdefault(shape, {})
+    seen[provider] = toks
+    if provider == "fastmgrpo":
+        seen["info"] = benchmark.extra_info  # the JSON is written at session end: fill in later
+    hf = [seen[p] for p in ("hf_static", "hf_dynamic") if p in seen]
+    if "info" in seen and hf:
+        seen["info"]["ratio_vs_fastest_generate"] = round(seen["fastmgrpo"] / max(hf), 2)

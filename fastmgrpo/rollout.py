@@ -83,13 +83,15 @@ def sample(
         ids, logp = _pick(logits.float(), **pick)  # (n,), (n,)
         engine.ids[torch.tensor(rows, device=device)] = ids
         done = 0
-        # One device sync per forward: the host needs the tokens and the finished rows.
-        for s, t, lp, hit in zip(rows, ids.tolist(), logp.tolist(), torch.isin(ids, stop).tolist()):
+        # One device sync per forward (one copy: ids and flags are exact in float64): the host
+        # needs the tokens and the finished rows.
+        host = torch.stack([ids.double(), logp.double(), torch.isin(ids, stop).double()]).tolist()  # (3, n)
+        for s, t, lp, hit in zip(rows, *host):
             c = out[engine.req[s]]
-            c.token_ids.append(t)
+            c.token_ids.append(int(t))
             c.logprobs.append(lp)
             if hit or len(c.token_ids) == max_new_tokens:
-                c.finished = hit
+                c.finished = bool(hit)
                 engine.free(s)
                 done += 1
         if progress is not None and done:
@@ -217,7 +219,8 @@ class _Engine:
         start = torch.tensor([width - len(p) for p in seqs], device=self.device)  # (n,)
         j = torch.arange(width, device=self.device)  # (W,)
         pos = (j[None] - start[:, None]).clamp_min(0)  # (n, W)
-        # causal over real keys; pad queries see only themselves (no all-masked rows -> no NaN)
+        # causal over real keys; pad queries see only themselves (an all-masked row is NaN in
+        # some SDPA backends, and NaN values would leak through zero attention weights)
         allowed = (j[None, :] <= j[:, None]) & ((j[None, None, :] >= start[:, None, None]) | torch.eye(
             width, dtype=torch.bool, device=self.device))  # (n, W, W)
         self.cache.rows, self.cache.cols = torch.tensor(rows, device=self.device), None

@@ -84,6 +84,7 @@ def test_greedy_with_refill_matches_no_cache_loop(tiny, spy, device):
                              pad_id=tok.pad_token_id, batch_size=3, refill_fraction=0.3)
     assert [c.token_ids for c in out] == want
     assert [c.finished for c in out] == [stop in f for f in free]
+    assert all(type(c.finished) is bool and type(c.token_ids[0]) is int for c in out)
     # slots were refilled while others were still decoding, and the tail was compacted
     assert any(busy > 0 for busy in spy["prefill_busy"]) and spy["compact"] >= 1
     for p, c in zip(prompts, out):

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # One-shot GPU validation + benchmark for the Triton linear-logprob kernels (H100/H200, offline,
 # torch + triton preinstalled). Run from anywhere:  OUT=/some/dir bash bench/gpu_check.sh
-# Total budget ~8 minutes: every step has its own timeout so a slow step cannot eat the rest,
+# Total budget ~8 minutes, plus up to ~4.5 for the rollout step: every step has its own timeout
+# so a slow step cannot eat the rest,
 # and each writes its own result file under $OUT as soon as it finishes:
 #   env.txt                       GPU, driver, torch / triton / liger versions
 #   triton_tests.log / .xml       tests/kernels/test_triton.py on CUDA (compiled kernels,
 #                                 real-ish shapes, memory check at N=32768 H=3584 V=152064)
 #   bench_linear_logprob_<shape>.json/.log  the primitive: gemm / atomic / skip backward vs torch
 #   bench_grpo_loss_<shape>.json/.log       fused GRPO loss vs eager, Liger chunked / logits, floor
+#   rollout_tests.log             tests/test_rollout_engine.py on CUDA (CUDA-graph decode vs no-cache)
+#   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (dynamic / static cache);
+#                                 own budget after the kernel suites: T_ROLL seconds per shape
 #   bench.json                    all of the above merged (pytest-benchmark JSON)
 # Wheels (e.g. liger-kernel) are installed from $WHEELS_DIR, ./wheels or ./shared/wheels if any.
 set -u
@@ -55,6 +59,18 @@ for suite in linear_logprob grpo_loss; do
   done
 done
 
+# the sampler: CUDA tests, then one pytest run per (sequences, new tokens) under its own timeout
+T_ROLL="${T_ROLL:-100}"
+step "rollout tests on CUDA (timeout 60s)"
+timeout 60 python -m pytest tests/test_rollout_engine.py -q -rs -p no:cacheprovider -k cuda 2>&1 \
+  | tee "$OUT/rollout_tests.log" | tail -5
+for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
+  step "benchmark rollout $shape (timeout ${T_ROLL}s)"
+  FASTMGRPO_BENCH_ROLLOUT="$shape" timeout "$T_ROLL" python -m pytest bench/bench_rollout.py -q -s -rs \
+    -p no:cacheprovider --benchmark-json "$OUT/bench_rollout_${shape//,/x}.json" \
+    --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_rollout_${shape//,/x}.log" | tail -8
+done
+
 step "summary"
 python - "$OUT" <<'EOF'
 import glob, json, os, sys
@@ -72,8 +88,12 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
         merged["benchmarks"] += data["benchmarks"]
     for b in data["benchmarks"]:
         e = b["extra_info"]
-        print(f"{b['name']:<75} {b['stats']['mean'] * 1e3:9.1f} ms  x{e.get('ratio_vs_matmul_floor')}"
-              f" floor  peak {e.get('peak_mem_gib')} GiB")
+        if b["name"].startswith("test_rollout"):
+            print(f"{b['name']:<75} {e.get('tokens_per_s')!s:>10} tok/s  x{e.get('ratio_vs_fastest_generate')}"
+                  " fastest generate")
+        else:
+            print(f"{b['name']:<75} {b['stats']['mean'] * 1e3:9.1f} ms  x{e.get('ratio_vs_matmul_floor')}"
+                  f" floor  peak {e.get('peak_mem_gib')} GiB")
 if merged is not None:  # every suite and shape in one pytest-benchmark JSON
     json.dump(merged, open(os.path.join(out, "bench.json"), "w"), indent=1)
     print("wrote", os.path.join(out, "bench.json"))

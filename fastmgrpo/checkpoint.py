@@ -2,8 +2,9 @@
 
 Layout under `<output_dir>/checkpoints/`:
     step-000004/        model.safetensors, config.json, tokenizer files (loads with from_pretrained)
-                        trainer_state.pt  (optimizer, scheduler, torch RNG states; weights_only-safe)
-                        trainer_state.json (step, data position, python RNG state, run config)
+                        trainer_state.pt  (optimizer keyed by parameter name, scheduler, torch RNG
+                                           state; weights_only-safe)
+                        trainer_state.json (step, run config)
     latest              name of the newest complete checkpoint
 A checkpoint is written to a hidden temporary directory and renamed into place, and `latest` is
 replaced atomically after that, so a crash mid-save leaves the previous checkpoint untouched.
@@ -29,26 +30,31 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """Where checkpoint `step` goes."""
+    return Path(output_dir) / "checkpoints" / f"step-{step:06d}"
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors: dict,
-                    state: dict, keep: int = 2) -> Path:
+                    state: dict, keep: int = 2, weights: dict | None = None) -> Path:
     """Write checkpoint `step-{step:06d}` atomically and prune all but the newest `keep`.
 
     Args:
+        weights: the model's full state dict when `model` holds only a shard (FSDP2).
         tensors: torch-serialisable state (optimizer/scheduler state dicts, RNG ByteTensors);
             reloaded with `torch.load(weights_only=True)`.
         state: JSON-serialisable trainer state (step, data position, python RNG state, config).
     Returns:
         The final checkpoint directory.
     """
-    root = Path(output_dir) / "checkpoints"
+    final = checkpoint_dir(output_dir, step)
+    root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(tensors, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    final = root / name
     if final.exists():  # re-saving the same step after a resume: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

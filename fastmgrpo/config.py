@@ -109,6 +109,10 @@ class MGRPOConfig:
     precision: str = _opt("auto", "'auto' = bf16 on GPU, fp32 on CPU.", choices=("auto", "fp32", "bf16"))
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = _opt(False, "Under torchrun: shard parameters, gradients and optimizer state across "
+                      "ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP). "
+                      "For models whose training state does not fit one GPU; rollout still "
+                      "gathers the full weights on every rank.")
     seed: int = _opt(0, "Seed for data order, sampling and phrase choice.")
     save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _opt(2, "Checkpoints kept on disk (older ones are deleted).")

@@ -80,22 +80,30 @@ def _fmt(v) -> str:
 
 
 def run(cfg: MGRPOConfig, trainer: Trainer | None = None) -> dict:
-    """Train for cfg.max_steps (from the resumed step), checkpoint, evaluate, summarise."""
+    """Train for cfg.max_steps (from the resumed step), checkpoint, evaluate, summarise.
+
+    Under torchrun every rank runs this loop (steps, evals and saves are collective); only rank
+    0 prints and writes metrics and the summary (it returns {} elsewhere).
+    """
     trainer = trainer or Trainer(cfg)
-    log = MetricsLog(trainer.out, trainer.step_idx, cfg.tensorboard)
+    main_rank = trainer.dist.is_main
+    log = MetricsLog(trainer.out, trainer.step_idx, cfg.tensorboard) if main_rank else None
     stats = trainer.data_stats
-    print(f"{stats['problems']} problems from {cfg.dataset!r} ({stats['prompts_skipped']} skipped, "
-          f"{stats['prompts_truncated']} truncated: longer than max_prompt_length="
-          f"{cfg.max_prompt_length}); device {trainer.device}, {trainer.dtype}", file=sys.stderr)
+    if main_rank:
+        print(f"{stats['problems']} problems from {cfg.dataset!r} ({stats['prompts_skipped']} skipped, "
+              f"{stats['prompts_truncated']} truncated: longer than max_prompt_length="
+              f"{cfg.max_prompt_length}); device {trainer.device}, {trainer.dtype}, "
+              f"{trainer.dist.world} rank(s)", file=sys.stderr)
     history, checkpoint, t0 = [], None, time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=trainer.step_idx, desc="MGRPO" if cfg.layers == 2 else "GRPO",
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, disable=not main_rank)
     try:
         while trainer.step_idx < cfg.max_steps:
             metrics = trainer.step()
             if cfg.eval_every and trainer.step_idx % cfg.eval_every == 0 and cfg.eval_dataset:
-                metrics.update(trainer.evaluate())
-            log.write(metrics)
+                metrics.update(trainer.evaluate())  # the same greedy eval on every rank
+            if log is not None:
+                log.write(metrics)
             history.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", r1=f"{metrics['reward_l1']:.2f}",
@@ -105,12 +113,16 @@ def run(cfg: MGRPOConfig, trainer: Trainer | None = None) -> dict:
         if checkpoint is None or not checkpoint.name.endswith(f"{trainer.step_idx:06d}"):
             checkpoint = trainer.save()
     except KeyboardInterrupt:
-        checkpoint = trainer.save()  # nothing lost: resume with --resume
-        print(f"\ninterrupted; checkpoint saved to {checkpoint}", file=sys.stderr)
+        if trainer.dist.world == 1:  # ranks interrupted mid-collective cannot save together
+            checkpoint = trainer.save()  # nothing lost: resume with --resume
+            print(f"\ninterrupted; checkpoint saved to {checkpoint}", file=sys.stderr)
         raise
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
+    if not main_rank:
+        return {}
     summary = summarize(history, trainer.out, checkpoint, time.perf_counter() - t0, trainer.data_stats)
     print("\n".join(f"{k:>22}: {_fmt(v)}" for k, v in summary.items()))
     return summary
@@ -130,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

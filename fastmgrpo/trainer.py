@@ -15,15 +15,20 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import MGRPOConfig
 from .data import load_problems
+from .distributed import Dist, full_weights, no_grad_sync, wrap
 from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
 from .mgrpo import collect
-from .models import lm_head, load_model, stop_token_ids
+from .models import decoder, lm_head, load_model, stop_token_ids
 from .packing import microbatches, pack, packed_hidden_states
 from .prompts import layer1_prompt
+from .types import Episode
 
 
 class TrainingError(RuntimeError):
@@ -76,12 +81,42 @@ def loss_config(cfg: MGRPOConfig) -> GRPOLossConfig:
     )
 
 
+def hidden_rows(model, batch, dtype: torch.dtype) -> torch.Tensor:
+    """Final hidden states at the rows that predict completion tokens: (M, H)."""
+    with torch.autocast(batch.input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        hidden = packed_hidden_states(model, batch)
+    return hidden[batch.target_rows].to(dtype)
+
+
+class PolicyLoss(torch.nn.Module):
+    """The policy's loss on one packed micro-batch, as the forward that DDP / FSDP2 wrap."""
+
+    def __init__(self, model, loss_cfg: GRPOLossConfig, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.loss_cfg, self.dtype = model, loss_cfg, dtype
+
+    def forward(self, batch, ref_lp, normaliser: dict):
+        weight, bias = lm_head(self.model)
+        return packed_grpo_loss(
+            hidden_rows(self.model, batch, self.dtype), weight.to(self.dtype), batch.targets,
+            batch.cu_targets, batch.advantages, batch.old_logprobs, ref_lp, config=self.loss_cfg,
+            bias=None if bias is None else bias.to(self.dtype), seq_weights=batch.weights,
+            return_entropy=True, **normaliser)
+
+
 class Trainer:
-    """Owns the policy, optional reference model, optimizer, data cursor and output files."""
+    """Owns the policy, optional reference model, optimizer, data cursor and output files.
+
+    Under torchrun each rank owns whole questions of every step (see `step`); `self.model` is
+    the plain model (rollout, eval, saving) and `self.policy` its DDP/FSDP2-wrapped loss.
+    """
 
     def __init__(self, cfg: MGRPOConfig, model=None, tokenizer=None, problems=None):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = Dist.from_env(resolve_device(cfg.device))
+        if cfg.questions_per_step % self.dist.world:
+            raise TrainingError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
+                                f"number of ranks ({self.dist.world}): each rank takes whole questions")
         self.dtype = compute_dtype(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         if model is None:
@@ -96,18 +131,29 @@ class Trainer:
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.problems, self.prompts, self.data_stats = self._load_data(problems)
+        self.out = Path(cfg.output_dir)
+        checkpoint = self._checkpoint_to_resume() if cfg.resume else None
+        if checkpoint is not None:
+            self._load_weights(checkpoint)  # before wrapping: FSDP2 shards what the model holds
+        self.loss_cfg = loss_config(cfg)
+        self.policy = wrap(PolicyLoss(self.model, self.loss_cfg, self.dtype), decoder(self.model).layers,
+                           self.dist, cfg.fsdp)
+        # A one-token, zero-weight micro-batch: lets a rank with fewer micro-batches join the
+        # others' gradient reductions, and runs the FSDP2 root first (FSDP2 takes the first
+        # module to run forward as its root; rollout would otherwise run the layers first).
+        self._probe = (pack([Episode([self.pad_id], [self.pad_id], [0.0], 0.0, False, layer=1, group=0)]).to(
+            self.device), None if self.ref_model is None else torch.zeros(1, device=self.device))
+        with torch.no_grad(), full_weights(self.policy):  # which also leaves every unit sharded
+            self.policy(*self._probe, {"num_sequences": 1, "num_tokens": 1})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
                                            betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.loss_cfg = loss_config(cfg)
-        self.rng = random.Random(cfg.seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step_idx, self.bad_steps = 0, 0
-        self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            self._resume()
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
 
     # --- data -----------------------------------------------------------------------------
     def _load_data(self, problems):
@@ -143,22 +189,35 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------
     def step(self) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
-        idx = self._batch_indices(self.step_idx)
+        """One optimizer step; rank r of W takes questions r, r+W, ... of the step's batch.
+
+        Whole groups stay on one rank, so advantages need no communication; the loss normaliser
+        (sequences, tokens) is the global one, and metrics come back reduced over ranks.
+        """
+        cfg, d, t0 = self.cfg, self.dist, time.perf_counter()
+        idx = self._batch_indices(self.step_idx)[d.rank::d.world]
+        # Sampling RNGs are a function of (seed, step, rank): resume needs no RNG state.
+        rng = random.Random(f"{cfg.seed}/{self.step_idx}/{d.rank}")
+        generator = torch.Generator(device=self.device).manual_seed(rng.getrandbits(63))
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), full_weights(self.policy):
             rollout = collect(self.model, self.tokenizer, [self.problems[i] for i in idx],
-                              [self.prompts[i] for i in idx], cfg, rng=self.rng, generator=self.generator,
+                              [self.prompts[i] for i in idx], cfg, rng=rng, generator=generator,
                               stop_ids=self.stop_ids, pad_id=self.pad_id)
         t_rollout = time.perf_counter()
         episodes = rollout.episodes
-        normaliser = {"num_sequences": len(episodes),
-                      "num_tokens": sum(len(e.completion_ids) for e in episodes)}
+        n_seq, n_tok = d.sum([len(episodes), sum(len(e.completion_ids) for e in episodes)])
+        normaliser = {"num_sequences": int(n_seq), "num_tokens": int(n_tok)}
         self.model.train()
         totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ref_time": 0.0}
-        for _ in range(cfg.num_iterations):
-            for mb in microbatches(episodes, cfg.micro_batch_tokens):
-                self._accumulate(pack(mb).to(self.device), normaliser, totals)
+        mbs = microbatches(episodes, cfg.micro_batch_tokens)
+        mbs += [None] * (int(d.max([len(mbs)])[0]) - len(mbs))  # None: the zero-weight probe
+        plan = mbs * cfg.num_iterations
+        for i, mb in enumerate(plan):
+            with no_grad_sync(self.policy, skip=i < len(plan) - 1):  # reduce gradients once
+                self._accumulate(None if mb is None else pack(mb).to(self.device), normaliser, totals)
+        summed = ("loss", "kl", "clip_ratio", "entropy")  # shares of global means: add up
+        totals.update(zip(summed, d.sum([totals[k] for k in summed])))
         grad_norm = self._optimizer_step(totals["loss"])
         t_end = time.perf_counter()
         metrics = {
@@ -170,35 +229,34 @@ class Trainer:
             "peak_memory_gb": peak_memory_gb(self.device), "skipped": not math.isfinite(grad_norm),
         }
         self.step_idx += 1
-        return metrics
+        # Already global: step, lr, grad_norm and the summed totals (averaging keeps them).
+        return d.reduce_metrics(
+            metrics, sums={"tokens_generated", "tokens_trained", "sequences", "l2_groups_kept",
+                           "l2_groups_discarded"},
+            maxes={"ref_time", "rollout_time", "train_time", "step_time", "peak_memory_gb"})
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def _hidden_rows(self, model, batch):
-        """Final hidden states at the rows that predict completion tokens: (M, H)."""
-        with self._autocast():
-            hidden = packed_hidden_states(model, batch)
-        return hidden[batch.target_rows].to(self.dtype)
-
     def _accumulate(self, batch, normaliser: dict, totals: dict) -> None:
-        """Forward + backward of one packed micro-batch; gradients add up across micro-batches."""
+        """Forward + backward of one packed micro-batch (None: the zero-weight probe); gradients
+        add up across micro-batches."""
+        if batch is None:
+            loss, _ = self.policy(*self._probe, normaliser)
+            (loss * 0.0).backward()
+            return
         ref_lp = None
         if self.ref_model is not None:
             t = time.perf_counter()
             with torch.no_grad():
                 w, b = lm_head(self.ref_model)
-                ref_lp = token_logprobs(self._hidden_rows(self.ref_model, batch), w.to(self.dtype),
+                ref_lp = token_logprobs(hidden_rows(self.ref_model, batch, self.dtype), w.to(self.dtype),
                                         batch.targets, temperature=self.loss_cfg.temperature,
                                         bias=None if b is None else b.to(self.dtype))
             totals["ref_time"] += time.perf_counter() - t
-        weight, bias = lm_head(self.model)
-        loss, m = packed_grpo_loss(
-            self._hidden_rows(self.model, batch), weight.to(self.dtype), batch.targets, batch.cu_targets,
-            batch.advantages, batch.old_logprobs, ref_lp, config=self.loss_cfg,
-            bias=None if bias is None else bias.to(self.dtype), seq_weights=batch.weights,
-            return_entropy=True, **normaliser)
-        (loss / self.cfg.num_iterations).backward()
+        loss, m = self.policy(batch, ref_lp, normaliser)
+        # DDP/FSDP2 average gradients over ranks; each rank's loss is its share of the global sum.
+        (loss * self.dist.world / self.cfg.num_iterations).backward()
         # Losses and metrics are already divided by the global counts: micro-batch values add up.
         totals["loss"] += loss.item() / self.cfg.num_iterations  # sync point, once per micro-batch
         for k in ("kl", "clip_ratio", "entropy"):
@@ -209,7 +267,8 @@ class Trainer:
         """Clip and apply; a NaN/Inf loss or gradient skips the update (counted, then fatal)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else 0.0
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)  # FSDP2
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.bad_steps = 0
@@ -229,7 +288,7 @@ class Trainer:
         cfg = self.cfg
         problems = load_problems(cfg.eval_dataset, limit=cfg.eval_limit, seed=cfg.seed)
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), full_weights(self.policy):
             summary, _ = evaluate(self.model, self.tokenizer, problems,
                                   max_new_tokens=cfg.max_completion_length, temperature=0.0, top_p=1.0,
                                   batch_size=cfg.rollout_batch_size, l2_format=cfg.l2_format,
@@ -239,18 +298,28 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
     def save(self) -> Path:
-        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
-        version, internal, gauss = self.rng.getstate()
-        state = {"step": self.step_idx, "bad_steps": self.bad_steps, "config": self.cfg.to_dict(),
-                 "python_rng": [version, list(internal), gauss]}
-        return save_checkpoint(self.out, self.step_idx, self.model, self.tokenizer, tensors, state,
-                               keep=self.cfg.keep_checkpoints)
+        """Checkpoint the full model and optimizer state (gathered from all ranks, written by rank
+        0; it loads on any number of ranks). Every rank must call it."""
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        named = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+        # Tied weights (gathered into separate copies) are saved once, under the model's own name.
+        weights = {k: v for k, v in get_model_state_dict(self.model, options=full).items() if k in named}
+        tensors = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full),
+                   "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        state = {"step": self.step_idx, "bad_steps": self.bad_steps, "config": self.cfg.to_dict()}
+        if self.dist.is_main:
+            save_checkpoint(self.out, self.step_idx, self.model, self.tokenizer, tensors, state,
+                            keep=self.cfg.keep_checkpoints, weights=weights)
+        self.dist.barrier()  # nobody reads or resumes before rank 0 is done
+        return checkpoint_dir(self.out, self.step_idx)
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Path:
         path = latest_checkpoint(self.out)
         if path is None:
             raise TrainingError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        return path
+
+    def _load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         weights = load_file(str(path / "model.safetensors"), device=str(self.device))
@@ -258,11 +327,12 @@ class Trainer:
         if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
             raise TrainingError(f"{path}: checkpoint does not match the model "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def _load_state(self, path: Path) -> None:
+        """Optimizer (sharded again under FSDP2), scheduler, RNG and step of a checkpoint."""
         tensors, state = load_trainer_state(path)
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(tensors["scheduler"])
-        self.generator.set_state(tensors["generator"])
         torch.set_rng_state(tensors["torch_rng"])
-        version, internal, gauss = state["python_rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
         self.step_idx, self.bad_steps = state["step"], state["bad_steps"]

@@ -1,0 +1,131 @@
+"""Data parallelism under torchrun: one process per device, questions sharded across ranks.
+
+`Dist` is the whole process-group surface the trainer uses (rank, world size, reductions,
+barrier); with WORLD_SIZE unset it is a single process and every call is a no-op. `wrap` puts
+the policy under DDP or FSDP2 and `full_weights` lets ranks run different numbers of forwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job. `device` carries the reductions (cuda for nccl)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> tuple[Dist, torch.device]:
+        """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (nccl on CUDA, gloo
+        on CPU) and return it with this rank's device (cuda:LOCAL_RANK). One process: no-op."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls(device=device), device
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world, device), device
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        if self.world == 1 or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def reduce_metrics(self, metrics: dict, sums: set[str], maxes: set[str]) -> dict:
+        """Global step metrics: `sums` added over ranks, `maxes` (times, memory) the slowest
+        rank's, every other number averaged (rates over equal-sized local batches)."""
+        if self.world == 1:
+            return metrics
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        add = [k for k in keys if k not in maxes]
+        top = [k for k in keys if k in maxes]
+        out = dict(metrics)
+        for k, v in zip(add, self.sum([float(metrics[k]) for k in add])):
+            out[k] = v if k in sums else v / self.world
+        out.update(zip(top, self.max([float(metrics[k]) for k in top])))
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def wrap(module: torch.nn.Module, layers, d: Dist, fsdp: bool) -> torch.nn.Module:
+    """DDP, or FSDP2 with one shard unit per decoder layer plus `module` as the root;
+    returned as is for one process. `module` must hold every trained parameter."""
+    if d.world == 1:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        return fully_shard(module)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def no_grad_sync(wrapped: torch.nn.Module, skip: bool):
+    """With `skip`, backward inside only accumulates local gradients (no all-reduce under DDP,
+    no reduce-scatter under FSDP2); the next backward outside reduces the accumulated sum."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not skip or not isinstance(wrapped, (DistributedDataParallel, FSDPModule)):
+        yield
+    elif isinstance(wrapped, DistributedDataParallel):
+        with wrapped.no_sync():
+            yield
+    else:
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def full_weights(wrapped: torch.nn.Module):
+    """FSDP2: every rank holds the full weights inside (no collective per forward), so rollout
+    and eval may run a different number of forwards on each rank. No-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(wrapped, FSDPModule):
+        yield
+        return
+    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    wrapped.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        wrapped.set_reshard_after_forward(True)
+        wrapped.set_reshard_after_forward(False, recurse=False)  # the root keeps its default
+        for m in units:
+            m.reshard()

@@ -1,0 +1,148 @@
+"""Two gloo ranks on CPU train exactly like one process, and checkpoints move between world sizes.
+
+The ranks sample for real and record their rollouts; the one-process reference replays them
+(checking that rank r got questions r, r+2, ... of each step), so parameters and metrics must
+agree to float rounding: this pins the global loss normaliser, the gradient scaling, the
+zero-weight micro-batches (rank 1 keeps one episode, rank 0 several), the metric reductions,
+the full-checkpoint gather and the optimizer-state hand-over.
+"""
+
+import json
+import os
+import pickle
+import socket
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import fastmgrpo.mgrpo as mgrpo
+import fastmgrpo.trainer as trainer_mod
+from fastmgrpo import train
+from fastmgrpo.config import parse_config
+from fastmgrpo.mgrpo import Rollout
+from fastmgrpo.models import build_tiny_model
+
+SUMMED = ("tokens_generated", "l2_groups_kept", "l2_groups_discarded")
+REAL_COLLECT = mgrpo.collect
+
+
+def hash_reward(text, problem, format_weight=0.0):
+    """Deterministic, text-dependent reward, so tiny random models get non-zero advantages."""
+    ok = zlib.crc32(text.encode()) % 3 == 0
+    return float(ok), ok
+
+
+def recording(rank: int, folder: Path):
+    """collect() that saves each rollout; rank 1 keeps one episode (fewer micro-batches)."""
+
+    def collect(model, tokenizer, problems, prompts, cfg, **kw):
+        out = REAL_COLLECT(model, tokenizer, problems, prompts, cfg, **kw)
+        if rank == 1:
+            out.episodes = out.episodes[:1]
+        step = len(list(folder.glob(f"r{rank}-*.pkl")))
+        (folder / f"r{rank}-{step}.pkl").write_bytes(pickle.dumps(([p.uid for p in problems], out)))
+        return out
+
+    return collect
+
+
+def replaying(folder: Path, steps: set[int]):
+    """collect() for one process: at the given steps (0-based), both ranks' recorded rollouts
+    concatenated, with the stats two ranks should report; elsewhere, real sampling."""
+    calls = []
+
+    def collect(model, tokenizer, problems, prompts, cfg, **kw):
+        step = len(calls)
+        calls.append(step)
+        if step not in steps:
+            return REAL_COLLECT(model, tokenizer, problems, prompts, cfg, **kw)
+        files = sorted(folder.glob(f"r?-{len([s for s in calls if s in steps]) - 1}.pkl"))
+        ranks = [pickle.loads(f.read_bytes()) for f in files]
+        assert [uids for uids, _ in ranks] == [[p.uid for p in problems[r::2]] for r in (0, 1)]
+        stats = {k: sum(ro.stats[k] for _, ro in ranks) / (1 if k in SUMMED else 2) for k in ranks[0][1].stats}
+        return Rollout([e for _, ro in ranks for e in ro.episodes], stats)
+
+    return collect
+
+
+def _rank(rank: int, port: int, argv: list[str], folder: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    mgrpo.score = hash_reward
+    trainer_mod.collect = recording(rank, Path(folder))
+    with pytest.raises(trainer_mod.TrainingError, match=r"multiple of the number of ranks \(2\)"):
+        trainer_mod.Trainer(parse_config(argv + ["--questions-per-step", "3"]))
+    assert train.main(argv) == 0
+
+
+def run_two_ranks(argv: list[str], folder: Path, timeout: float = 120) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_rank, args=(port, argv, str(folder)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):  # raises with the rank's traceback if one fails
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("ranks hung (a collective call without its partner?)")
+
+
+def base_argv(tmp_path, **flags) -> list[str]:
+    model, tok = build_tiny_model(seed=int(torch.randint(0, 1000, ())))
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    opts = {"model": tmp_path / "tiny", "dataset": "synthetic:16", "device": "cpu", "max-completion-length": 6,
+            "group-size": 3, "l2-samples": 2, "questions-per-step": 4, "micro-batch-tokens": 64,
+            "learning-rate": 1e-2, "warmup-ratio": 0.0, "lr-schedule": "constant", "beta": 0.04,
+            "seed": int(torch.randint(0, 1000, ())), **flags}
+    return [a for k, v in opts.items() for a in (f"--{k}", str(v))]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(out: Path, ref: Path, steps: int) -> None:
+    got, want = metrics(out), metrics(ref)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, steps + 1))
+    for g, w in zip(got, want):
+        for k, v in w.items():
+            if isinstance(v, float) and not k.endswith(("_time", "memory_gb")):
+                assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (g["step"], k)
+    final = f"checkpoints/step-{steps:06d}/model.safetensors"
+    a, b = load_file(str(out / final)), load_file(str(ref / final))
+    init = load_file(str(out.parent / "tiny" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert not torch.equal(a[k], init[k]), f"{k} did not train"
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, monkeypatch, fsdp):
+    argv = base_argv(tmp_path, **{"max-steps": 2})
+    run_two_ranks(argv + ["--output-dir", str(tmp_path / "two")] + ["--fsdp"] * fsdp, tmp_path / "rec")
+    monkeypatch.setattr(trainer_mod, "collect", replaying(tmp_path / "rec", {0, 1}))
+    train.run(parse_config(argv + ["--output-dir", str(tmp_path / "one")]))
+    assert_same_run(tmp_path / "two", tmp_path / "one", steps=2)
+
+
+def test_checkpoint_moves_between_one_and_two_ranks(tmp_path, monkeypatch):
+    """1 process (step 1) -> 2 FSDP2 ranks (step 2) -> 1 process (step 3) == 3 steps in one go."""
+    monkeypatch.setattr(mgrpo, "score", hash_reward)
+    argv = base_argv(tmp_path, **{"questions-per-step": 2})
+    chain, ref = ["--output-dir", str(tmp_path / "chain")], ["--output-dir", str(tmp_path / "ref")]
+    train.run(parse_config(argv + chain + ["--max-steps", "1"]))
+    run_two_ranks(argv + chain + ["--max-steps", "2", "--resume", "--fsdp"], tmp_path / "rec")
+    train.run(parse_config(argv + chain + ["--max-steps", "3", "--resume"]))
+    monkeypatch.setattr(trainer_mod, "collect", replaying(tmp_path / "rec", {1}))
+    train.run(parse_config(argv + ref + ["--max-steps", "3"]))
+    assert_same_run(tmp_path / "chain", tmp_path / "ref", steps=3)

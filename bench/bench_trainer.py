@@ -75,6 +75,16 @@ def bench_model(vocab_size=None, seed=0):
     return model.eval(), tok
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Tiny models on CPU: a second intra-op thread mostly spin-waits (see tests/conftest.py)."""
+    n = torch.get_num_threads()
+    if not CUDA:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _autocast():
     return torch.autocast(DEVICE.type, dtype=AUTOCAST_DTYPE, enabled=CUDA)
 

@@ -239,8 +239,7 @@ class _Engine:
     def decode(self, rows: list[int]) -> torch.Tensor:
         """Feed every slot its next token; return the logits (len(rows), V) of slots `rows`."""
         start_col = torch.tensor([self.start, self.col], device=self.device)  # (2, S)
-        if self.graphs and self.graph is None:
-            self.cache.width = self.cache.max_len
+        if self.graphs and self.graph is None:  # graphs attend over all max_len columns (cache.width)
             try:
                 self.graph = _GraphStep(self._step, (self.ids, start_col[0], start_col[1]), self.pool)
             except RuntimeError as e:

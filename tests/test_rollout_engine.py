@@ -124,3 +124,61 @@ def test_sampled_logprobs_stops_and_lengths(tiny, spy, temperature, top_p, top_k
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(model, p, c.token_ids, temperature), atol=1e-4, rtol=0)
     assert model.config._attn_implementation == "sdpa"  # restored after sampling
+
+
+class _EagerGraph:
+    """CPU stand-in for `rollout._GraphStep`: the same static inputs and reused output buffer,
+    replayed by calling the step (so graph-mode geometry, full-width masks, is tested on CPU)."""
+
+    sizes: list[int] = []
+
+    def __init__(self, step, args, pool):
+        self.step, self.args, self.out = step, tuple(a.clone() for a in args), None
+        self.sizes.append(self.args[0].numel())
+
+    def __call__(self, *args):
+        for dst, src in zip(self.args, args):
+            dst.copy_(src)
+        fresh = self.step(*self.args)
+        self.out = fresh if self.out is None else self.out.copy_(fresh)
+        return self.out
+
+
+@pytest.fixture
+def graph_mode(monkeypatch):
+    """Run the sampler's CUDA-graph branch on CPU through `_EagerGraph`."""
+    init = rollout._Engine.__init__
+    monkeypatch.setattr(rollout._Engine, "__init__", lambda self, model, **kw: init(self, model, **{**kw, "graphs": True}))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(rollout, "_GraphStep", _EagerGraph)
+    _EagerGraph.sizes = []
+    return _EagerGraph
+
+
+def test_graph_mode_full_width_decode_and_recapture(tiny, graph_mode):
+    model, tok = tiny
+    prompts = [tok.encode(s) for s in TEXTS]
+    free = [_greedy_no_cache(model, p, 20) for p in prompts]
+    stop = _stop_with_spread(free)
+    out = rollout.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
+                         pad_id=tok.pad_token_id, batch_size=4)
+    assert [c.token_ids for c in out] == [f[: f.index(stop) + 1] if stop in f else f for f in free]
+    # captured once for 4 slots, then again for each compacted batch size
+    assert graph_mode.sizes[0] == 4 and len(graph_mode.sizes) >= 2 and graph_mode.sizes == sorted(graph_mode.sizes, reverse=True)
+
+
+def test_graph_capture_failure_falls_back_to_eager(tiny, graph_mode, monkeypatch):
+    model, tok = tiny
+    prompts = [tok.encode(s) for s in TEXTS[:3]]
+
+    tries = []
+
+    def fail(*args):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(rollout, "_GraphStep", fail)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        out = rollout.sample(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=2)
+    assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, 6) for p in prompts]
+    assert len(tries) == 1  # no capture retried after the fallback

@@ -22,6 +22,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -65,9 +66,8 @@ def sample(
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    out = [Completion(token_ids=[], logprobs=[], finished=False) for _ in prompts]
     if not prompts or max_new_tokens <= 0:
-        return out
+        return [Completion(token_ids=[], logprobs=[], finished=False) for _ in prompts]
     device = model.get_input_embeddings().weight.device
     engine = _Engine(
         model, slots=min(batch_size, len(prompts)), max_len=max(map(len, prompts)) + max_new_tokens,
@@ -77,41 +77,50 @@ def sample(
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
     refill_min = max(1, int(refill_fraction * engine.slots))
+    log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per forward: prompt, token, logprob
+    count = np.zeros(len(prompts), dtype=np.int64)  # tokens generated per prompt
+    finished = np.zeros(len(prompts), dtype=bool)
 
-    def emit(rows: list[int], logits: torch.Tensor) -> None:
-        """Sample the next token of the sequences in `rows` from their logits (n, V)."""
-        ids, logp = _pick(logits.float(), **pick)  # (n,), (n,)
-        engine.ids[torch.tensor(rows, device=device)] = ids
-        done = 0
-        # One device sync per forward (one copy: ids and flags are exact in float64): the host
+    def emit(rows: np.ndarray, logits: torch.Tensor) -> None:
+        """Sample the next token of the sequences in slots `rows` from their logits (n, V)."""
+        ids, logp = _pick(logits, **pick)  # (n,), (n,)
+        if rows.size == engine.slots:
+            engine.ids.copy_(ids)
+        else:
+            engine.ids[torch.from_numpy(rows).to(device)] = ids
+        # One device sync per forward, one copy (ids and flags are exact in float64): the host
         # needs the tokens and the finished rows.
-        host = torch.stack([ids.double(), logp.double(), torch.isin(ids, stop).double()]).tolist()  # (3, n)
-        for s, t, lp, hit in zip(rows, *host):
-            c = out[engine.req[s]]
-            c.token_ids.append(int(t))
-            c.logprobs.append(lp)
-            if hit or len(c.token_ids) == max_new_tokens:
-                c.finished = bool(hit)
-                engine.free(s)
-                done += 1
-        if progress is not None and done:
-            progress(done)
+        host = torch.stack([ids.double(), logp.double(), torch.isin(ids, stop).double()]).cpu().numpy()  # (3, n)
+        req, hit = engine.req[rows], host[2] > 0
+        log.append((req, host[0].astype(np.int64), host[1]))
+        count[req] += 1
+        done = hit | (count[req] == max_new_tokens)
+        finished[req[done]] = hit[done]
+        engine.free(rows[done])
+        if progress is not None and done.any():
+            progress(int(done.sum()))
 
     with torch.inference_mode(), _slot_attention_on(model):
-        while queue or engine.active:
-            free = [s for s in range(engine.slots) if engine.req[s] < 0]
-            if queue and free and (len(free) >= refill_min or not engine.active):
-                for rows, idx in _chunks(free, [queue.popleft() for _ in free[: len(queue)]], prompts):
+        while queue or engine.active.size:
+            free = np.flatnonzero(engine.req < 0)
+            busy = engine.slots - free.size
+            if queue and free.size and (free.size >= refill_min or not busy):
+                newcomers = [queue.popleft() for _ in range(min(free.size, len(queue)))]
+                for rows, idx in _chunks(free, newcomers, prompts):
                     emit(rows, engine.prefill(rows, idx, [prompts[i] for i in idx]))
-            elif not queue and 0 < len(engine.active) <= engine.slots // 2:
+            elif not queue and 0 < busy <= engine.slots // 2:
                 engine.compact()
-            if engine.active:
-                rows = engine.active
+            rows = engine.active
+            if rows.size:
                 emit(rows, engine.decode(rows))
-    return out
+    req, ids, logp = (np.concatenate(x) for x in zip(*log))
+    order = np.argsort(req, kind="stable")  # by prompt, each in generation order
+    cuts = np.cumsum(count)[:-1]
+    return [Completion(token_ids=t.tolist(), logprobs=lp.tolist(), finished=bool(f))
+            for t, lp, f in zip(np.split(ids[order], cuts), np.split(logp[order], cuts), finished)]
 
 
-def _chunks(rows: list[int], idx: list[int], prompts: list[list[int]]):
+def _chunks(rows: np.ndarray, idx: list[int], prompts: list[list[int]]):
     """Split newcomers (length-sorted) into prefill forwards of at most _PREFILL_TOKENS padded
     tokens each; yields (slot rows, prompt indices)."""
     start = 0
@@ -181,19 +190,19 @@ class _Engine:
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.device = model.get_input_embeddings().weight.device
         self.slots, self.cache = slots, _SlotCache(slots, max_len)
-        self.req = [-1] * slots  # prompt index per slot, -1 = free
-        self.start = [0] * slots  # first real column per slot
-        self.col = [0] * slots  # column of the next token fed per slot
+        self.req = np.full(slots, -1)  # prompt index per slot, -1 = free
+        self.start = np.zeros(slots, dtype=np.int64)  # first real column per slot
+        self.col = np.zeros(slots, dtype=np.int64)  # column of the next token fed per slot
         self.ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)  # (S,) next fed
         self.graph: _GraphStep | None = None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     @property
-    def active(self) -> list[int]:
-        return [s for s in range(self.slots) if self.req[s] >= 0]
+    def active(self) -> np.ndarray:
+        return np.flatnonzero(self.req >= 0)
 
-    def free(self, s: int) -> None:
-        self.req[s], self.start[s], self.col[s] = -1, 0, 0
+    def free(self, rows: np.ndarray) -> None:
+        self.req[rows], self.start[rows], self.col[rows] = -1, 0, 0
 
     def _masks(self, allowed: torch.Tensor, key_j: torch.Tensor, query_j: torch.Tensor):
         """4-D masks per layer type from `allowed` (n, q, L) and key/query columns broadcastable
@@ -209,24 +218,24 @@ class _Engine:
                          **{self.cache_kw: self.cache})
         return out.logits[:, -1].float()  # (n, V)
 
-    def prefill(self, rows: list[int], idx: list[int], seqs: list[list[int]]) -> torch.Tensor:
+    def prefill(self, rows: np.ndarray, idx: list[int], seqs: list[list[int]]) -> torch.Tensor:
         """Prefill prompts `seqs` (indices `idx`) into free slots `rows`; return their next-token
         logits (n, V)."""
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (n, W) left-padded
         for r, p in enumerate(seqs):
             ids[r, width - len(p) :] = torch.tensor(p)
-        start = torch.tensor([width - len(p) for p in seqs], device=self.device)  # (n,)
+        lead = np.array([width - len(p) for p in seqs])  # (n,) left padding
+        start = torch.from_numpy(lead).to(self.device)  # (n,)
         j = torch.arange(width, device=self.device)  # (W,)
         pos = (j[None] - start[:, None]).clamp_min(0)  # (n, W)
         # causal over real keys; pad queries see only themselves (an all-masked row is NaN in
         # some SDPA backends, and NaN values would leak through zero attention weights)
         allowed = (j[None, :] <= j[:, None]) & ((j[None, None, :] >= start[:, None, None]) | torch.eye(
             width, dtype=torch.bool, device=self.device))  # (n, W, W)
-        self.cache.rows, self.cache.cols = torch.tensor(rows, device=self.device), None
+        self.cache.rows, self.cache.cols = torch.from_numpy(rows).to(self.device), None
         logits = self._forward(ids.to(self.device), pos, self._masks(allowed, j[None, None, :], j[None, :, None]))
-        for s, i, p in zip(rows, idx, seqs):
-            self.req[s], self.start[s], self.col[s] = i, width - len(p), width
+        self.req[rows], self.start[rows], self.col[rows] = idx, lead, width
         return logits
 
     def _step(self, ids: torch.Tensor, start: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -236,9 +245,9 @@ class _Engine:
         allowed = ((j >= start[:, None]) & (j <= col[:, None]))[:, None]  # (S, 1, L)
         return self._forward(ids[:, None], (col - start)[:, None], self._masks(allowed, j[:, None], col[:, None, None]))
 
-    def decode(self, rows: list[int]) -> torch.Tensor:
+    def decode(self, rows: np.ndarray) -> torch.Tensor:
         """Feed every slot its next token; return the logits (len(rows), V) of slots `rows`."""
-        start_col = torch.tensor([self.start, self.col], device=self.device)  # (2, S)
+        start_col = torch.from_numpy(np.stack([self.start, self.col])).to(self.device)  # (2, S)
         if self.graphs and self.graph is None:  # graphs attend over all max_len columns (cache.width)
             try:
                 self.graph = _GraphStep(self._step, (self.ids, start_col[0], start_col[1]), self.pool)
@@ -248,20 +257,19 @@ class _Engine:
         if self.graph is not None:
             logits = self.graph(self.ids, start_col[0], start_col[1])
         else:
-            self.cache.width = max(self.col) + 1
+            self.cache.width = int(self.col.max()) + 1
             logits = self._step(self.ids, start_col[0], start_col[1])
-        for s in rows:
-            self.col[s] += 1
-        return logits[torch.tensor(rows, device=self.device)] if len(rows) < self.slots else logits
+        self.col[rows] += 1
+        return logits[torch.from_numpy(rows).to(self.device)] if rows.size < self.slots else logits
 
     def compact(self) -> None:
         """Drop the free slots (the queue is empty): later steps decode a smaller batch."""
         keep = self.active
-        at = torch.tensor(keep, device=self.device)
+        at = torch.from_numpy(keep).to(self.device)
         self.cache.select(at)
         self.ids = self.ids[at]
-        self.req, self.start, self.col = ([x[s] for s in keep] for x in (self.req, self.start, self.col))
-        self.slots, self.graph = len(keep), None
+        self.req, self.start, self.col = self.req[keep], self.start[keep], self.col[keep]
+        self.slots, self.graph = keep.size, None
 
 
 class _GraphStep:

@@ -12,7 +12,12 @@
 #   rollout_tests.log             tests/test_rollout_engine.py on CUDA (CUDA-graph decode vs no-cache)
 #   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (dynamic / static cache);
 #                                 own budget after the kernel suites: T_ROLL seconds per shape
+#   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER s each):
+#                                 step (GRPO/MGRPO phases), packed (vs padded), vocab (4k/262k)
+#   bench_trl_<provider>.json/.log  TRL GRPOTrainer default / fast vs ours (T_TRL s each; needs
+#                                 trl + datasets wheels, else skipped)
 #   bench.json                    all of the above merged (pytest-benchmark JSON)
+# PARTS="trainer trl" (default) selects the trainer / TRL steps, e.g. PARTS= to leave them out.
 # Wheels (e.g. liger-kernel) are installed from $WHEELS_DIR, ./wheels or ./shared/wheels if any.
 set -u
 cd "$(dirname "$0")/.."
@@ -71,11 +76,31 @@ for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
     --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_rollout_${shape//,/x}.log" | tail -8
 done
 
+# the whole trainer and TRL side by side: one pytest run per part / provider, own timeouts
+want() { [[ " ${PARTS-trainer trl} " == *" $1 "* ]]; }
+T_TRAINER="${T_TRAINER:-75}" T_TRL="${T_TRL:-100}"
+if want trainer; then
+  for part in step packed vocab; do
+    step "benchmark trainer $part (timeout ${T_TRAINER}s)"
+    timeout "$T_TRAINER" python -m pytest bench/bench_trainer.py -k "$part" -q -rs -p no:cacheprovider \
+      --benchmark-json "$OUT/bench_trainer_${part}.json" --benchmark-columns=mean,min,max,rounds 2>&1 \
+      | tee "$OUT/bench_trainer_${part}.log" | tail -8
+  done
+fi
+if want trl; then
+  for provider in trl_default trl_fast fastmgrpo; do
+    step "benchmark TRL side by side: $provider (timeout ${T_TRL}s)"
+    timeout "$T_TRL" python -m pytest bench/bench_trl.py -k "$provider" -q -rs -p no:cacheprovider \
+      --benchmark-json "$OUT/bench_trl_${provider}.json" --benchmark-columns=mean,rounds 2>&1 \
+      | tee "$OUT/bench_trl_${provider}.log" | tail -6
+  done
+fi
+
 step "summary"
 python - "$OUT" <<'EOF'
 import glob, json, os, sys
 out = sys.argv[1]
-merged = None
+merged, trl = None, {}
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     try:
         data = json.load(open(path))
@@ -88,12 +113,28 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
         merged["benchmarks"] += data["benchmarks"]
     for b in data["benchmarks"]:
         e = b["extra_info"]
-        if b["name"].startswith("test_rollout"):
+        if b["name"].startswith("test_trl_side_by_side"):
+            trl[e["provider"]] = e
+            print(f"{b['name']:<75} {e['s_per_step']:8.2f} s/step {e['completion_tokens_per_s']:9.1f} tok/s"
+                  f"  peak {e['peak_mem_gib']} GiB")
+        elif b["name"].startswith("test_trainer_step"):
+            print(f"{b['name']:<75} {e['step_tokens_per_s']:>8} tok/s (rollout {e['rollout_tokens_per_s']},"
+                  f" ref {e['ref_tokens_per_s']}, train {e['train_tokens_per_s']})  peak {e['peak_mem_gib']} GiB")
+        elif b["name"].startswith("test_packed_vs_padded"):
+            print(f"{b['name']:<75} {b['stats']['mean'] * 1e3:9.1f} ms  padding {e['padding_fraction']}"
+                  f"  peak {e['peak_mem_gib']} GiB")
+        elif b["name"].startswith("test_vocab_sweep"):
+            print(f"{b['name']:<75} {e['fwd_bwd_s'] * 1e3:9.1f} ms fwd+bwd  peak {e['peak_mem_gib']} GiB")
+        elif b["name"].startswith("test_rollout"):
             print(f"{b['name']:<75} {e.get('tokens_per_s')!s:>10} tok/s  x{e.get('ratio_vs_fastest_generate')}"
                   " fastest generate")
         else:
             print(f"{b['name']:<75} {b['stats']['mean'] * 1e3:9.1f} ms  x{e.get('ratio_vs_matmul_floor')}"
                   f" floor  peak {e.get('peak_mem_gib')} GiB")
+if "fastmgrpo" in trl and "trl_fast" in trl:  # targets: >= 3x the tokens/s, <= 0.5x the peak
+    ours, fast = trl["fastmgrpo"], trl["trl_fast"]
+    print(f"fastmgrpo vs TRL fast: x{ours['completion_tokens_per_s'] / fast['completion_tokens_per_s']:.2f}"
+          f" tokens/s (target >= 3), x{ours['peak_mem_bytes'] / fast['peak_mem_bytes']:.2f} peak (target <= 0.5)")
 if merged is not None:  # every suite and shape in one pytest-benchmark JSON
     json.dump(merged, open(os.path.join(out, "bench.json"), "w"), indent=1)
     print("wrote", os.path.join(out, "bench.json"))

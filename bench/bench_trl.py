@@ -8,7 +8,8 @@ beta and steps. Providers, each in a fresh process (TRL/Liger patch model classe
     fastmgrpo     our Trainer, layers=1, config defaults otherwise
 Reported (extra_info), over the steps after one warm-up step: s_per_step (wall time per optimizer
 step, generation included), completion_tokens_per_s, peak_mem_gib (absolute peak of the process:
-CUDA max_memory_allocated, CPU VmHWM), and for fastmgrpo its ratios to trl_fast when both ran.
+CUDA max_memory_allocated, CPU VmHWM), the Liger module classes TRL actually swapped in, and
+for fastmgrpo its ratios to trl_fast when both ran.
 The benchmark time itself is the whole process (imports, loading, all steps). CPU runs use one
 intra-op thread (tiny models; a second thread mostly spin-waits on a busy 2-core machine).
 
@@ -107,8 +108,9 @@ def run_trl(model_dir: str, out_dir: str, fast: bool) -> dict:
                           callbacks=[StepTimer()])
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    liger = sorted({type(m).__name__ for m in trainer.model.modules() if "Liger" in type(m).__name__})
     return {"step_s": times[1:], "completion_tokens": [m * Q * G for m in lengths[1:]],
-            "trl_options": {k: v for k, v in opts.items() if k != "output_dir"}}
+            "trl_options": {k: v for k, v in opts.items() if k != "output_dir"}, "liger_modules": liger}
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +144,7 @@ def test_trl_side_by_side(benchmark, model_dir, tmp_path, provider):
         beta=BETA, measured_steps=len(r["step_s"]), s_per_step=round(s_per_step, 3),
         completion_tokens_per_s=round(tok_s, 1), peak_mem_bytes=r["peak_bytes"],
         peak_mem_gib=round(r["peak_bytes"] / 2**30, 3), trl_options=r.get("trl_options"),
+        liger_modules=r.get("liger_modules"),
     )
     fast = _RESULTS.get("trl_fast")
     if provider == "fastmgrpo" and fast:

@@ -17,7 +17,8 @@
 #   bench_trl_<provider>.json/.log  TRL GRPOTrainer default / fast vs ours (T_TRL s each; needs
 #                                 trl + datasets wheels, else skipped)
 #   bench.json                    all of the above merged (pytest-benchmark JSON)
-# PARTS="trainer trl" (default) selects the trainer / TRL steps, e.g. PARTS= to leave them out.
+# PARTS="trainer trl" (default) selects the trainer / TRL steps, e.g. PARTS= to leave them out;
+# they add ~3.5 min (at most 3 x T_TRAINER + 3 x T_TRL = 9.5 min) after the steps above.
 # Wheels (e.g. liger-kernel) are installed from $WHEELS_DIR, ./wheels or ./shared/wheels if any.
 set -u
 cd "$(dirname "$0")/.."
@@ -78,7 +79,7 @@ done
 
 # the whole trainer and TRL side by side: one pytest run per part / provider, own timeouts
 want() { [[ " ${PARTS-trainer trl} " == *" $1 "* ]]; }
-T_TRAINER="${T_TRAINER:-75}" T_TRL="${T_TRL:-100}"
+T_TRAINER="${T_TRAINER:-90}" T_TRL="${T_TRL:-100}"
 if want trainer; then
   for part in step packed vocab; do
     step "benchmark trainer $part (timeout ${T_TRAINER}s)"

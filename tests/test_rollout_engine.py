@@ -3,6 +3,7 @@ CUDA-graph decode step, each checked against an independent no-cache forward."""
 
 import copy
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -109,10 +110,12 @@ def test_sampled_logprobs_stops_and_lengths(tiny, spy, temperature, top_p, top_k
     model, tok = tiny
     prompts = [tok.encode(s) for s in TEXTS] * 2
     kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, pad_id=tok.pad_token_id, batch_size=4)
-    first = rollout.sample(model, prompts, max_new_tokens=8, stop_ids=set(), generator=torch.Generator().manual_seed(0), **kw)
+    first = rollout.sample(model, prompts, max_new_tokens=8, stop_ids=set(),
+                           generator=torch.Generator().manual_seed(0), **kw)
     drawn = [t for c in first for t in c.token_ids]
     stop = {max(set(drawn), key=drawn.count)}  # a frequent token: rows stop at different steps
-    out = rollout.sample(model, prompts, max_new_tokens=16, stop_ids=stop, generator=torch.Generator().manual_seed(1), **kw)
+    out = rollout.sample(model, prompts, max_new_tokens=16, stop_ids=stop,
+                         generator=torch.Generator().manual_seed(1), **kw)
     assert any(busy > 0 for busy in spy["prefill_busy"])
     assert {len(c.token_ids) for c in out if c.finished} - {16}, "no sequence stopped early"
     assert any(not c.finished for c in out)
@@ -130,7 +133,7 @@ class _EagerGraph:
     """CPU stand-in for `rollout._GraphStep`: the same static inputs and reused output buffer,
     replayed by calling the step (so graph-mode geometry, full-width masks, is tested on CPU)."""
 
-    sizes: list[int] = []
+    sizes: ClassVar[list[int]] = []
 
     def __init__(self, step, args, pool):
         self.step, self.args, self.out = step, tuple(a.clone() for a in args), None
@@ -148,7 +151,8 @@ class _EagerGraph:
 def graph_mode(monkeypatch):
     """Run the sampler's CUDA-graph branch on CPU through `_EagerGraph`."""
     init = rollout._Engine.__init__
-    monkeypatch.setattr(rollout._Engine, "__init__", lambda self, model, **kw: init(self, model, **{**kw, "graphs": True}))
+    monkeypatch.setattr(rollout._Engine, "__init__",
+                        lambda self, model, **kw: init(self, model, **{**kw, "graphs": True}))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(rollout, "_GraphStep", _EagerGraph)
     _EagerGraph.sizes = []
@@ -164,7 +168,8 @@ def test_graph_mode_full_width_decode_and_recapture(tiny, graph_mode):
                          pad_id=tok.pad_token_id, batch_size=4)
     assert [c.token_ids for c in out] == [f[: f.index(stop) + 1] if stop in f else f for f in free]
     # captured once for 4 slots, then again for each compacted batch size
-    assert graph_mode.sizes[0] == 4 and len(graph_mode.sizes) >= 2 and graph_mode.sizes == sorted(graph_mode.sizes, reverse=True)
+    sizes = graph_mode.sizes
+    assert sizes[0] == 4 and len(sizes) >= 2 and sizes == sorted(sizes, reverse=True)
 
 
 def test_graph_capture_failure_falls_back_to_eager(tiny, graph_mode, monkeypatch):

@@ -66,6 +66,8 @@ def sample(
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not prompts or max_new_tokens <= 0:
         return [Completion(token_ids=[], logprobs=[], finished=False) for _ in prompts]
     device = model.get_input_embeddings().weight.device

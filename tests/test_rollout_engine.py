@@ -187,3 +187,9 @@ def test_graph_capture_failure_falls_back_to_eager(tiny, graph_mode, monkeypatch
         out = rollout.sample(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=2)
     assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, 6) for p in prompts]
     assert len(tries) == 1  # no capture retried after the fallback
+
+
+def test_rejects_zero_slots(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        rollout.sample(model, [[7]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=0)

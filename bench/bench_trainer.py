@@ -90,7 +90,7 @@ def _autocast():
 
 
 def _mark():
-    """Reset the peak-memory high-water mark; return current usage in bytes (None: unavailable)."""
+    """Reset the peak-memory high-water mark; return current usage in bytes."""
     if CUDA:
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -98,14 +98,12 @@ def _mark():
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:
-        return None
+    except OSError:  # no reset: VmHWM stays the process peak so far (an upper bound)
+        pass
     return _status_kib("VmRSS") * 1024
 
 
 def _peak_since(base):
-    if base is None:
-        return None
     if CUDA:
         sync()
         return torch.cuda.max_memory_allocated() - base

@@ -10,7 +10,7 @@ graph and replayed (`cuda_graphs`); elsewhere it runs eagerly.
 Cache layout of one slot: a prompt prefilled in a chunk of width W sits left-padded in columns
 [start, W) (start = W - len); generated tokens follow at W, W+1, ...; the token in column c has
 position c - start. Every forward gets explicit 4-D boolean masks built from (start, col) per
-slot and each layer's sliding window (Gemma 3), and attention runs through `_slot_attention`
+slot and each layer's sliding window (Gemma 3, Mistral), and attention runs through `_slot_attention`
 (plain SDPA; grouped query heads share their K/V head without copies while decoding).
 """
 
@@ -180,7 +180,9 @@ class _Engine:
         cfg = model.config.get_text_config()
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
             raise ValueError(f"{cfg.model_type} soft-caps attention logits; the sampler's SDPA does not")
-        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        # no layer_types (Llama, Mistral): every layer has the config's sliding window, if any
+        uniform = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
+        types = getattr(cfg, "layer_types", None) or [uniform] * cfg.num_hidden_layers
         unknown = set(types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise ValueError(f"unsupported attention layer types {sorted(unknown)}")

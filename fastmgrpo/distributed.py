@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -79,23 +81,18 @@ def wrap(module: torch.nn.Module, layers, d: Dist, fsdp: bool) -> torch.nn.Modul
     if d.world == 1:
         return module
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
         for layer in layers:
             fully_shard(layer)
         return fully_shard(module)
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    # broadcast_buffers off: the models' buffers (rotary tables) are constants, no running stats.
+    return DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 @contextlib.contextmanager
 def no_grad_sync(wrapped: torch.nn.Module, skip: bool):
     """With `skip`, backward inside only accumulates local gradients (no all-reduce under DDP,
     no reduce-scatter under FSDP2); the next backward outside reduces the accumulated sum."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.nn.parallel import DistributedDataParallel
-
     if not skip or not isinstance(wrapped, (DistributedDataParallel, FSDPModule)):
         yield
     elif isinstance(wrapped, DistributedDataParallel):
@@ -113,8 +110,6 @@ def no_grad_sync(wrapped: torch.nn.Module, skip: bool):
 def full_weights(wrapped: torch.nn.Module):
     """FSDP2: every rank holds the full weights inside (no collective per forward), so rollout
     and eval may run a different number of forwards on each rank. No-op otherwise."""
-    from torch.distributed.fsdp import FSDPModule
-
     if not isinstance(wrapped, FSDPModule):
         yield
         return

@@ -118,6 +118,8 @@ class Trainer:
             raise TrainingError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
                                 f"number of ranks ({self.dist.world}): each rank takes whole questions")
         self.dtype = compute_dtype(cfg.precision, self.device)
+        if problems is None:  # before the model: a bad data file fails fast
+            problems = load_problems(cfg.dataset, strict=cfg.strict_data, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         if model is None:
             # fp32 master weights; bf16 compute comes from autocast on GPU.
@@ -138,9 +140,10 @@ class Trainer:
         self.loss_cfg = loss_config(cfg)
         self.policy = wrap(PolicyLoss(self.model, self.loss_cfg, self.dtype), decoder(self.model).layers,
                            self.dist, cfg.fsdp)
-        # A one-token, zero-weight micro-batch: lets a rank with fewer micro-batches join the
-        # others' gradient reductions, and runs the FSDP2 root first (FSDP2 takes the first
-        # module to run forward as its root; rollout would otherwise run the layers first).
+        # A one-token, zero-weight micro-batch: pads a rank's micro-batches to the most any rank
+        # has (FSDP2 gathers weights in every forward: the counts must agree), and runs the FSDP2
+        # root first (FSDP2 takes the first module to run forward as its root; rollout would
+        # otherwise run the layers first).
         self._probe = (pack([Episode([self.pad_id], [self.pad_id], [0.0], 0.0, False, layer=1, group=0)]).to(
             self.device), None if self.ref_model is None else torch.zeros(1, device=self.device))
         with torch.no_grad(), full_weights(self.policy):  # which also leaves every unit sharded
@@ -158,8 +161,6 @@ class Trainer:
     # --- data -----------------------------------------------------------------------------
     def _load_data(self, problems):
         cfg = self.cfg
-        problems = problems if problems is not None else load_problems(cfg.dataset, strict=cfg.strict_data,
-                                                                       seed=cfg.seed)
         kept, prompts, truncated, skipped = [], [], 0, 0
         for p in problems:
             ids = layer1_prompt(self.tokenizer, p)

@@ -52,17 +52,16 @@ def recording(rank: int, folder: Path):
 
 
 def replaying(folder: Path, steps: set[int]):
-    """collect() for one process: at the given steps (0-based), both ranks' recorded rollouts
-    concatenated, with the stats two ranks should report; elsewhere, real sampling."""
-    calls = []
+    """collect() for one process: at the given steps (0-based), both ranks' next recorded
+    rollouts concatenated, with the stats two ranks should report; elsewhere, real sampling."""
+    calls, replayed = [], []
 
     def collect(model, tokenizer, problems, prompts, cfg, **kw):
-        step = len(calls)
-        calls.append(step)
-        if step not in steps:
+        calls.append(None)
+        if len(calls) - 1 not in steps:
             return REAL_COLLECT(model, tokenizer, problems, prompts, cfg, **kw)
-        files = sorted(folder.glob(f"r?-{len([s for s in calls if s in steps]) - 1}.pkl"))
-        ranks = [pickle.loads(f.read_bytes()) for f in files]
+        ranks = [pickle.loads((folder / f"r{r}-{len(replayed)}.pkl").read_bytes()) for r in (0, 1)]
+        replayed.append(None)
         assert [uids for uids, _ in ranks] == [[p.uid for p in problems[r::2]] for r in (0, 1)]
         stats = {k: sum(ro.stats[k] for _, ro in ranks) / (1 if k in SUMMED else 2) for k in ranks[0][1].stats}
         return Rollout([e for _, ro in ranks for e in ro.episodes], stats)

@@ -6,7 +6,9 @@ detects the packed layout and
   - with sdpa/eager (CPU, or CUDA without flash-attn) builds a block-diagonal causal mask in
     which causality and sliding windows are measured in per-sequence positions;
   - with flash_attention_2 runs the varlen kernel; we pass cu_seqlens/max_seqlen ourselves so
-    it need not derive them from the position ids (a device sync).
+    it need not derive them from the position ids (a device sync);
+  - with `fastmgrpo_varlen` (attention.py; what the trainer switches SDPA models to) attends
+    within each sequence, so attention costs sum(L_i^2) rather than T^2.
 tests/test_packing.py checks the result against each sequence run alone.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmgrpo.attention import VARLEN
 from fastmgrpo.models import decoder
 from fastmgrpo.types import Episode, PackedBatch
 
@@ -88,15 +91,21 @@ def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Te
     row t being the state after token t (select `batch.target_rows` for the loss).
     Differentiable (runs under the caller's grad mode).
     """
-    kwargs = {}
-    if model.config._attn_implementation.startswith("flash_attention"):
+    impl = model.config._attn_implementation
+    kwargs, mask = {}, None  # mask None is what enables transformers' packed-sequence detection
+    if impl.startswith("flash_attention") or impl == VARLEN:
         cu = batch.cu_seqlens.to(torch.int32)
-        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
+                      max_length_k=batch.max_seqlen)
+    if impl == VARLEN:
+        # The attention function separates the sequences itself: an all-ones mask turns the
+        # packed detection off, so no (T, T) block-diagonal mask is built only to be ignored.
+        mask = torch.ones_like(batch.input_ids)[None]
     out = decoder(model)(
         input_ids=batch.input_ids[None],  # (1, T)
         position_ids=batch.position_ids[None],  # (1, T) restarting at 0 per sequence
-        attention_mask=None,  # None is what enables packed-sequence detection
-        use_cache=False,  # a cache would disable it too
+        attention_mask=mask,
+        use_cache=False,  # a cache would disable packed detection too
         **kwargs,
     )
     return out.last_hidden_state[0]  # (T, H)

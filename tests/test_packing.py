@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from fastmgrpo.attention import VARLEN, use_varlen_attention
 from fastmgrpo.models import build_tiny_model
 from fastmgrpo.packing import microbatches, pack, packed_hidden_states, padded_hidden_states
 from fastmgrpo.types import Episode
@@ -26,7 +27,7 @@ def _episodes(lengths, vocab=100, seed=0):
 LENGTHS = [(5, 7), (30, 12), (1, 3), (9, 0), (3, 25)]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN])
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
 def test_packed_hidden_states_match_each_sequence_alone(arch, attn):
     model, _ = build_tiny_model(arch=arch, seed=1)
@@ -63,6 +64,18 @@ def test_packed_hidden_states_gradients_match_alone():
     (alone * w).sum().backward()
     for gp, p in zip(g_packed, model.parameters()):
         torch.testing.assert_close(gp, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_varlen_model_keeps_sdpa_results_outside_packing():
+    """After use_varlen_attention, padded (masked) forwards are unchanged: rollout keeps working."""
+    model, _ = build_tiny_model(arch="gemma3", seed=4)
+    eps = _episodes([(3, 30), (12, 4), (7, 7)], seed=5)
+    with torch.no_grad():
+        before = padded_hidden_states(model, eps)
+        use_varlen_attention(model)
+        assert model.config._attn_implementation == VARLEN
+        after = padded_hidden_states(model, eps)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
 
 
 def test_pack_fields_against_hand_loop():

@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 class Dist:
     """This process's place in the job. `device` carries the reductions (cuda for nccl)."""
 
+    device: torch.device
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -35,18 +35,20 @@ class Dist:
         on CPU) and return it with this rank's device (cuda:LOCAL_RANK). One process: no-op."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
-            return cls(device=device), device
+            return cls(device), device
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world, device), device
+        return cls(device, dist.get_rank(), world), device
 
     def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (one float64 all-reduce)."""
         return self._reduce(values, dist.ReduceOp.SUM)
 
     def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks."""
         return self._reduce(values, dist.ReduceOp.MAX)
 
     def _reduce(self, values: list[float], op) -> list[float]:
@@ -61,7 +63,8 @@ class Dist:
         rank's, every other number averaged (rates over equal-sized local batches)."""
         if self.world == 1:
             return metrics
-        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        keys = sorted(k for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool))
         add = [k for k in keys if k not in maxes]
         top = [k for k in keys if k in maxes]
         out = dict(metrics)

@@ -59,12 +59,12 @@ class Dist:
         return t.tolist()
 
     def reduce_metrics(self, metrics: dict, sums: set[str], maxes: set[str]) -> dict:
-        """Global step metrics: `sums` added over ranks, `maxes` (times, memory) the slowest
-        rank's, every other number averaged (rates over equal-sized local batches)."""
+        """Global step metrics: float `sums` added over ranks, `maxes` (times, memory) the
+        slowest rank's, every other float averaged (rates over equal-sized local batches).
+        Other values (the step, flags) are the same on every rank and kept."""
         if self.world == 1:
             return metrics
-        keys = sorted(k for k, v in metrics.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool))
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, float))
         add = [k for k in keys if k not in maxes]
         top = [k for k in keys if k in maxes]
         out = dict(metrics)

@@ -113,6 +113,7 @@ def assert_same_run(out: Path, ref: Path, steps: int) -> None:
     got, want = metrics(out), metrics(ref)
     assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, steps + 1))
     for g, w in zip(got, want):
+        assert {k: type(v) for k, v in g.items()} == {k: type(v) for k, v in w.items()}
         for k, v in w.items():
             if isinstance(v, float) and not k.endswith(("_time", "memory_gb")):
                 assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (g["step"], k)

@@ -4,7 +4,7 @@ Layout under `<output_dir>/checkpoints/`:
     step-000004/        model.safetensors, config.json, tokenizer files (loads with from_pretrained)
                         trainer_state.pt  (optimizer keyed by parameter name, scheduler, torch RNG
                                            state; weights_only-safe)
-                        trainer_state.json (step, run config)
+                        trainer_state.json (step, bad-step count, run config)
     latest              name of the newest complete checkpoint
 A checkpoint is written to a hidden temporary directory and renamed into place, and `latest` is
 replaced atomically after that, so a crash mid-save leaves the previous checkpoint untouched.
@@ -43,7 +43,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors
         weights: the model's full state dict when `model` holds only a shard (FSDP2).
         tensors: torch-serialisable state (optimizer/scheduler state dicts, RNG ByteTensors);
             reloaded with `torch.load(weights_only=True)`.
-        state: JSON-serialisable trainer state (step, data position, python RNG state, config).
+        state: JSON-serialisable trainer state (step, bad-step count, config).
     Returns:
         The final checkpoint directory.
     """

@@ -98,17 +98,18 @@ def test_packed_loss_and_grads_equal_one_by_one(arch, loss_type):
 
 
 def test_reward_rises_on_a_learnable_task(tmp_path):
-    """Every problem's answer is 7: the tiny model must learn to end its answer with the digit 7.
+    """Every answer is 7 and a completion is one token: the tiny model must learn to say "7".
 
-    At initialisation almost no completion does (reward ~0.02); GRPO alone must find it.
+    At initialisation about 1 completion in 100 does (one character out of the vocabulary);
+    GRPO alone must find and reinforce it. (Longer completions let it collapse onto "777".)
     """
     seed = random.randint(0, 1000)
     problems = [Problem("Say 7.", "7", "synthetic", uid=i) for i in range(8)]
     tr = make_trainer(tmp_path, problems=problems, layers=1, group_size=8, questions_per_step=2,
-                      max_completion_length=3, learning_rate=2e-2, beta=0.0, lr_schedule="constant",
-                      seed=seed, max_steps=25)
-    rewards = [tr.step()["reward_l1"] for _ in range(25)]
-    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+                      max_completion_length=1, learning_rate=2e-2, beta=0.0, lr_schedule="constant",
+                      seed=seed, max_steps=30)
+    rewards = [tr.step()["reward_l1"] for _ in range(30)]
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert last > first + 0.3, (seed, rewards)
 
 

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
+from .attention import use_varlen_attention
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import MGRPOConfig
 from .data import load_problems
@@ -125,6 +126,7 @@ class Trainer:
             # fp32 master weights; bf16 compute comes from autocast on GPU.
             model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=self.device)
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        use_varlen_attention(self.model)  # packed micro-batches: attention within each sequence
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.ref_model = None

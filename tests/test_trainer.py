@@ -105,9 +105,10 @@ def test_reward_rises_on_a_learnable_task(tmp_path):
     """
     seed = random.randint(0, 1000)
     problems = [Problem("Say 7.", "7", "synthetic", uid=i) for i in range(8)]
-    tr = make_trainer(tmp_path, problems=problems, layers=1, group_size=8, questions_per_step=2,
-                      max_completion_length=1, learning_rate=2e-2, beta=0.0, lr_schedule="constant",
-                      seed=seed, max_steps=30)
+    # 64 samples a step at temperature 1.5, so even a model that starts far from "7" finds it.
+    tr = make_trainer(tmp_path, problems=problems, layers=1, group_size=16, questions_per_step=4,
+                      max_completion_length=1, learning_rate=2e-2, beta=0.0, temperature=1.5,
+                      lr_schedule="constant", seed=seed, max_steps=30)
     rewards = [tr.step()["reward_l1"] for _ in range(30)]
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert last > first + 0.3, (seed, rewards)

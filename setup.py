@@ -29,5 +29,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "liger-kernel>=0.6"],
         "flash": ["flash-attn"],
         "tensorboard": ["tensorboard"],
+        "bench": ["trl>=1.16", "datasets", "matplotlib"],
     },
 )

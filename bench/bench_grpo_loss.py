@@ -16,7 +16,8 @@ ratio_vs_matmul_floor (mean time / three-matmul floor time on the same shape), t
 import pytest
 import torch
 
-from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, median_time, peak_memory_bytes, sync
+from benchutil import (CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, median_time,
+                       peak_memory_bytes, sync)
 
 PROVIDERS = ["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_logp_fwd", "eager", "liger_chunked",
              "liger_triton_logits", "matmul_floor"]
@@ -57,6 +58,19 @@ def _eager_loss(x):
     return (per_tok * m).sum() / m.sum()
 
 
+def _module_step(fn, x, zero):
+    """fwd+bwd of a Liger-interface fused loss module (ours is a drop-in, so one body serves both)."""
+    h, w = x["hidden"], x["weight"]
+
+    def step():
+        zero()
+        loss, _ = fn(h, w, x["ids"], x["mask"], x["adv"], ref_per_token_logps=x["ref"],
+                     old_per_token_logps=x["old"])
+        loss.backward()
+        sync()
+    return step
+
+
 def _make_target(provider, x):
     """A zero-argument callable doing one fwd(+bwd) pass, ending in a device sync."""
     h, w = x["hidden"], x["weight"]
@@ -69,16 +83,9 @@ def _make_target(provider, x):
         from fastmgrpo.kernels import FusedLinearGRPOLoss
         if provider == "fastmgrpo_torch" and not CUDA:
             pytest.skip("on CPU the default backend already is the chunked torch backend")
-        fn = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE,
-                                 backend="torch" if provider == "fastmgrpo_torch" else None)
-
-        def step():
-            zero()
-            loss, _ = fn(h, w, x["ids"], x["mask"], x["adv"], ref_per_token_logps=x["ref"],
-                         old_per_token_logps=x["old"])
-            loss.backward()
-            sync()
-        return step
+        return _module_step(FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE,
+                                                backend="torch" if provider == "fastmgrpo_torch" else None),
+                            x, zero)
 
     if provider == "fastmgrpo_logp_fwd":
         from fastmgrpo.kernels import token_logprobs
@@ -99,16 +106,8 @@ def _make_target(provider, x):
     if provider == "liger_chunked":
         LigerFusedLinearGRPOLoss = pytest.importorskip(
             "liger_kernel.chunked_loss", reason="liger-kernel is not installed").LigerFusedLinearGRPOLoss
-        fn = LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=CUDA,
-                                      use_ref_model=True)
-
-        def step():
-            zero()
-            loss, _ = fn(h, w, x["ids"], x["mask"], x["adv"], ref_per_token_logps=x["ref"],
-                         old_per_token_logps=x["old"])
-            loss.backward()
-            sync()
-        return step
+        return _module_step(LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=CUDA,
+                                                     use_ref_model=True), x, zero)
 
     if provider == "liger_triton_logits":
         if not CUDA:
@@ -129,25 +128,13 @@ def _make_target(provider, x):
         return step
 
     if provider == "matmul_floor":
-        return _floor_target(x)
+        return matmul_floor_target(x["hidden"], x["weight"])
     raise ValueError(provider)
-
-
-def _floor_target(x):
-    h2 = x["hidden"].detach().reshape(-1, x["hidden"].shape[-1])                  # (N, H)
-    w = x["weight"].detach()                                                       # (V, H)
-
-    def step():
-        logits = h2 @ w.T                                   # (N, V), stands in for dlogits
-        logits @ w                                          # d_hidden (N, H)
-        logits.T @ h2                                       # d_W (V, H)
-        sync()
-    return step
 
 
 def _floor_seconds(shape, x):
     if shape not in _FLOOR_S:
-        _FLOOR_S[shape] = median_time(_floor_target(x), reps=3 if CUDA else 5)
+        _FLOOR_S[shape] = median_time(matmul_floor_target(x["hidden"], x["weight"]), reps=3 if CUDA else 5)
     return _FLOOR_S[shape]
 
 

@@ -14,7 +14,8 @@ Upstream grads: random on logp, and on entropy (with_entropy=True) for every pro
 import pytest
 import torch
 
-from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, median_time, peak_memory_bytes, sync
+from benchutil import (CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, median_time,
+                       peak_memory_bytes, sync)
 
 PROVIDERS = ["triton_atomic", "triton_atomic_skip", "triton_gemm", "triton_fwd", "torch_chunked",
              "eager", "matmul_floor"]
@@ -78,19 +79,8 @@ def _target(provider, x):
         return step
 
     if provider == "matmul_floor":
-        return _floor(x)
+        return matmul_floor_target(x["hidden"], x["weight"])
     raise ValueError(provider)
-
-
-def _floor(x):
-    h, w = x["hidden"].detach(), x["weight"].detach()
-
-    def step():
-        logits = h @ w.T                                    # (N, V), stands in for dlogits
-        logits @ w                                          # d_hidden (N, H)
-        logits.T @ h                                        # d_W (V, H)
-        sync()
-    return step
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -104,7 +94,7 @@ def test_linear_logprob(benchmark, shape, provider):
     try:
         target = _target(provider, x)
         if shape not in _FLOOR_S:
-            _FLOOR_S[shape] = median_time(_floor(x), reps=3 if CUDA else 5)
+            _FLOOR_S[shape] = median_time(matmul_floor_target(x["hidden"], x["weight"]), reps=3 if CUDA else 5)
         peak = peak_memory_bytes(target)                    # also the warm-up / compile call
         benchmark.pedantic(target, rounds=3 if CUDA else 5, warmup_rounds=1 if CUDA else 0,
                            iterations=1)

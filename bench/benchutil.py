@@ -92,3 +92,18 @@ def median_time(fn, reps: int = 5, warmup: int = 1) -> float:
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def matmul_floor_target(hidden: torch.Tensor, weight: torch.Tensor):
+    """The three GEMMs any exact fused LM-head loss needs: h·Wᵀ, dlogits·W, dlogitsᵀ·h.
+
+    hidden (N, H) or (B, L, H), weight (V, H). Returns a synchronising callable."""
+    h = hidden.detach().reshape(-1, hidden.shape[-1])       # (N, H)
+    w = weight.detach()                                     # (V, H)
+
+    def step():
+        logits = h @ w.T                                    # (N, V), stands in for dlogits
+        logits @ w                                          # d_hidden (N, H)
+        logits.T @ h                                        # d_W (V, H)
+        sync()
+    return step

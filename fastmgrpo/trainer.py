@@ -65,9 +65,14 @@ def lr_lambda(cfg: MGRPOConfig):
     return f
 
 
-def peak_memory_gb(device: torch.device) -> float:
+def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
+    """Peak GPU memory allocated since the last reset (reset=True starts a new phase); on CPU the
+    process's peak resident memory (it cannot be reset per phase)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -198,6 +203,7 @@ class Trainer:
         (sequences, tokens) is the global one, and metrics come back reduced over ranks.
         """
         cfg, d, t0 = self.cfg, self.dist, time.perf_counter()
+        peak_memory_gb(self.device, reset=True)
         idx = self._batch_indices(self.step_idx)[d.rank::d.world]
         # Sampling RNGs are a function of (seed, step, rank): resume needs no RNG state.
         rng = random.Random(f"{cfg.seed}/{self.step_idx}/{d.rank}")
@@ -207,7 +213,7 @@ class Trainer:
             rollout = collect(self.model, self.tokenizer, [self.problems[i] for i in idx],
                               [self.prompts[i] for i in idx], cfg, rng=rng, generator=generator,
                               stop_ids=self.stop_ids, pad_id=self.pad_id)
-        t_rollout = time.perf_counter()
+        t_rollout, rollout_peak = time.perf_counter(), peak_memory_gb(self.device, reset=True)
         episodes = rollout.episodes
         n_seq, n_tok = d.sum([len(episodes), sum(len(e.completion_ids) for e in episodes)])
         normaliser = {"num_sequences": int(n_seq), "num_tokens": int(n_tok)}
@@ -229,14 +235,16 @@ class Trainer:
             "tokens_trained": float(sum(e.num_tokens for e in episodes)),
             "sequences": float(len(episodes)), "padding_fraction": 0.0,
             "rollout_time": t_rollout - t0, "train_time": t_end - t_rollout, "step_time": t_end - t0,
-            "peak_memory_gb": peak_memory_gb(self.device), "skipped": not math.isfinite(grad_norm),
+            "rollout_peak_gb": rollout_peak, "train_peak_gb": (train_peak := peak_memory_gb(self.device)),
+            "peak_memory_gb": max(rollout_peak, train_peak), "skipped": not math.isfinite(grad_norm),
         }
         self.step_idx += 1
         # Already global: step, lr, grad_norm and the summed totals (averaging keeps them).
         return d.reduce_metrics(
             metrics, sums={"tokens_generated", "tokens_trained", "sequences", "l2_groups_kept",
                            "l2_groups_discarded"},
-            maxes={"ref_time", "rollout_time", "train_time", "step_time", "peak_memory_gb"})
+            maxes={"ref_time", "rollout_time", "train_time", "step_time", "peak_memory_gb",
+                   "rollout_peak_gb", "train_peak_gb"})
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)

@@ -17,8 +17,10 @@
 #   bench_trl_<provider>.json/.log  TRL GRPOTrainer default / fast vs ours (T_TRL s each; needs
 #                                 trl + datasets wheels, else skipped)
 #   bench.json                    all of the above merged (pytest-benchmark JSON)
-# PARTS="trainer trl" (default) selects the trainer / TRL steps, e.g. PARTS= to leave them out;
-# they add ~3.5 min (at most 3 x T_TRAINER + 3 x T_TRL = 9.5 min) after the steps above.
+# PARTS selects the steps (default "kernels rollout trainer trl", ~16 min in all: more than one
+# 10-minute device command). Run it as two calls on the same warm machine:
+#   PARTS="kernels" OUT=... bash bench/gpu_check.sh            (~8 min)
+#   PARTS="rollout trainer trl" OUT=... bash bench/gpu_check.sh (~8 min)
 # Wheels (e.g. liger-kernel) are installed from $WHEELS_DIR, ./wheels or ./shared/wheels if any.
 set -u
 cd "$(dirname "$0")/.."
@@ -27,6 +29,7 @@ mkdir -p "$OUT"
 T_TESTS="${T_TESTS:-150}" T_PRIM="${T_PRIM:-60}" T_GRPO="${T_GRPO:-90}"  # seconds per step
 start=$(date +%s)
 step() { echo "=== [$(( $(date +%s) - start ))s] $*"; }
+want() { [[ " ${PARTS-kernels rollout trainer trl} " == *" $1 "* ]]; }
 
 step "install"
 pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -2
@@ -44,6 +47,7 @@ step "environment"
   date -u
 } | tee "$OUT/env.txt"
 
+if want kernels; then
 step "Triton kernel tests on CUDA (timeout ${T_TESTS}s)"
 timeout "$T_TESTS" python -m pytest tests/kernels/test_triton.py -q -rs -p no:cacheprovider \
   --durations=10 --junitxml="$OUT/triton_tests.xml" 2>&1 | tee "$OUT/triton_tests.log" | tail -25
@@ -64,8 +68,10 @@ for suite in linear_logprob grpo_loss; do
       --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_${tag}.log" | tail -14
   done
 done
+fi
 
 # the sampler: CUDA tests, then one pytest run per (sequences, new tokens) under its own timeout
+if want rollout; then
 T_ROLL="${T_ROLL:-100}"
 step "rollout tests on CUDA (timeout 60s)"
 timeout 60 python -m pytest tests/test_rollout_engine.py -q -rs -p no:cacheprovider -k cuda 2>&1 \
@@ -76,9 +82,9 @@ for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
     -p no:cacheprovider --benchmark-json "$OUT/bench_rollout_${shape//,/x}.json" \
     --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_rollout_${shape//,/x}.log" | tail -8
 done
+fi
 
 # the whole trainer and TRL side by side: one pytest run per part / provider, own timeouts
-want() { [[ " ${PARTS-trainer trl} " == *" $1 "* ]]; }
 T_TRAINER="${T_TRAINER:-90}" T_TRL="${T_TRL:-100}"
 if want trainer; then
   for part in step packed vocab; do

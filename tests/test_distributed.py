@@ -115,7 +115,7 @@ def assert_same_run(out: Path, ref: Path, steps: int) -> None:
     for g, w in zip(got, want):
         assert {k: type(v) for k, v in g.items()} == {k: type(v) for k, v in w.items()}
         for k, v in w.items():
-            if isinstance(v, float) and not k.endswith(("_time", "memory_gb")):
+            if isinstance(v, float) and not k.endswith(("_time", "_gb")):
                 assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (g["step"], k)
     final = f"checkpoints/step-{steps:06d}/model.safetensors"
     a, b = load_file(str(out / final)), load_file(str(ref / final))

@@ -94,13 +94,16 @@ def run_two_ranks(argv: list[str], folder: Path, timeout: float = 120) -> None:
             pytest.fail("ranks hung (a collective call without its partner?)")
 
 
+LR = 1e-2  # learning rate of every run here
+
+
 def base_argv(tmp_path, **flags) -> list[str]:
     model, tok = build_tiny_model(seed=int(torch.randint(0, 1000, ())))
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     opts = {"model": tmp_path / "tiny", "dataset": "synthetic:16", "device": "cpu", "max-completion-length": 6,
             "group-size": 3, "l2-samples": 2, "questions-per-step": 4, "micro-batch-tokens": 64,
-            "learning-rate": 1e-2, "warmup-ratio": 0.0, "lr-schedule": "constant", "beta": 0.04,
+            "learning-rate": LR, "warmup-ratio": 0.0, "lr-schedule": "constant", "beta": 0.04,
             "seed": int(torch.randint(0, 1000, ())), **flags}
     return [a for k, v in opts.items() for a in (f"--{k}", str(v))]
 
@@ -122,7 +125,11 @@ def assert_same_run(out: Path, ref: Path, steps: int) -> None:
     init = load_file(str(out.parent / "tiny" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        diff = (a[k] - b[k]).abs()
+        # Adam divides by sqrt(v): a gradient element within float rounding of 0 (reduction order
+        # differs across ranks) can flip the sign of its lr-sized step. Allow a few such elements.
+        off = diff > 1e-5 + 1e-4 * b[k].abs()
+        assert off.float().mean() < 1e-3 and diff.max() <= 2 * LR * steps + 1e-5, k
         assert not torch.equal(a[k], init[k]), f"{k} did not train"
 
 

@@ -26,15 +26,21 @@ import time
 
 import pytest
 import torch
-
-import fastmgrpo.trainer as trainer_mod
 from benchutil import CUDA, DEVICE, device_name, peak_memory_bytes, sync
-from fastmgrpo.config import MGRPOConfig
-from fastmgrpo.data import synthetic_problems
 from fastmgrpo.kernels import GRPOLossConfig, fused_linear_grpo_loss, packed_grpo_loss
 from fastmgrpo.kernels.reference import reference_grpo_loss
+
+import fastmgrpo.trainer as trainer_mod
+from fastmgrpo.attention import use_varlen_attention
+from fastmgrpo.config import MGRPOConfig
+from fastmgrpo.data import synthetic_problems
 from fastmgrpo.models import build_tiny_model, build_tiny_tokenizer, decoder, lm_head
-from fastmgrpo.packing import microbatches, pack, packed_hidden_states, padded_hidden_states
+from fastmgrpo.packing import (
+    microbatches,
+    pack,
+    packed_hidden_states,
+    padded_hidden_states,
+)
 from fastmgrpo.trainer import Trainer
 from fastmgrpo.types import Episode
 
@@ -202,6 +208,8 @@ def _padded_batches(episodes, n_batches):
 def test_packed_vs_padded(benchmark, layout):
     model, tok = bench_model()
     model.train()
+    if layout == "packed":
+        use_varlen_attention(model)  # what the trainer runs (flash-attn models keep flash-attn)
     budget = 4096 if CUDA else 512
     eps = synthetic_episodes(len(tok), SIZES["questions_per_step"], SIZES["group_size"], SIZES["l2_samples"],
                              SIZES["max_completion_length"], prompt_len=128 if CUDA else 32)

@@ -16,13 +16,11 @@ ratio_vs_matmul_floor (mean time / three-matmul floor time on the same shape), t
 import pytest
 import torch
 
-from benchutil import (CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, median_time,
-                       peak_memory_bytes, sync)
+from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
 
 PROVIDERS = ["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_logp_fwd", "eager", "liger_chunked",
              "liger_triton_logits", "matmul_floor"]
 BETA, LOSS_TYPE = 0.04, "dapo"
-_FLOOR_S = {}  # shape -> seconds
 
 
 def _setup(shape):
@@ -132,12 +130,6 @@ def _make_target(provider, x):
     raise ValueError(provider)
 
 
-def _floor_seconds(shape, x):
-    if shape not in _FLOOR_S:
-        _FLOOR_S[shape] = median_time(matmul_floor_target(x["hidden"], x["weight"]), reps=3 if CUDA else 5)
-    return _FLOOR_S[shape]
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-H{}-V{}".format(*s))
 def test_grpo_loss_fwd_bwd(benchmark, shape, provider):
@@ -146,20 +138,4 @@ def test_grpo_loss_fwd_bwd(benchmark, shape, provider):
     benchmark.group = "grpo_loss B{} L{} H{} V{} {}".format(B, L, H, V, str(DTYPE)[6:])
     benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider,
                                 B=B, L=L, H=H, V=V)
-    try:
-        target = _make_target(provider, x)
-        floor = _floor_seconds(shape, x)
-        peak = peak_memory_bytes(target)                    # also the warm-up / compile call
-        benchmark.pedantic(target, rounds=3 if CUDA else 5, warmup_rounds=1 if CUDA else 0,
-                           iterations=1)
-    except torch.OutOfMemoryError as err:
-        pytest.skip(f"{provider} runs out of memory at {shape}: {str(err)[:120]}")
-    finally:
-        if CUDA:
-            torch.cuda.empty_cache()
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info.update(
-        peak_mem_bytes=peak, peak_mem_gib=None if peak is None else round(peak / 2 ** 30, 3),
-        matmul_floor_s=floor, ratio_vs_matmul_floor=round(mean / floor, 3),
-        tokens_per_s=round(B * L / mean),
-    )
+    measure_against_floor(benchmark, lambda: _make_target(provider, x), x, shape, provider)

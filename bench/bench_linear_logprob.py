@@ -14,12 +14,10 @@ Upstream grads: random on logp, and on entropy (with_entropy=True) for every pro
 import pytest
 import torch
 
-from benchutil import (CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, median_time,
-                       peak_memory_bytes, sync)
+from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
 
 PROVIDERS = ["triton_atomic", "triton_atomic_skip", "triton_gemm", "triton_fwd", "torch_chunked",
              "eager", "matmul_floor"]
-_FLOOR_S = {}
 
 
 def _setup(shape):
@@ -44,7 +42,10 @@ def _target(provider, x):
     if provider.startswith("triton"):
         if not CUDA:
             pytest.skip("Triton providers need CUDA (the CPU interpreter is not a benchmark)")
-        from fastmgrpo.kernels.linear_logprob_triton import LinearLogprobTriton, TritonOptions
+        from fastmgrpo.kernels.linear_logprob_triton import (
+            LinearLogprobTriton,
+            TritonOptions,
+        )
         opts = {"triton_atomic": TritonOptions(bwd="atomic"),
                 "triton_atomic_skip": TritonOptions(bwd="atomic", skip_eps=2.0 ** -12),
                 "triton_gemm": TritonOptions(bwd="gemm"),
@@ -91,22 +92,8 @@ def test_linear_logprob(benchmark, shape, provider):
     benchmark.group = "linear_logprob N{} H{} V{} {}".format(B * L, H, V, str(DTYPE)[6:])
     benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider,
                                 N=B * L, H=H, V=V)
-    try:
-        target = _target(provider, x)
-        if shape not in _FLOOR_S:
-            _FLOOR_S[shape] = median_time(matmul_floor_target(x["hidden"], x["weight"]), reps=3 if CUDA else 5)
-        peak = peak_memory_bytes(target)                    # also the warm-up / compile call
-        benchmark.pedantic(target, rounds=3 if CUDA else 5, warmup_rounds=1 if CUDA else 0,
-                           iterations=1)
-    except torch.OutOfMemoryError as err:
-        pytest.skip(f"{provider} runs out of memory at {shape}: {str(err)[:120]}")
-    finally:
-        if CUDA:
-            torch.cuda.empty_cache()
-    mean = benchmark.stats.stats.mean
+    mean = measure_against_floor(benchmark, lambda: _target(provider, x), x, shape, provider)
     flops = 2 * B * L * H * V * (1 if provider == "triton_fwd" else 3)
     benchmark.extra_info.update(
-        peak_mem_bytes=peak, peak_mem_gib=None if peak is None else round(peak / 2 ** 30, 3),
-        matmul_floor_s=_FLOOR_S[shape], ratio_vs_matmul_floor=round(mean / _FLOOR_S[shape], 3),
-        tokens_per_s=round(B * L / mean), useful_tflops=round(flops / mean / 1e12, 2),
+        useful_tflops=round(flops / mean / 1e12, 2),
     )

@@ -18,9 +18,9 @@ import os
 
 import pytest
 import torch
+from benchutil import CUDA, DEVICE, device_name, sync
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-from benchutil import CUDA, DEVICE, device_name, sync
 from fastmgrpo.models import build_tiny_model
 from fastmgrpo.rollout import sample
 

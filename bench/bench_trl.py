@@ -25,8 +25,8 @@ import time
 
 import pytest
 import torch
-
 from benchutil import CUDA, device_name
+
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.prompts import layer1_prompt
 from fastmgrpo.rewards import score

@@ -9,6 +9,7 @@ FASTMGRPO_BENCH_SHAPES="B,L,H,V;B,L,H,V" overrides the list.
 import os
 import time
 
+import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
@@ -107,3 +108,30 @@ def matmul_floor_target(hidden: torch.Tensor, weight: torch.Tensor):
         logits.T @ h                                        # d_W (V, H)
         sync()
     return step
+
+
+_FLOOR_S: dict = {}  # (B, L, H, V) -> seconds of the three-matmul floor
+
+
+def measure_against_floor(benchmark, make_target, x, shape, provider) -> float:
+    """Time `make_target()` with pytest-benchmark beside the three-matmul floor of the same shape
+    (measured once per shape and process); record peak memory, the floor ratio and tokens/s in
+    `benchmark.extra_info`. Skips on out-of-memory. Returns the mean time in seconds."""
+    try:
+        target = make_target()
+        if shape not in _FLOOR_S:
+            _FLOOR_S[shape] = median_time(matmul_floor_target(x["hidden"], x["weight"]), reps=3 if CUDA else 5)
+        peak = peak_memory_bytes(target)                    # also the warm-up / compile call
+        benchmark.pedantic(target, rounds=3 if CUDA else 5, warmup_rounds=1 if CUDA else 0, iterations=1)
+    except torch.OutOfMemoryError as err:
+        pytest.skip(f"{provider} runs out of memory at {shape}: {str(err)[:120]}")
+    finally:
+        if CUDA:
+            torch.cuda.empty_cache()
+    mean, floor = benchmark.stats.stats.mean, _FLOOR_S[shape]
+    benchmark.extra_info.update(
+        peak_mem_bytes=peak, peak_mem_gib=None if peak is None else round(peak / 2 ** 30, 3),
+        matmul_floor_s=floor, ratio_vs_matmul_floor=round(mean / floor, 3),
+        tokens_per_s=round(shape[0] * shape[1] / mean),
+    )
+    return mean

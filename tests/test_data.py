@@ -100,9 +100,18 @@ def test_unparseable_answers_skipped_or_strict(tmp_path):
     assert "no parseable answer" in error_at(path, bad[0] + 1, strict=True)
 
 
+def test_embedded_gsm8k_split_is_disjoint_and_fixed():
+    everything = load_problems("gsm8k:all")
+    train = load_problems("gsm8k", seed=random.randint(0, 99))
+    heldout = load_problems("gsm8k:heldout", seed=random.randint(100, 199))
+    assert len(everything) > 7000 and len(heldout) == 500
+    assert {p.uid for p in train}.isdisjoint({p.uid for p in heldout})
+    assert sorted(p.uid for p in train + heldout) == [p.uid for p in everything]
+    assert [p.uid for p in heldout] == [p.uid for p in load_problems("gsm8k:heldout")]
+
+
 def test_embedded_gsm8k():
-    problems = load_problems("gsm8k")
-    assert len(problems) > 7000
+    problems = load_problems("gsm8k:all")
     assert all(p.source == "gsm8k" and p.question for p in problems)
     for p in problems:
         assert re.fullmatch(r"-?\d+(\.\d+)?", p.answer), p

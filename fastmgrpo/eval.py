@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import DatasetError, load_problems
 from .metrics import correction_metrics, pass_at_k
-from .models import load_model, stop_token_ids
+from .models import compute_dtype, load_model, resolve_device, stop_token_ids
 from .prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
 from .rewards import extract_answer, score
 from .rollout import sample
@@ -247,10 +247,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Load, evaluate, print the table and write the --output / --json files."""
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.precision, device)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     for path in (args.output, args.json):  # fail on an unusable output path before the work
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)

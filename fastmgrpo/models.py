@@ -53,6 +53,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("FASTMGRPO_CACHE", Path.home() / ".cache" / "fastmgrpo"))
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch.device(name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on GPU, fp32 on CPU; 'fp32' / 'bf16' as named."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
 def load_model(
     spec: str | None,
     *,

@@ -26,7 +26,7 @@ from .data import load_problems
 from .distributed import Dist, full_weights, no_grad_sync, wrap
 from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
 from .mgrpo import collect
-from .models import decoder, lm_head, load_model, stop_token_ids
+from .models import compute_dtype, decoder, lm_head, load_model, resolve_device, stop_token_ids
 from .packing import microbatches, pack, packed_hidden_states
 from .prompts import layer1_prompt
 from .types import Episode
@@ -34,18 +34,6 @@ from .types import Episode
 
 class TrainingError(RuntimeError):
     """Training cannot go on (too many bad steps, out of memory); the message says what to do."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
 def lr_lambda(cfg: MGRPOConfig):

@@ -26,7 +26,7 @@ import time
 
 import pytest
 import torch
-from benchutil import CUDA, DEVICE, device_name, peak_memory_bytes, sync
+from benchutil import CUDA, DEVICE, device_name, peak_memory_bytes, sync, vm_kib
 from fastmgrpo.kernels import GRPOLossConfig, fused_linear_grpo_loss, packed_grpo_loss
 from fastmgrpo.kernels.reference import reference_grpo_loss
 
@@ -106,22 +106,14 @@ def _mark():
             f.write("5")
     except OSError:  # no reset: VmHWM stays the process peak so far (an upper bound)
         pass
-    return _status_kib("VmRSS") * 1024
+    return vm_kib("VmRSS") * 1024
 
 
 def _peak_since(base):
     if CUDA:
         sync()
         return torch.cuda.max_memory_allocated() - base
-    return max(0, _status_kib("VmHWM") * 1024 - base)
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
+    return max(0, vm_kib("VmHWM") * 1024 - base)
 
 
 def _gib(nbytes):

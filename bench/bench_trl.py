@@ -25,7 +25,7 @@ import time
 
 import pytest
 import torch
-from benchutil import CUDA, device_name
+from benchutil import CUDA, device_name, vm_kib
 
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.prompts import layer1_prompt
@@ -45,8 +45,7 @@ def _problems():
 def _peak_bytes() -> int:
     if CUDA:
         return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return vm_kib("VmHWM") * 1024
 
 
 def _sync():

@@ -41,7 +41,8 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def _vm_kib(field: str) -> int | None:
+def vm_kib(field: str) -> int | None:
+    """A /proc/self/status field in KiB (VmRSS, VmHWM, ...), or None where unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -72,9 +73,9 @@ def peak_memory_bytes(fn) -> int | None:
             f.write("5")
     except OSError:
         return None
-    base = _vm_kib("VmRSS")
+    base = vm_kib("VmRSS")
     fn()
-    peak = _vm_kib("VmHWM")
+    peak = vm_kib("VmHWM")
     if base is None or peak is None:
         return None
     return max(0, peak - base) * 1024

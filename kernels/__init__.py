@@ -1,23 +1,19 @@
-"""Fused LM-head + log-prob primitive and GRPO-family losses (installed as ``fastmgrpo.kernels``).
+"""Fused LM-head GRPO losses and log-probs (installed as ``fastmgrpo.kernels``).
 
-The O(N x V) work is one differentiable primitive (``linear_logprobs``: Triton on CUDA, chunked
-PyTorch elsewhere; ``FASTMGRPO_BACKEND=triton|torch|auto``); the losses are O(N) PyTorch on top.
+Training losses (``packed_grpo_loss``, ``fused_linear_grpo_loss``, ``FusedLinearGRPOLoss``)
+compute the loss and the gradients of hidden, weight and bias in one forward pass of three
+matmuls per chunk of rows (``fused.py``), never holding the N x V logits; ``token_logprobs`` is
+the forward-only pass for old / reference log-probs. Triton on CUDA, chunked PyTorch elsewhere
+(``FASTMGRPO_BACKEND=triton|torch|auto``).
 """
 
-from .dispatch import linear_logprobs
-from .grpo_loss import (
-    FusedLinearGRPOLoss,
-    GRPOLossConfig,
-    fused_linear_grpo_loss,
-    packed_grpo_loss,
-    token_logprobs,
-)
+from .dispatch import token_logprobs
+from .grpo_loss import FusedLinearGRPOLoss, GRPOLossConfig, fused_linear_grpo_loss, packed_grpo_loss
 
 __all__ = [
     "FusedLinearGRPOLoss",
     "GRPOLossConfig",
     "fused_linear_grpo_loss",
-    "linear_logprobs",
     "packed_grpo_loss",
     "token_logprobs",
 ]

@@ -1,8 +1,8 @@
-"""Validation and backend choice for the fused linear-logprob primitive.
+"""Validation, backend choice and the forward-only log-prob pass (``token_logprobs``).
 
-Both backends implement ``apply(hidden, weight, bias, targets, temperature, with_entropy) ->
-(logp, entropy_or_empty)``; the Triton one is imported lazily so a missing or broken Triton never
-breaks the PyTorch path.
+Backends are modules with the row-pass contract of ``torch_backend`` (``row_stats_``,
+``dlogits_``, ``extra_bytes_per_row``); the Triton one is imported lazily so a missing or broken
+Triton never breaks the PyTorch path.
 """
 
 import math
@@ -10,40 +10,42 @@ import os
 
 import torch
 
-from .linear_logprob_torch import LinearLogprobTorch
+from . import fused, torch_backend
 
 _BACKENDS = ("auto", "triton", "torch")
 
 
-def _triton_function():
-    """The Triton autograd Function, or raise ImportError (with the cause) when unavailable."""
-    from .linear_logprob_triton import LinearLogprobTriton
+def _triton_module():
+    """The Triton backend module, or raise ImportError (with the cause) when unavailable."""
+    from . import triton_backend
 
-    return LinearLogprobTriton
+    return triton_backend
 
 
-def _resolve_backend(backend, hidden: torch.Tensor):
-    """Pick the autograd Function: `backend` arg, else $FASTMGRPO_BACKEND, else auto."""
+def resolve_backend(backend, hidden: torch.Tensor):
+    """Backend module: `backend` arg, else $FASTMGRPO_BACKEND, else auto (Triton for CUDA tensors)."""
     name = backend if backend is not None else os.environ.get("FASTMGRPO_BACKEND", "auto")
     name = str(name).strip().lower()
     if name not in _BACKENDS:
         source = "backend" if backend is not None else "FASTMGRPO_BACKEND"
         raise ValueError(f"{source}={name!r} is not one of {list(_BACKENDS)}")
     if name == "torch":
-        return LinearLogprobTorch
+        return torch_backend
     if name == "triton":
-        if not hidden.is_cuda:
-            raise ValueError("backend='triton' needs CUDA tensors; hidden is on " + str(hidden.device))
         try:
-            return _triton_function()
+            mod = _triton_module()
         except ImportError as err:
             raise ImportError(f"backend='triton' requested but the Triton backend is unavailable: {err}") from err
+        if not (hidden.is_cuda or mod.interpreting()):  # the interpreter runs CPU tensors (tests)
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); hidden is on "
+                             + str(hidden.device))
+        return mod
     if hidden.is_cuda:  # auto
         try:
-            return _triton_function()
+            return _triton_module()
         except ImportError:
             pass
-    return LinearLogprobTorch
+    return torch_backend
 
 
 def _validate(hidden, weight, targets, bias, temperature, names):
@@ -88,43 +90,68 @@ def _validate(hidden, weight, targets, bias, temperature, names):
         raise ValueError(f"{hn} contains NaN or Inf")
 
 
-def linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-prob (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / T).
+def check_memory_budget(value) -> int:
+    """The fused loss's chunk budget in bytes (a positive int), or raise ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"memory_budget must be a positive int (bytes), got {value!r}")
+    return value
 
-    Differentiable w.r.t. hidden, weight and bias; never materialises the (N, V) logits.
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_entropy=False, backend=None,
+                   memory_budget=fused.DEFAULT_MEMORY_BUDGET):
+    """Per-token log-probs (and entropy) of `targets` under softmax((hidden·Wᵀ + b) / T), no gradients.
+
+    For old / reference / rollout log-probs; never holds the N×V logits (Triton: one matmul with
+    the log-sum-exp fused in; torch: row chunks of at most `memory_budget` bytes of logits).
+    Gradients come from the losses (``packed_grpo_loss``, ``fused_linear_grpo_loss``), which
+    compute them in their forward pass; calling this with inputs that require grad while grad
+    mode is on raises, so a missing gradient cannot go unnoticed.
 
     Args:
-        hidden: (N, H) fp32/bf16/fp16 rows; row i predicts targets[i].
-        weight: (V, H) LM head, same dtype as hidden.
-        targets: (N,) integer token ids in [0, V).
-        bias: optional (V,) floating LM-head bias.
-        temperature: float > 0 dividing the logits.
-        with_entropy: also return the entropy of each row's distribution.
-        backend: "torch", "triton" or "auto"; default $FASTMGRPO_BACKEND or "auto"
-            (Triton for CUDA tensors when importable, else the chunked PyTorch backend).
+        hidden: (..., H) fp32/bf16/fp16, e.g. (N, H) or (B, T, H). weight: (V, H), same dtype.
+        targets: (...) int token ids in [0, V). temperature: float > 0. bias: (V,) or None.
+        return_entropy: also return each row's entropy. backend: "torch", "triton" or "auto"
+            (default $FASTMGRPO_BACKEND, else Triton for CUDA tensors when importable).
 
     Returns:
-        logp: (N,) fp32.
-        entropy: (N,) fp32, or None when with_entropy is False.
-
-    Raises:
-        TypeError / ValueError naming the offending argument. Checks data (targets range,
-        NaN/Inf in hidden) with one host sync.
+        logp (...) fp32, or (logp, entropy) both (...) fp32 when return_entropy.
     """
-    return _linear_logprobs(hidden, weight, targets, bias, temperature, with_entropy, backend, {})
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden must be a (..., H) tensor")
+    lead = hidden.shape[:-1]
+    if not isinstance(targets, torch.Tensor) or targets.shape != lead:
+        raise ValueError(f"targets must have shape {tuple(lead)} (hidden's leading dims)")
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias)):
+        raise ValueError("token_logprobs computes no gradients: call it under torch.no_grad() (old / ref "
+                         "log-probs), or train through packed_grpo_loss / fused_linear_grpo_loss")
+    logp, entropy = forward_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias,
+                                     temperature, bool(return_entropy), backend, {}, memory_budget)
+    return (logp.reshape(lead), entropy.reshape(lead)) if return_entropy else logp.reshape(lead)
 
 
-def _linear_logprobs(hidden, weight, targets, bias, temperature, with_entropy, backend, names):
-    """linear_logprobs whose errors call the tensors by the caller's names (e.g. "_input")."""
+@torch.no_grad()
+def forward_logprobs(hidden, weight, targets, bias, temperature, with_entropy, backend, names,
+                     memory_budget=fused.DEFAULT_MEMORY_BUDGET):
+    """Validated (N,) logp and entropy (or None) of 2-D inputs; errors use the caller's `names`."""
     _validate(hidden, weight, targets, bias, temperature, names)
-    fn = _resolve_backend(backend, hidden)
-    logp, entropy = fn.apply(hidden, weight, bias, targets.long(), float(temperature), bool(with_entropy))
-    return logp, (entropy if with_entropy else None)
+    mod = resolve_backend(backend, hidden)
+    targets = targets.long()
+    if mod is not torch_backend:
+        return mod.linear_logprob_fwd(hidden.contiguous(), weight.contiguous(),
+                                      None if bias is None else bias.contiguous(), targets.contiguous(),
+                                      float(temperature), with_entropy)
+    n = hidden.shape[0]
+    plan = fused.Plan(targets, [0, n], False, with_entropy, float(temperature), None, (), mod,
+                      check_memory_budget(memory_budget))
+    logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    inv_t, vocab, weight32 = 1.0 / float(temperature), weight.shape[0], fused.head_fp32(weight)
+    chunks = fused.chunk_rows(plan, vocab, hidden.dtype)
+    buf = fused.chunk_buffer(chunks, vocab, hidden.device)
+    for r0, r1 in chunks:
+        z = fused.logits_fp32(hidden[r0:r1], weight, bias, inv_t, fused.chunk_logits(buf, r0, r1, vocab), weight32)
+        stats = mod.row_stats_(z, targets[r0:r1], with_entropy)
+        logp[r0:r1] = stats.logp
+        if with_entropy:
+            entropy[r0:r1] = stats.entropy
+    return logp, entropy

@@ -1,10 +1,11 @@
-"""GRPO-family losses on top of the fused linear-logprob primitive.
+"""GRPO-family losses with the LM head fused in: loss and gradients in one forward pass.
 
-The only O(N x V) work is ``dispatch.linear_logprobs`` (one call per loss). Everything here is
-O(N) PyTorch on per-token log-probs, written on a flat "token view" of the batch (N positions,
-each with a sequence id) so that the padded Liger-shaped form and the packed (cu_seqlens) form
-share one implementation. Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5)
-and TRL's GRPOTrainer.
+The O(N x V) work is ``fused.FusedLinearLoss`` (three matmuls per chunk of rows, gradients
+computed in forward). The loss math here is O(N) PyTorch on per-token log-probs, written on a
+flat "token view" of the batch (N positions, each with a sequence id) so that the padded
+Liger-shaped form and the packed (cu_seqlens) form share one implementation; the fused pass
+evaluates it on one chunk of rows at a time (``_Tokens.rows``) and differentiates it there.
+Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5) and TRL's GRPOTrainer.
 """
 
 import math
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import _linear_logprobs, linear_logprobs
+from . import fused
+from .dispatch import _validate, check_memory_budget, forward_logprobs, resolve_backend
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -35,6 +37,10 @@ class GRPOLossConfig:
     use_bias_correction_kl: multiply the KL by the (unclipped) importance ratio (DeepSeek-V3.2).
     vespo_*: VESPO gamma-weight shape/rate for non-negative / negative advantages.
     entropy_coef: loss -= entropy_coef * entropy (aggregated like the loss); not a Liger option.
+    memory_budget: bytes of working memory of the fused pass (one chunk of fp32 logits); the
+        result does not depend on it. Sequence-level losses need a whole sequence per chunk.
+    fp32_weight_grad: accumulate the LM head's gradient across chunks in an fp32 (V, H) buffer
+        (V*H*4 more bytes) instead of in the weight's dtype; see fused.py.
     """
 
     beta: float = 0.04
@@ -53,8 +59,11 @@ class GRPOLossConfig:
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
     entropy_coef: float = 0.0
+    memory_budget: int = fused.DEFAULT_MEMORY_BUDGET
+    fp32_weight_grad: bool = False
 
     def __post_init__(self):
+        check_memory_budget(self.memory_budget)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not one of {list(LOSS_TYPES)}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -97,8 +106,8 @@ class GRPOLossConfig:
 class _Tokens:
     """N positions of B sequences (padding positions allowed, with mask 0)."""
 
-    logp: torch.Tensor  # (N,) fp32, differentiable
-    old: torch.Tensor  # (N,) fp32
+    logp: torch.Tensor | None  # (N,) fp32, differentiable; None until a chunk's rows are taken
+    old: torch.Tensor | None  # (N,) fp32, None = on-policy (old = logp.detach())
     ref: torch.Tensor | None  # (N,) fp32
     adv: torch.Tensor  # (N,) fp32 advantage of each position's sequence
     adv_seq: torch.Tensor  # (B,) fp32
@@ -107,6 +116,15 @@ class _Tokens:
     seq_len: torch.Tensor  # (B,) fp32 completion tokens per sequence
     vllm: torch.Tensor | None  # (N,) fp32 rollout-mismatch IS ratio per position
     vllm_log_seq: torch.Tensor | None  # (B,) clamped log IS ratio summed per sequence (VESPO)
+
+    def rows(self, r0: int, r1: int, logp: torch.Tensor) -> "_Tokens":
+        """The view of positions [r0, r1) with their (r1 - r0,) log-probs; per-sequence fields stay whole."""
+        def cut(x):
+            return None if x is None else x[r0:r1]
+
+        old = logp.detach() if self.old is None else self.old[r0:r1]
+        return _Tokens(logp, old, cut(self.ref), self.adv[r0:r1], self.adv_seq, self.seg[r0:r1], self.mask[r0:r1],
+                       self.seq_len, cut(self.vllm), self.vllm_log_seq)
 
 
 @dataclass
@@ -121,6 +139,11 @@ class _Norm:
     max_completion_length: int | None
     metric_w: torch.Tensor  # (N,) weight of each position in the metrics
     metric_den: torch.Tensor  # () metric normaliser
+
+    def rows(self, r0: int, r1: int) -> "_Norm":
+        """The normalisers of positions [r0, r1) (global counts stay global)."""
+        return _Norm(self.tok_w[r0:r1], self.luspo_w[r0:r1], self.num_sequences, self.num_tokens, self.dapo_norm,
+                     self.max_completion_length, self.metric_w[r0:r1], self.metric_den)
 
 
 def _segment_sum(x: torch.Tensor, seg: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -264,6 +287,31 @@ def _grpo_core(t: _Tokens, n: _Norm, cfg: GRPOLossConfig, entropy: torch.Tensor 
     return loss, metrics
 
 
+def _needs_whole_sequences(cfg: GRPOLossConfig) -> bool:
+    """Losses whose per-token gradient depends on the whole sequence (GSPO's ratio, VESPO's phi)."""
+    return cfg.importance_sampling_level == "sequence" or cfg.loss_type == "vespo"
+
+
+def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm: _Norm, cfg: GRPOLossConfig,
+                want_entropy: bool, backend, names: dict):
+    """Loss and metrics of the token view through the fused pass (gradients computed in forward).
+
+    hidden (N, H), targets (N,) int, seq_starts: host list (B+1,) of sequence row offsets.
+    Returns (loss () fp32, {metric: () fp32}).
+    """
+    _validate(hidden, weight, targets, bias, cfg.temperature, names)
+
+    def loss_fn(r0, r1, logp, entropy):
+        return _grpo_core(tokens.rows(r0, r1, logp), norm.rows(r0, r1), cfg, entropy)
+
+    metric_names = ("kl", "clip_ratio", "ratio_mean") + (("entropy",) if want_entropy else ())
+    plan = fused.Plan(targets.long(), seq_starts, _needs_whole_sequences(cfg), want_entropy, float(cfg.temperature),
+                      loss_fn, metric_names, resolve_backend(backend, hidden), cfg.memory_budget,
+                      cfg.fp32_weight_grad)
+    loss, metrics = fused.FusedLinearLoss.apply(hidden, weight, bias, plan)
+    return loss, dict(zip(metric_names, metrics.unbind()))
+
+
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
@@ -333,11 +381,11 @@ def _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias,
         raise ValueError("ref_input requires ref_weight")
     if config.beta == 0.0:  # the KL is neither in the loss nor in Liger's metrics: skip the pass
         return None
-    with torch.no_grad():
-        ref, _ = _linear_logprobs(
-            ref_input.reshape(ids.shape[0], -1), ref_weight, ids, ref_bias, config.temperature, False, backend,
-            {"hidden": "ref_input", "weight": "ref_weight", "targets": "selected_token_ids", "bias": "ref_bias"},
-        )
+    ref, _ = forward_logprobs(
+        ref_input.reshape(ids.shape[0], -1), ref_weight, ids, ref_bias, config.temperature, False, backend,
+        {"hidden": "ref_input", "weight": "ref_weight", "targets": "selected_token_ids", "bias": "ref_bias"},
+        config.memory_budget,
+    )
     return ref
 
 
@@ -416,22 +464,20 @@ def fused_linear_grpo_loss(
     vllm, vllm_log_seq = _padded_vllm(vllm_is_ratio, B, T)  # checks first, the costly passes after
     ref = _padded_ref_logps(ids, ref_per_token_logps, ref_input, ref_weight, ref_bias, use_ref_model, config, backend)
     want_entropy = config.entropy_coef != 0.0
-    logp, entropy = _linear_logprobs(
-        _input.reshape(B * T, H), lin_weight, ids, bias, config.temperature, want_entropy, backend,
-        {"hidden": "_input", "weight": "lin_weight", "targets": "selected_token_ids"},
-    )
     seg = torch.arange(B, device=_input.device).repeat_interleave(T)  # (N,)
     seq_len = mask.view(B, T).sum(-1)  # (B,)
     adv = advantages.float()
-    old = logp.detach() if old_per_token_logps is None else old_per_token_logps.reshape(-1).float()
-    tokens = _Tokens(logp, old, ref, adv[seg], adv, seg, mask, seq_len, vllm, vllm_log_seq)
+    old = None if old_per_token_logps is None else old_per_token_logps.reshape(-1).float()
+    tokens = _Tokens(None, old, ref, adv[seg], adv, seg, mask, seq_len, vllm, vllm_log_seq)
     n_tok = mask.sum().clamp(min=1.0)
     norm = _Norm(
         tok_w=mask, luspo_w=seq_len[seg] / T, num_sequences=float(B), num_tokens=n_tok,
         dapo_norm=_dapo_normalizer(mask, num_items_in_batch), max_completion_length=config.max_completion_length,
         metric_w=mask, metric_den=n_tok,
     )
-    loss, m = _grpo_core(tokens, norm, config, entropy)
+    loss, m = _fused_grpo(_input.reshape(B * T, H), lin_weight, bias, ids, list(range(0, B * T + 1, T)) if T else
+                          [0] * (B + 1), tokens, norm, config, want_entropy, backend,
+                          {"hidden": "_input", "weight": "lin_weight", "targets": "selected_token_ids"})
     metrics = ((m["kl"],) if config.beta != 0.0 else ()) + (m["clip_ratio"],)
     return loss, metrics + ((m["entropy"],) if want_entropy else ())
 
@@ -442,19 +488,19 @@ def fused_linear_grpo_loss(
 
 
 def _packed_segments(cu_seqlens, num_rows: int, num_seqs: int):
-    """Validate cu_seqlens (one host sync) and return (seg (M,) int64, lengths (B,) int64)."""
+    """Validate cu_seqlens (one host sync) and return (seg (M,) int64, lengths (B,) int64, offsets host list)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError("cu_seqlens must be an int32/int64 tensor")
     if tuple(cu_seqlens.shape) != (num_seqs + 1,):
         raise ValueError(f"cu_seqlens must have shape ({num_seqs + 1},) (B+1 with B=len(advantages)), "
                          f"got {tuple(cu_seqlens.shape)}")
+    starts = cu_seqlens.tolist()  # host sync: the chunk plan needs the offsets on the host
+    if starts[0] != 0 or starts[-1] != num_rows or any(b < a for a, b in zip(starts[:-1], starts[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at M={num_rows}")
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]  # (B,)
-    ok = (cu[0] == 0) & (cu[-1] == num_rows) & (lengths >= 0).all()
-    if not bool(ok):  # host sync
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at M={num_rows}")
     seg = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths, output_size=num_rows)
-    return seg, lengths
+    return seg, lengths, starts
 
 
 def _packed_vllm(vllm_is_ratio, seg, num_rows: int, num_seqs: int):
@@ -510,7 +556,7 @@ def packed_grpo_loss(
         num_sequences / num_tokens: global counts across micro-batches and ranks (default local).
         vllm_is_ratio: (B, 1) per-sequence or (M,) per-token rollout IS ratio, or None.
         return_entropy: also report the mean entropy (always when config.entropy_coef != 0).
-        backend: see linear_logprobs.
+        backend: "torch", "triton" or "auto" (see dispatch.resolve_backend).
 
     Returns:
         loss: () fp32 scalar.
@@ -533,24 +579,23 @@ def packed_grpo_loss(
         _check_tensor("seq_weights", seq_weights, (B,))
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when config.beta != 0")
-    seg, lengths = _packed_segments(cu_seqlens, M, B)
+    seg, lengths, starts = _packed_segments(cu_seqlens, M, B)
     n_seq = _positive_count("num_sequences", num_sequences, B)
     n_tok = _positive_count("num_tokens", num_tokens, max(M, 1))
     vllm, vllm_log_seq = _packed_vllm(vllm_is_ratio, seg, M, B)
     want_entropy = bool(return_entropy) or config.entropy_coef != 0.0
-    logp, entropy = linear_logprobs(hidden, weight, targets, bias, config.temperature, want_entropy, backend)
     adv = advantages.float()
-    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    old = None if old_logprobs is None else old_logprobs.float()
     ref = None if ref_logprobs is None else ref_logprobs.float()
-    ones = logp.new_ones(M)
-    tokens = _Tokens(logp, old, ref, adv[seg], adv, seg, ones, lengths.float(), vllm, vllm_log_seq)
+    ones = torch.ones(M, device=hidden.device)
+    tokens = _Tokens(None, old, ref, adv[seg], adv, seg, ones, lengths.float(), vllm, vllm_log_seq)
     tok_w = ones if seq_weights is None else seq_weights.float()[seg]
-    n_tok_t = logp.new_tensor(n_tok)
+    n_tok_t = ones.new_tensor(n_tok)
     norm = _Norm(
         tok_w=tok_w, luspo_w=tok_w, num_sequences=n_seq, num_tokens=n_tok_t, dapo_norm=n_tok_t,
         max_completion_length=config.max_completion_length, metric_w=ones, metric_den=n_tok_t,
     )
-    return _grpo_core(tokens, norm, config, entropy)
+    return _fused_grpo(hidden, weight, bias, targets, starts, tokens, norm, config, want_entropy, backend, {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,8 +609,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     `compiled` is accepted and has no effect: nothing here is torch.compile'd (the loss math is
     O(N) elementwise). `chunk_size` (Liger: sequences per chunk, a memory bound) must be a positive
-    int and does not change results: the primitive bounds its own memory from V. `backend` (extra,
-    last) picks the primitive's backend. Attributes may be changed after construction as in Liger.
+    int and does not change results: chunks come from `memory_budget` (bytes, extra) instead.
+    `backend` (extra) picks the backend. Attributes may be changed after construction as in Liger.
     """
 
     def __init__(
@@ -589,6 +634,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         vespo_k_neg: float = 3.0,
         vespo_lambda_neg: float = 2.0,
         backend: str | None = None,
+        memory_budget: int = fused.DEFAULT_MEMORY_BUDGET,
     ):
         super().__init__()
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -601,7 +647,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.temperature, self.delta, self.use_bias_correction_kl = temperature, delta, use_bias_correction_kl
         self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
         self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
-        self.backend = backend
+        self.backend, self.memory_budget = backend, memory_budget
         self.config  # validate now
 
     @property
@@ -610,7 +656,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         names = ("beta", "epsilon_low", "epsilon_high", "loss_type", "max_completion_length",
                  "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg", "temperature",
                  "delta", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-                 "vespo_lambda_neg")
+                 "vespo_lambda_neg", "memory_budget")
         return GRPOLossConfig(**{name: getattr(self, name) for name in names})
 
     def forward(
@@ -636,28 +682,3 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             vllm_is_ratio, num_items_in_batch,
             config=self.config, use_ref_model=self.use_ref_model, backend=self.backend,
         )
-
-
-def token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_entropy=False, backend=None):
-    """Per-token log-probs (and entropy) of `targets`, e.g. for old / ref / rollout log-probs.
-
-    Differentiable; call under torch.no_grad() for old/ref log-probs.
-
-    Args:
-        hidden: (..., H) e.g. (N, H) or (B, T, H). weight: (V, H), same dtype. targets: (...) int.
-        temperature: float > 0. bias: (V,) or None. return_entropy: also return the entropy.
-        backend: see linear_logprobs.
-
-    Returns:
-        logp (...) fp32, or (logp, entropy) both (...) fp32 when return_entropy.
-    """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
-        raise ValueError("hidden must be a (..., H) tensor")
-    lead = hidden.shape[:-1]
-    if not isinstance(targets, torch.Tensor) or targets.shape != lead:
-        raise ValueError(f"targets must have shape {tuple(lead)} (hidden's leading dims)")
-    logp, entropy = linear_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, temperature,
-        bool(return_entropy), backend,
-    )
-    return (logp.reshape(lead), entropy.reshape(lead)) if return_entropy else logp.reshape(lead)

@@ -1,0 +1,200 @@
+"""Loss and gradients of a linear head in one pass of three matmuls, a chunk of rows at a time.
+
+For each chunk of rows (whole sequences when the loss needs them):
+    z  = (h·Wᵀ + b) / T                      cuBLAS, fp32 output (logits never rounded to 16 bits)
+    row pass, in place on z                   max, lse, target log-prob, entropy (backend kernel)
+    g  = d loss_chunk / d (logp, entropy)     O(R) autograd on the chunk's per-token loss
+    dz = dlogits from g, in place of z        backend kernel, in the products' dtype
+    d_h[chunk] = dz·W  (written once);  d_W += dzᵀ·h (beta = 1);  d_b += Σ dz
+The loss is a sum over chunks (its normalisers are global), so summing chunk losses and
+gradients gives exactly the whole-batch values. Backward only scales the stored gradients by
+grad_output. Working memory is one chunk of fp32 logits (plus a 16-bit dlogits copy on the torch
+backend), bounded by ``memory_budget`` bytes.
+
+d_W accumulates across chunks in the weight's dtype (one rounding per chunk, cuBLAS accumulates
+each chunk's product in fp32) unless ``fp32_weight_grad``: then in an fp32 (V, H) buffer cast
+once at the end, which costs V·H·4 bytes (0.67 GB at Gemma 3's 262144 × 640, 2.2 GB at Qwen's
+152064 × 3584) on top of the budget. bench/RESULTS.md has the error of both against float64.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import torch_backend
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of chunk working memory
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one fused call computes.
+
+    targets: (N,) int64. seq_starts: (B+1,) host list of sequence row offsets (0, ..., N).
+    whole_sequences: chunks must not split a sequence (sequence-level losses).
+    loss_fn(r0, r1, logp, entropy) -> (loss (), metrics {name: ()}) for rows [r0, r1), built from
+        the (R,) fp32 logp / entropy of those rows (entropy None unless with_entropy); additive
+        over any partition of the rows into chunks.
+    """
+
+    targets: torch.Tensor
+    seq_starts: list[int]
+    whole_sequences: bool
+    with_entropy: bool
+    temperature: float
+    loss_fn: Callable
+    metric_names: tuple[str, ...]
+    backend: object  # torch_backend or triton_backend (same row-pass contract)
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    fp32_weight_grad: bool = False
+
+
+def chunk_rows(plan: Plan, vocab: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) whose chunk fits the memory budget; raises ValueError naming it."""
+    n = plan.seq_starts[-1]
+    per_row = vocab * 4 + plan.backend.extra_bytes_per_row(vocab, dtype)
+    # the torch backend's entropy terms hold two fp32 temporaries over blocks of ENTROPY_ROWS rows
+    ent = 8 * vocab if plan.with_entropy and plan.backend is torch_backend else 0
+    block = torch_backend.ENTROPY_ROWS
+    rows = plan.memory_budget // (per_row + ent)
+    if rows > block:
+        rows = (plan.memory_budget - block * ent) // per_row
+    if rows < 1:
+        raise ValueError(f"memory_budget={plan.memory_budget} bytes holds no row of logits "
+                         f"(one row needs {per_row + ent} bytes at V={vocab})")
+    if not plan.whole_sequences:
+        return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)] or [(0, 0)]
+    chunks, start, starts = [], 0, plan.seq_starts
+    for s0, s1 in zip(starts[:-1], starts[1:]):
+        if s1 - s0 > rows:
+            raise ValueError(f"memory_budget={plan.memory_budget} bytes holds {rows} rows of logits at V={vocab}, "
+                             f"but a sequence has {s1 - s0} tokens and sequence-level losses need whole sequences "
+                             f"in a chunk: raise memory_budget to at least {(s1 - s0) * per_row} bytes")
+        if s1 - start > rows:
+            chunks.append((start, s0))
+            start = s0
+    chunks.append((start, n))
+    return chunks
+
+
+def logits_fp32(h, weight, bias, inv_t, out, weight32):
+    """out (R, V) fp32 = (h·Wᵀ + b) / T, products accumulated and stored in fp32.
+
+    weight32: None (fp32 weights, or 16-bit ones on a device with fp32-output GEMMs) or the
+    head upcast to fp32 (see head_fp32).
+    """
+    if h.dtype == torch.float32:
+        if bias is None:
+            torch.mm(h, weight.T, out=out)
+        else:
+            torch.addmm(bias.float(), h, weight.T, out=out)
+    else:
+        if weight32 is None:  # CUDA: 16-bit cuBLAS GEMM with an fp32 output
+            torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(h.float(), weight32.T, out=out)
+        if bias is not None:
+            out += bias.float()
+    if inv_t != 1.0:
+        out *= inv_t
+    return out
+
+
+def head_fp32(weight: torch.Tensor) -> torch.Tensor | None:
+    """None when logits_fp32 can use `weight` as it is, else an fp32 copy of it: 16-bit weights
+    on a device without fp32-output GEMMs for them (CPU tests, old torch), not a fast path."""
+    if weight.dtype == torch.float32:
+        return None
+    try:
+        a = torch.ones(2, 2, device=weight.device, dtype=weight.dtype)
+        torch.mm(a, a, out_dtype=torch.float32)
+        return None
+    except (RuntimeError, TypeError, NotImplementedError):
+        return weight.float()
+
+
+def chunk_buffer(chunks, vocab: int, device) -> torch.Tensor:
+    """One fp32 logits buffer reused by every chunk (no allocator churn between chunks)."""
+    return torch.empty(max(r1 - r0 for r0, r1 in chunks) * vocab, device=device, dtype=torch.float32)
+
+
+def chunk_logits(buf, r0, r1, vocab):
+    """(r1 - r0, V) view of the chunk buffer."""
+    return buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+
+
+def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, bool]):
+    """The chunk loop. Returns (loss () fp32, metrics (K,) fp32, d_hidden, d_weight, d_bias)
+    with None for gradients not needed."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = need_grads[0], need_grads[1], need_grads[2] and bias is not None
+    chunks = chunk_rows(plan, vocab, hidden.dtype)
+    inv_t = 1.0 / plan.temperature
+    weight32 = head_fp32(weight)
+    dtype = hidden.dtype
+    d_h = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if need_h else None
+    d_w = None
+    if need_w:
+        d_w = torch.zeros(weight.shape, device=weight.device,
+                          dtype=torch.float32 if plan.fp32_weight_grad else weight.dtype)
+    d_b = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if need_b else None
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    metrics = hidden.new_zeros(len(plan.metric_names), dtype=torch.float32)
+    buf = chunk_buffer(chunks, vocab, hidden.device)
+    for r0, r1 in chunks:
+        h, tgt = hidden[r0:r1], plan.targets[r0:r1]
+        z = logits_fp32(h, weight, bias, inv_t, chunk_logits(buf, r0, r1, vocab), weight32)
+        stats = plan.backend.row_stats_(z, tgt, plan.with_entropy)
+        with torch.enable_grad():
+            logp = stats.logp.requires_grad_()
+            entropy = stats.entropy.requires_grad_() if stats.entropy is not None else None
+            loss_c, metrics_c = plan.loss_fn(r0, r1, logp, entropy)
+            if need_h or need_w or need_b:
+                inputs = [logp] + ([entropy] if entropy is not None else [])
+                grads = torch.autograd.grad(loss_c, inputs, allow_unused=True)
+        loss += loss_c.detach()
+        metrics += torch.stack([metrics_c[k].detach().float() for k in plan.metric_names]) \
+            if plan.metric_names else 0.0
+        if not (need_h or need_w or need_b):
+            continue
+        g_logp = grads[0] if grads[0] is not None else torch.zeros_like(stats.logp)
+        g_ent = grads[1] if len(grads) > 1 else None
+        dz = plan.backend.dlogits_(z, tgt, stats, g_logp.float(), None if g_ent is None else g_ent.float(),
+                                   inv_t, dtype)
+        if need_h:
+            torch.mm(dz, weight, out=d_h[r0:r1])
+        if need_w:
+            if d_w.dtype == dz.dtype:
+                d_w.addmm_(dz.T, h)
+            else:  # fp32 accumulator for a 16-bit product
+                d_w.add_(torch.mm(dz.T, h).float() if weight32 is None else torch.mm(dz.T.float(), h.float()))
+        if need_b:
+            d_b += dz.sum(0, dtype=torch.float32)
+    if d_w is not None and d_w.dtype != weight.dtype:
+        d_w = d_w.to(weight.dtype)
+    return loss, metrics, d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """apply(hidden (N, H), weight (V, H), bias (V,) | None, plan) -> (loss (), metrics (K,)).
+
+    Gradients of hidden / weight / bias are computed in forward and scaled by grad_output in
+    backward (in place: the graph can be back-propagated once).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: Plan):
+        need = ctx.needs_input_grad[:3]
+        loss, metrics, d_h, d_w, d_b = run_chunks(plan, hidden, weight, bias, need)
+        ctx.save_for_backward(d_h, d_w, d_b)
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_metrics):
+        if grad_loss is None:
+            return None, None, None, None
+        d_h, d_w, d_b = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors)
+        return d_h, d_w, d_b, None

@@ -1,0 +1,325 @@
+"""Triton backend: the forward-only fused log-prob kernel and the row pass of the fused loss.
+
+Forward-only (``linear_logprob_fwd``, for old/ref/rollout log-probs under no_grad): one matmul
+with the log-sum-exp fused in, never holding the N×V logits. A flattened 1-D grid over
+(splits × m_blocks): program (s, m) walks the vocabulary range of split s in BLOCK_V steps (each
+a K loop over H) and keeps, per row, an online running max m, s = Σ exp(z − m) and
+t = Σ exp(z − m)·(z − m) (the shifted form keeps the entropy free of the lse − Σpz
+cancellation), plus the target logit. The (SPLITS, N) partials merge in O(N·SPLITS) torch ops.
+
+Row pass of the fused loss (``row_stats_`` / ``dlogits_``, same contract as
+``torch_backend``): on a chunk z (R, V) of fp32 logits written by cuBLAS, one program per row
+  1. reads z once: max, log-sum-exp, target log-prob, entropy (online, fp32);
+  2. (the per-token loss gradient g is computed between the two kernels, O(R) torch)
+  3. reads z again and writes dlogits = (g·(onehot − p) − g_H·p·(z − lse + H)) / T in the
+     products' dtype *into z's own storage*: a 16-bit row r lands in the first half of fp32 row
+     r's bytes, so the result is a (R, V) view with row stride 2V that cuBLAS reads directly.
+     Block j's 16-bit store covers fp32 elements [j·B/2, (j+1)·B/2) of the row, all read by then.
+
+Under TRITON_INTERPRET=1 (CPU tests) 16-bit dots are done on fp32-upcast operands and the row
+reductions go through tl.reduce directly (see _mma, _rsum). Grids are 1-D (axis 0 allows
+2^31 − 1 programs), so there is no cap on sequence length; pointer offsets are int64.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .torch_backend import RowStats
+
+__all__ = ["TritonOptions", "linear_logprob_fwd", "row_stats_", "dlogits_", "extra_bytes_per_row"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonOptions:
+    """Tuning knobs of the forward-only kernel; None picks the default for the device.
+
+    splits: vocabulary splits (parallelism for short sequences); block_*: tile sizes.
+    """
+    splits: int | None = None
+    block_m: int | None = None
+    block_v: int | None = None
+    block_k: int | None = None
+
+
+DEFAULT_OPTIONS = TritonOptions()
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (decided at import)."""
+    return type(_linear_logprob_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _rsum(x, axis: tl.constexpr, INTERP: tl.constexpr):
+    """tl.sum; under the interpreter, tl.reduce with the standard combine function directly:
+    tl.sum itself is a @jit function that only runs interpreted if TRITON_INTERPRET was set
+    before triton was first imported in the process, this form works either way."""
+    if INTERP:
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+    else:
+        return tl.sum(x, axis)
+
+
+@triton.jit
+def _rmax(x, axis: tl.constexpr, INTERP: tl.constexpr):
+    """tl.max (see _rsum)."""
+    if INTERP:
+        return tl.reduce(x, axis, tl.standard._elementwise_max)
+    else:
+        return tl.max(x, axis)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST (interpreter only) multiplies 16-bit operands in
+    fp32: exact products, the same result as the tensor-core path up to summation order
+    (the interpreter's numpy matmul reads bf16 as raw uint16 otherwise)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, H, inv_temp,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """z tile (BLOCK_M, BLOCK_V) = (h[offs_m]·W[offs_v]ᵀ + b[offs_v]) · inv_temp in fp32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * H  # (BLOCK_M, 1) row pointers
+    w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * H  # (BLOCK_V, 1) row pointers
+    acc = tl.full((BLOCK_M, BLOCK_V), 0.0, tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < H
+        h = tl.load(h_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
+def _linear_logprob_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr,          # (N, H), (V, H), (V,), (N,) int64
+    m_out, s_out, t_out, zt_out,           # (SPLITS, N) fp32 partials
+    N, V, H, inv_temp, m_blocks, blocks_per_split,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # split-major order: programs running at the same time stream the same rows of W
+    pid_s = pid // m_blocks
+    pid_m = pid % m_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    tgt = tl.load(tgt_ptr + offs_m, mask=mask_m, other=-1)
+
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: keeps (m_old − m_new)·s = 0
+    s_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    t_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    zt_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+
+    v_lo = pid_s * blocks_per_split * BLOCK_V
+    v_hi = tl.minimum(v_lo + blocks_per_split * BLOCK_V, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, H, inv_temp,
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, _rmax(z, 1, INTERP))
+        alpha = tl.exp(m_i - m_new)
+        zs = z - m_new[:, None]                                # (BLOCK_M, BLOCK_V), ≤ 0
+        p = tl.exp(zs)                                         # 0 on masked columns
+        if WITH_ENTROPY:
+            pz = p * tl.where(mask_v[None, :], zs, 0.0)        # no 0·(−inf) on masked columns
+            t_i = alpha * (t_i + (m_i - m_new) * s_i) + _rsum(pz, 1, INTERP)
+        s_i = alpha * s_i + _rsum(p, 1, INTERP)
+        m_i = m_new
+        hit = offs_v[None, :] == tgt[:, None]
+        zt_i += _rsum(tl.where(hit, z, 0.0), 1, INTERP)
+
+    out = pid_s.to(tl.int64) * N + offs_m
+    tl.store(m_out + out, m_i, mask=mask_m)
+    tl.store(s_out + out, s_i, mask=mask_m)
+    tl.store(zt_out + out, zt_i, mask=mask_m)
+    if WITH_ENTROPY:
+        tl.store(t_out + out, t_i, mask=mask_m)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers: reshape, allocate, choose grid / blocks / warps
+# --------------------------------------------------------------------------------------
+def _config(dtype: torch.dtype, device: torch.device, opts: TritonOptions):
+    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) for this device and dtype."""
+    if device.type != "cuda" or interpreting():
+        bm, bv, bk, warps, stages = 16, 32, 32, 4, 1
+    elif dtype == torch.float32:
+        bm, bv, bk, warps, stages = 64, 64, 32, 8, 2    # ieee fp32 dot (no tensor cores)
+    else:
+        # Hopper bf16/fp16: sm_90 AOT compile (H % 16 == 0) gives 182 (fwd), 202 (gemm bwd),
+        # 255 (atomic bwd) registers/thread, no spills, 96-160 KB smem
+        bm, bv, bk, warps, stages = 128, 128, 64, 8, 3
+    return (opts.block_m or bm, opts.block_v or bv, opts.block_k or bk, warps, stages)
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """DOT_PRECISION ("ieee" keeps fp32 inputs exact; ignored for 16-bit) and UPCAST."""
+    upcast = interpreting() and dtype != torch.float32
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32",
+                UPCAST=upcast, INTERP=interpreting())
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def linear_logprob_fwd(hidden, weight, bias, targets, temperature, with_entropy,
+                       opts: TritonOptions = DEFAULT_OPTIONS):
+    """Log-probs of targets without gradients: contiguous hidden (N, H), weight (V, H), bias
+    (V,) or None, targets (N,) int64. Returns (logp (N,) fp32, entropy (N,) fp32 or None)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    if N == 0:
+        empty = hidden.new_empty((0,), dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    bm, bv, bk, warps, stages = _config(hidden.dtype, hidden.device, opts)
+    m_blocks = triton.cdiv(N, bm)
+    v_blocks = triton.cdiv(V, bv)
+    # enough programs to fill the GPU ~8 times over (short tail), never an empty split
+    splits = opts.splits or max(1, min(v_blocks, triton.cdiv(8 * _num_sms(hidden.device), m_blocks)))
+    blocks_per_split = triton.cdiv(v_blocks, splits)
+    splits = triton.cdiv(v_blocks, blocks_per_split)
+    part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
+    m_p, s_p, t_p, zt_p = part.unbind(0)                        # each (SPLITS, N)
+    grid = (m_blocks * splits,)
+    _linear_logprob_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets,
+        m_p, s_p, t_p, zt_p,
+        N, V, H, 1.0 / temperature, m_blocks, blocks_per_split,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_dot_args(hidden.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    # merge the split partials: O(N·SPLITS)
+    m = m_p.amax(0)                                             # (N,)
+    scale = torch.exp(m_p - m)                                  # (SPLITS, N)
+    s = (s_p * scale).sum(0)                                    # (N,)
+    lse = m + torch.log(s)
+    logp = zt_p.sum(0) - lse
+    if with_entropy:
+        t = (scale * (t_p + (m_p - m) * s_p)).sum(0)            # Σ exp(z − m)·(z − m)
+        return logp, torch.log(s) - t / s
+    return logp, None
+
+
+# --------------------------------------------------------------------------------------
+# Row pass of the fused loss
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
+                      WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * z_stride
+    offs = tl.arange(0, BLOCK_V)
+    m_i = tl.full((BLOCK_V,), -1.0e30, tl.float32)  # per-lane online stats, merged at the end
+    s_i = tl.full((BLOCK_V,), 0.0, tl.float32)
+    t_i = tl.full((BLOCK_V,), 0.0, tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + offs < V
+        z = tl.load(base + v0 + offs, mask=mask, other=-float("inf"))
+        m_new = tl.maximum(m_i, z)
+        alpha = tl.exp(m_i - m_new)
+        zs = tl.where(mask, z - m_new, 0.0)
+        p = tl.where(mask, tl.exp(zs), 0.0)
+        if WITH_ENTROPY:
+            t_i = alpha * (t_i + (m_i - m_new) * s_i) + p * zs
+        s_i = alpha * s_i + p
+        m_i = m_new
+    m = _rmax(m_i, 0, INTERP)
+    scale = tl.exp(m_i - m)
+    s = _rsum(s_i * scale, 0, INTERP)
+    lse = m + tl.log(s)
+    zt = tl.load(base + tl.load(tgt_ptr + row))
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, zt - lse)
+    if WITH_ENTROPY:
+        t = _rsum(scale * (t_i + (m_i - m) * s_i), 0, INTERP)  # Σ exp(z − m)·(z − m)
+        tl.store(ent_ptr + row, tl.log(s) - t / s)
+
+
+@triton.jit
+def _dlogits_kernel(z_ptr, z_stride, out_ptr, out_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
+                    V, inv_temp, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    out_row = out_ptr + row * out_stride
+    lse = tl.load(lse_ptr + row)
+    tgt = tl.load(tgt_ptr + row)
+    g = tl.load(g_ptr + row) * inv_temp
+    if HAS_GENT:
+        ge = tl.load(ge_ptr + row) * inv_temp
+        shift = tl.load(ent_ptr + row) - lse  # log p + H = z − lse + H
+    offs = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0)
+        p = tl.exp(z - lse)
+        coef = g
+        if HAS_GENT:
+            coef = g + ge * (z + shift)
+        dz = tl.where(cols == tgt, g, 0.0) - coef * p
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_ROW_BLOCK = 1024  # vocabulary entries per step of a row program
+
+
+def extra_bytes_per_row(vocab: int, dtype: torch.dtype) -> int:
+    """dlogits are written into the logits' own storage: nothing beyond the fp32 logits."""
+    return 0
+
+
+def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> RowStats:
+    """Per-row log-prob of targets (R,) int64 (and entropy) from fp32 logits z (R, V); z is kept."""
+    R, V = z.shape
+    lse = torch.empty(R, device=z.device, dtype=torch.float32)
+    logp = torch.empty_like(lse)
+    entropy = torch.empty_like(lse) if with_entropy else None
+    if R:
+        _row_stats_kernel[(R,)](z, z.stride(0), targets, lse, logp, entropy if with_entropy else lse, V,
+                                WITH_ENTROPY=with_entropy, BLOCK_V=_ROW_BLOCK, INTERP=interpreting(),
+                                num_warps=8)
+    return RowStats(logp, entropy, lse)
+
+
+def dlogits_(z, targets, stats: RowStats, g_logp, g_entropy, inv_t: float, out_dtype) -> torch.Tensor:
+    """dlogits (R, V) in out_dtype written into z's storage (a view with row stride 2V for 16 bits)."""
+    R, V = z.shape
+    if out_dtype == torch.float32:
+        out = z
+    else:  # first half of each fp32 row's bytes (see the module docstring)
+        out = z.view(out_dtype)[:, :V]
+    if R:
+        has_gent = g_entropy is not None
+        _dlogits_kernel[(R,)](z, z.stride(0), out, out.stride(0), targets, stats.lse,
+                              stats.entropy if has_gent else stats.lse, g_logp.contiguous(),
+                              g_entropy.contiguous() if has_gent else g_logp, V, inv_t,
+                              HAS_GENT=has_gent, BLOCK_V=_ROW_BLOCK, num_warps=8)
+    return out
+
+

@@ -262,11 +262,12 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
 
 
 @triton.jit
-def _dlogits_kernel(z_ptr, z_stride, out_ptr, out_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
-                    V, inv_temp, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr):
+def _dlogits_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
+                    V, inv_temp, OUT_DTYPE: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
-    out_row = out_ptr + row * out_stride
+    # one pointer for both (a second, aliasing argument would be copied apart by the interpreter)
+    out_row = z_row.to(tl.pointer_type(OUT_DTYPE), bitcast=True)
     lse = tl.load(lse_ptr + row)
     tgt = tl.load(tgt_ptr + row)
     g = tl.load(g_ptr + row) * inv_temp
@@ -283,10 +284,11 @@ def _dlogits_kernel(z_ptr, z_stride, out_ptr, out_stride, tgt_ptr, lse_ptr, ent_
         if HAS_GENT:
             coef = g + ge * (z + shift)
         dz = tl.where(cols == tgt, g, 0.0) - coef * p
-        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + cols, dz.to(OUT_DTYPE), mask=mask)
 
 
 _ROW_BLOCK = 1024  # vocabulary entries per step of a row program
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def extra_bytes_per_row(vocab: int, dtype: torch.dtype) -> int:
@@ -310,16 +312,14 @@ def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> Ro
 def dlogits_(z, targets, stats: RowStats, g_logp, g_entropy, inv_t: float, out_dtype) -> torch.Tensor:
     """dlogits (R, V) in out_dtype written into z's storage (a view with row stride 2V for 16 bits)."""
     R, V = z.shape
-    if out_dtype == torch.float32:
-        out = z
-    else:  # first half of each fp32 row's bytes (see the module docstring)
-        out = z.view(out_dtype)[:, :V]
     if R:
         has_gent = g_entropy is not None
-        _dlogits_kernel[(R,)](z, z.stride(0), out, out.stride(0), targets, stats.lse,
-                              stats.entropy if has_gent else stats.lse, g_logp.contiguous(),
-                              g_entropy.contiguous() if has_gent else g_logp, V, inv_t,
-                              HAS_GENT=has_gent, BLOCK_V=_ROW_BLOCK, num_warps=8)
-    return out
-
-
+        _dlogits_kernel[(R,)](z, z.stride(0), targets, stats.lse, stats.entropy if has_gent else stats.lse,
+                              g_logp.contiguous(), g_entropy.contiguous() if has_gent else g_logp, V, inv_t,
+                              OUT_DTYPE=_TL_DTYPES[out_dtype], HAS_GENT=has_gent, BLOCK_V=_ROW_BLOCK, num_warps=8)
+    if out_dtype == torch.float32:
+        return z
+    out = z.view(out_dtype)[:, :V]  # first half of each row's bytes
+    # CPU GEMMs (the interpreter's tests) were seen to read past K in a padded row and turn the
+    # stale second half into NaN; cuBLAS reads only the K columns of a strided operand
+    return out if out.is_cuda else out.contiguous()

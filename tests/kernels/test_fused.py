@@ -1,0 +1,208 @@
+"""The fused loss (loss and gradients in one forward pass) against a float64 full-logits reference.
+
+Both backends run: torch, and Triton (interpreted on CPU at tiny shapes, compiled on CUDA).
+Upstream gradients are at GRPO scale (the loss is normalised by thousands of tokens). Each
+gradient is checked by its relative norm error and cosine similarity against float64; the rows
+of d_W that no target selects are checked on their own (they are small next to the target rows).
+For 16-bit inputs the bound is twice the error of eager full logits in that dtype (the same
+formula run in bf16/fp16 on the same rounded inputs) plus a rounding-level floor.
+"""
+import pytest
+import torch
+from triton_loader import DEV, load_backend
+
+from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
+from fastmgrpo.kernels.reference import reference_linear_logprobs
+
+load_backend()
+BACKENDS = ["torch", "triton"]
+LENGTHS = [9, 1, 14, 0, 6, 11]
+NUM_TOKENS = 4096  # global normaliser: GRPO-scale upstream gradients
+NUM_SEQUENCES = 512
+
+
+def _problem(seed, H, V, dtype, with_bias, lengths=LENGTHS):
+    """Packed inputs, rounded to `dtype` and kept in float64 for the references."""
+    g = torch.Generator().manual_seed(seed)
+    M, B = sum(lengths), len(lengths)
+    d = dict(
+        hidden=torch.randn(M, H, generator=g, dtype=torch.float64),
+        weight=torch.randn(V, H, generator=g, dtype=torch.float64) * 2 / H**0.5,
+        bias=torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None,
+    )
+    d = {k: None if v is None else v.to(dtype).double() for k, v in d.items()}
+    d["targets"] = torch.randint(0, V, (M,), generator=g)
+    d["targets"][:3] = torch.tensor([0, V - 1, 1])  # vocabulary edges
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    d["cu"], d["lengths"] = cu, lengths
+    d["adv"] = torch.randn(B, generator=g)
+    logp, _ = reference_linear_logprobs(d["hidden"], d["weight"], d["targets"], d["bias"])
+    d["old"] = (logp + 0.3 * torch.randn(M, generator=g, dtype=torch.float64)).float()  # ratios straddle the clip
+    d["ref"] = (logp + 0.3 * torch.randn(M, generator=g, dtype=torch.float64)).float()
+    return d
+
+
+def _reference_loss(d, dtype, cfg: GRPOLossConfig):
+    """The loss written out plainly on full logits in `dtype`; returns (loss, [d_h, d_w, d_b]) in float64."""
+    leaves = [None if d[k] is None else d[k].to(dtype).requires_grad_() for k in ("hidden", "weight", "bias")]
+    logp, ent = reference_linear_logprobs(leaves[0], leaves[1], d["targets"], leaves[2], cfg.temperature)
+    logp, ent = logp.double(), ent.double()
+    old, ref, adv = d["old"].double(), d["ref"].double(), d["adv"].double()
+    total = 0.0
+    for i, (s0, s1) in enumerate(zip(d["cu"][:-1].tolist(), d["cu"][1:].tolist())):
+        if s1 == s0:
+            continue
+        lr = logp[s0:s1] - old[s0:s1]
+        if cfg.importance_sampling_level == "sequence":
+            lr = lr.mean().expand(s1 - s0)
+        ratio = torch.exp(lr)
+        surrogate = -torch.min(ratio * adv[i], ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high) * adv[i])
+        x = ref[s0:s1] - logp[s0:s1]
+        per_token = surrogate + cfg.beta * (torch.exp(x) - x - 1) - cfg.entropy_coef * ent[s0:s1]
+        if cfg.loss_type == "grpo":
+            total = total + per_token.mean() / NUM_SEQUENCES
+        else:  # bnpo
+            total = total + per_token.sum() / NUM_TOKENS
+    present = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad(total, present))
+    return total.detach().double(), [None if x is None else next(grads).double() for x in leaves]
+
+
+def _fused_loss(d, dtype, cfg, backend):
+    leaves = [None if d[k] is None else d[k].to(dtype).to(DEV).requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss, metrics = packed_grpo_loss(
+        leaves[0], leaves[1], d["targets"].to(DEV), d["cu"].to(DEV), d["adv"].to(DEV), d["old"].to(DEV),
+        d["ref"].to(DEV), config=cfg, bias=leaves[2], num_sequences=NUM_SEQUENCES, num_tokens=NUM_TOKENS,
+        backend=backend,
+    )
+    present = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad(loss, present))
+    out = [None if x is None else next(grads) for x in leaves]
+    assert all(g is None or g.dtype == dtype for g in out)  # gradients in the inputs' dtype
+    return loss.detach().double().cpu(), [None if g is None else g.double().cpu() for g in out], metrics
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def _errors(grads, gold, targets):
+    """{name: (relative norm error, 1 - cosine)} per gradient, d_W's non-target rows on their own."""
+    out = {}
+    other = torch.ones(gold[1].shape[0], dtype=torch.bool)
+    other[targets.unique()] = False
+    for name, a, b in (("d_hidden", grads[0], gold[0]), ("d_weight", grads[1], gold[1]),
+                       ("d_weight_non_target", grads[1][other], gold[1][other]), ("d_bias", grads[2], gold[2])):
+        if b is not None:
+            out[name] = (_rel(a, b), 1 - _cos(a, b))
+    return out
+
+
+CASES = [  # dtype, bias, temperature, entropy_coef, loss_type, importance level, budget (rows of logits)
+    (torch.float32, True, 0.7, 0.01, "grpo", "token", 5),
+    (torch.float32, False, 1.0, 0.0, "bnpo", "sequence", 16),
+    (torch.bfloat16, True, 1.3, 0.01, "bnpo", "token", 7),
+    (torch.bfloat16, False, 1.0, 0.0, "grpo", "sequence", 1000),
+    (torch.float16, True, 0.9, 0.0, "grpo", "token", 3),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,bias,temp,ent,loss_type,level,rows", CASES)
+def test_gradients_match_float64(backend, dtype, bias, temp, ent, loss_type, level, rows):
+    V = 301 if backend == "triton" else 1031
+    cfg = GRPOLossConfig(beta=0.04, temperature=temp, entropy_coef=ent, loss_type=loss_type,
+                         importance_sampling_level=level, memory_budget=rows * V * 4 + 64 * V * 8 * (ent != 0))
+    d = _problem(1234, 24, V, dtype, bias)
+    gold_loss, gold = _reference_loss(d, torch.float64, cfg)
+    loss, grads, metrics = _fused_loss(d, dtype, cfg, backend)
+    if dtype == torch.float32:
+        assert abs(loss - gold_loss).item() <= 1e-5 * abs(gold_loss).item() + 1e-9
+        for name, (rel, one_minus_cos) in _errors(grads, gold, d["targets"]).items():
+            assert rel <= 2e-5 and one_minus_cos <= 1e-8, (name, rel, one_minus_cos)
+        return
+    eager_loss, eager = _reference_loss(d, dtype, cfg)
+    assert abs(loss - gold_loss).item() <= 2 * abs(eager_loss - gold_loss).item() + 1e-6 * abs(gold_loss).item()
+    ours, theirs = _errors(grads, gold, d["targets"]), _errors(eager, gold, d["targets"])
+    for name in ours:
+        (rel, omc), (rel_e, omc_e) = ours[name], theirs[name]
+        assert rel <= 2 * rel_e + 1e-3 and omc <= 2 * omc_e + 1e-6, (name, ours[name], theirs[name])
+    assert set(metrics) == {"kl", "clip_ratio", "ratio_mean"} | ({"entropy"} if ent else set())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_budget_gives_the_same_result(backend):
+    """One row per chunk, a chunk splitting sequences, and one chunk: the same loss, metrics and
+    gradients (fp32, summation order only)."""
+    V = 97
+    d = _problem(7, 16, V, torch.float32, True)
+    runs = [_fused_loss(d, torch.float32, GRPOLossConfig(beta=0.1, loss_type="grpo", memory_budget=rows * V * 4),
+                        backend) for rows in (1, 5, 10**6)]
+    for loss, grads, metrics in runs[1:]:
+        assert abs(loss - runs[0][0]).item() <= 1e-5 * abs(runs[0][0]).item() + 1e-9
+        for a, b in zip(grads, runs[0][1]):
+            assert _rel(a, b) <= 1e-5
+        for k in metrics:
+            assert abs(metrics[k] - runs[0][2][k]).item() <= 1e-5
+
+
+def test_budget_smaller_than_a_sequence():
+    """Token-level losses split the sequence across chunks; sequence-level ones raise, naming the budget."""
+    V = 64
+    d = _problem(3, 8, V, torch.float32, False)
+    token = GRPOLossConfig(beta=0.0, memory_budget=2 * V * 4)
+    seq = GRPOLossConfig(beta=0.0, memory_budget=2 * V * 4, importance_sampling_level="sequence")
+    loss, _, _ = _fused_loss(d, torch.float32, token, "torch")
+    gold, _ = _reference_loss(d, torch.float64, token)
+    assert abs(loss - gold).item() <= 1e-5 * abs(gold).item()
+    with pytest.raises(ValueError, match=r"memory_budget=512 bytes holds 2 rows.*9 tokens.*at least 2304 bytes"):
+        _fused_loss(d, torch.float32, seq, "torch")
+    with pytest.raises(ValueError, match="holds no row"):
+        _fused_loss(d, torch.float32, GRPOLossConfig(beta=0.0, memory_budget=V), "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_weight_grad_accumulation(backend):
+    """d_W summed over one-row bf16 chunks in an fp32 buffer: returned in bf16, within the bound."""
+    V = 257
+    d = _problem(11, 16, V, torch.bfloat16, False, lengths=[12] * 5)
+    cfg = GRPOLossConfig(beta=0.04, loss_type="bnpo", memory_budget=V * 6, fp32_weight_grad=True)
+    _, gold = _reference_loss(d, torch.float64, cfg)
+    _, eager = _reference_loss(d, torch.bfloat16, cfg)
+    _, grads, _ = _fused_loss(d, torch.bfloat16, cfg, backend)
+    assert _rel(grads[1], gold[1]) <= 2 * _rel(eager[1], gold[1]) + 1e-3
+
+
+def test_frozen_head_and_no_grad():
+    """Only the inputs that need gradients get them; under no_grad the loss is still computed."""
+    V = 50
+    d = _problem(5, 8, V, torch.float32, True)
+    cfg = GRPOLossConfig(beta=0.04, loss_type="bnpo")
+    h = d["hidden"].float().requires_grad_()
+    w, b = d["weight"].float(), d["bias"].float()
+    args = (d["targets"], d["cu"], d["adv"], d["old"], d["ref"])
+    loss, _ = packed_grpo_loss(h, w, *args, config=cfg, bias=b, num_tokens=NUM_TOKENS)
+    loss.backward()
+    gold_loss, gold = _reference_loss(d, torch.float64, cfg)
+    assert w.grad is None and _rel(h.grad.double(), gold[0]) <= 2e-5
+    with torch.no_grad():
+        loss2, _ = packed_grpo_loss(h, w, *args, config=cfg, bias=b, num_tokens=NUM_TOKENS)
+    assert loss2.grad_fn is None and abs(loss2.double() - gold_loss).item() <= 1e-5 * abs(gold_loss).item()
+
+
+def test_grad_output_scales_the_gradients():
+    """Backward multiplies the stored gradients by grad_output (e.g. a loss scale)."""
+    d = _problem(9, 8, 40, torch.float32, False)
+    cfg = GRPOLossConfig(beta=0.0, loss_type="bnpo")
+    h = d["hidden"].float().requires_grad_()
+    loss, _ = packed_grpo_loss(h, d["weight"].float(), d["targets"], d["cu"], d["adv"], config=cfg)
+    (loss * -3.0).backward()
+    h2 = d["hidden"].float().requires_grad_()
+    loss2, _ = packed_grpo_loss(h2, d["weight"].float(), d["targets"], d["cu"], d["adv"], config=cfg)
+    loss2.backward()
+    torch.testing.assert_close(h.grad, -3.0 * h2.grad)

@@ -1,6 +1,13 @@
-"""Shared pytest set-up: every test runs under a fresh random seed, reported when it fails."""
+"""Shared pytest set-up: every test runs under a fixed seed of its own, printed when it fails.
 
+The seed is a hash of the test's id, so a run is reproducible and a failure names the seed that
+caused it. FASTMGRPO_SEED_SHIFT=K shifts every seed (sweep seeds outside CI to hunt for tests that
+fail for some draws: `for k in 1 2 3; do FASTMGRPO_SEED_SHIFT=$k pytest tests; done`).
+"""
+
+import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -18,7 +25,8 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    seed = random.SystemRandom().randrange(2**31)
+    shift = int(os.environ.get("FASTMGRPO_SEED_SHIFT", "0"))
+    seed = (zlib.crc32(request.node.nodeid.encode()) + shift) % 2**31
     torch.manual_seed(seed)
     random.seed(seed)
     yield seed

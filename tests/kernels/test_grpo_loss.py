@@ -110,7 +110,7 @@ def test_module_signature_is_liger_compatible():
     ours, theirs = inspect.signature(FusedLinearGRPOLoss.__init__), inspect.signature(LigerFusedLinearGRPOLoss.__init__)
     ours_p, theirs_p = list(ours.parameters.values()), list(theirs.parameters.values())
     assert [(p.name, p.default) for p in ours_p[: len(theirs_p)]] == [(p.name, p.default) for p in theirs_p]
-    assert [p.name for p in ours_p[len(theirs_p):]] == ["backend"]
+    assert [p.name for p in ours_p[len(theirs_p):]] == ["backend", "memory_budget"]
     fwd_ours = inspect.signature(FusedLinearGRPOLoss.forward).parameters
     fwd_theirs = inspect.signature(LigerFusedLinearGRPOLoss.forward).parameters
     assert [(p.name, p.default) for p in fwd_ours.values()] == [(p.name, p.default) for p in fwd_theirs.values()]

@@ -7,7 +7,6 @@ from fastmgrpo.kernels import (
     FusedLinearGRPOLoss,
     GRPOLossConfig,
     fused_linear_grpo_loss,
-    linear_logprobs,
     packed_grpo_loss,
     token_logprobs,
 )
@@ -38,12 +37,21 @@ def _args(**over):
         (dict(temperature=-1.0), ValueError, "temperature"),
         (dict(temperature=float("nan")), ValueError, "temperature"),
         (dict(backend="cuda-magic"), ValueError, "backend"),
-        (dict(backend="triton"), ValueError, "triton"),  # CPU tensors
+        (dict(memory_budget=0), ValueError, "memory_budget"),
+        (dict(memory_budget=2.5e8), ValueError, "memory_budget"),
     ],
 )
-def test_linear_logprobs_rejects(over, exc, word):
+def test_token_logprobs_rejects(over, exc, word):
     with pytest.raises(exc, match=word):
-        linear_logprobs(**_args(**over))
+        token_logprobs(**_args(**over))
+
+
+def test_token_logprobs_refuses_to_drop_gradients():
+    args = _args(hidden=torch.randn(N, H, requires_grad=True))
+    with pytest.raises(ValueError, match="no_grad"):
+        token_logprobs(**args)
+    with torch.no_grad():
+        assert token_logprobs(**args).grad_fn is None
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -51,7 +59,7 @@ def test_non_finite_hidden_is_rejected(bad):
     hidden = torch.randn(N, H)
     hidden[3, 2] = bad
     with pytest.raises(ValueError, match="hidden"):
-        linear_logprobs(**_args(hidden=hidden))
+        token_logprobs(**_args(hidden=hidden))
 
 
 def test_token_logprobs_rejects_mismatched_targets():

@@ -11,6 +11,8 @@ import os
 import sys
 
 import torch
+import triton  # noqa: F401  (imported un-interpreted first, so the sm_90 compile test can run too)
+import triton.language  # noqa: F401
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -82,6 +82,9 @@ class MGRPOConfig:
     entropy_coef: float = _opt(0.0, "Entropy bonus coefficient (0 = off).")
     sapo_temperature_pos: float = _opt(1.0, "SAPO gate temperature for positive advantages.")
     sapo_temperature_neg: float = _opt(1.05, "SAPO gate temperature for negative advantages.")
+    loss_memory_mib: int = _opt(256, "Working memory of the fused loss in MiB: it runs one chunk of fp32 "
+                                "logits (rows x vocab x 4 bytes) at a time. Results do not depend on it; "
+                                "sequence-level losses need one whole sequence per chunk.")
     num_iterations: int = _opt(1, "Policy updates per rollout batch (mu); >1 makes the ratio != 1.")
 
     # --- optimisation ---------------------------------------------------------------------

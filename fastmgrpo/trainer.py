@@ -72,6 +72,7 @@ def loss_config(cfg: MGRPOConfig) -> GRPOLossConfig:
         sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
         temperature=cfg.temperature or 1.0, delta=cfg.delta,
         use_bias_correction_kl=cfg.use_bias_correction_kl, entropy_coef=cfg.entropy_coef,
+        memory_budget=cfg.loss_memory_mib * 2**20,
     )
 
 
@@ -251,7 +252,8 @@ class Trainer:
                 w, b = lm_head(self.ref_model)
                 ref_lp = token_logprobs(hidden_rows(self.ref_model, batch, self.dtype), w.to(self.dtype),
                                         batch.targets, temperature=self.loss_cfg.temperature,
-                                        bias=None if b is None else b.to(self.dtype))
+                                        bias=None if b is None else b.to(self.dtype),
+                                        memory_budget=self.loss_cfg.memory_budget)
             totals["ref_time"] += time.perf_counter() - t
         loss, m = self.policy(batch, ref_lp, normaliser)
         # DDP/FSDP2 average gradients over ranks; each rank's loss is its share of the global sum.

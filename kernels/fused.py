@@ -17,6 +17,7 @@ once at the end, which costs V·H·4 bytes (0.67 GB at Gemma 3's 262144 × 640, 
 152064 × 3584) on top of the budget. bench/RESULTS.md has the error of both against float64.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,14 +105,20 @@ def logits_fp32(h, weight, bias, inv_t, out, weight32):
 def head_fp32(weight: torch.Tensor) -> torch.Tensor | None:
     """None when logits_fp32 can use `weight` as it is, else an fp32 copy of it: 16-bit weights
     on a device without fp32-output GEMMs for them (CPU tests, old torch), not a fast path."""
-    if weight.dtype == torch.float32:
+    if weight.dtype == torch.float32 or _fp32_output_gemm(weight.device, weight.dtype):
         return None
+    return weight.float()
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(a, b, out_dtype=float32, out=...) runs for `dtype` inputs on `device`."""
     try:
-        a = torch.ones(2, 2, device=weight.device, dtype=weight.dtype)
-        torch.mm(a, a, out_dtype=torch.float32)
-        return None
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        torch.mm(a, a, out_dtype=torch.float32, out=torch.empty(2, 2, device=device))
+        return True
     except (RuntimeError, TypeError, NotImplementedError):
-        return weight.float()
+        return False
 
 
 def chunk_buffer(chunks, vocab: int, device) -> torch.Tensor:

@@ -12,6 +12,7 @@ from .grpo_loss import (
     packed_grpo_loss,
     token_logprobs,
 )
+from .trl_patch import use_in_trl
 
 __all__ = [
     "FusedLinearGRPOLoss",
@@ -20,4 +21,5 @@ __all__ = [
     "linear_logprobs",
     "packed_grpo_loss",
     "token_logprobs",
+    "use_in_trl",
 ]

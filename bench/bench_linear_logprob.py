@@ -7,17 +7,31 @@ Providers:
     triton_fwd           Triton forward only (no grad): the old/ref log-prob pass
     torch_chunked        the chunked PyTorch backend (kernels.linear_logprob_torch)
     eager                full (N, V) logits (kernels.reference.reference_linear_logprobs)
+    torch_lce            PyTorch's chunked −F.linear_cross_entropy(reduction="none"): logp only
+                         (it has no entropy output); skips where torch lacks it
     matmul_floor         h·Wᵀ, dlogits·W, dlogitsᵀ·h
 Triton providers need CUDA (the CPU interpreter is far too slow for a benchmark).
-Upstream grads: random on logp, and on entropy (with_entropy=True) for every provider.
+Upstream grads: random on logp, and on entropy (with_entropy=True) for every provider but torch_lce.
+extra_info as in bench_grpo_loss.py (peak_mem_bytes, working_mem_bytes, ratio_vs_matmul_floor).
 """
 import pytest
 import torch
 
-from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
+from benchutil import (
+    CUDA,
+    DEVICE,
+    DTYPE,
+    SHAPES,
+    device_name,
+    matmul_floor_target,
+    measure_against_floor,
+    providers,
+    sync,
+    torch_linear_cross_entropy,
+)
 
-PROVIDERS = ["triton_atomic", "triton_atomic_skip", "triton_gemm", "triton_fwd", "torch_chunked",
-             "eager", "matmul_floor"]
+PROVIDERS = providers(["triton_atomic", "triton_atomic_skip", "triton_gemm", "triton_fwd", "torch_chunked",
+                       "eager", "torch_lce", "matmul_floor"])
 
 
 def _setup(shape):
@@ -76,6 +90,16 @@ def _target(provider, x):
         def step():
             logp, ent = reference_linear_logprobs(h, w, t)
             backward(logp.float(), ent.float())
+            sync()
+        return step
+
+    if provider == "torch_lce":
+        nll = torch_linear_cross_entropy()
+
+        def step():
+            h.grad = None
+            w.grad = None
+            (-nll(h, w, t)).backward(x["g_logp"])
             sync()
         return step
 

@@ -19,18 +19,8 @@ working_mem_bytes (that minus the returned gradients' bytes), ratio_vs_matmul_fl
 import pytest
 import torch
 
-from benchutil import (
-    CUDA,
-    DEVICE,
-    DTYPE,
-    SHAPES,
-    device_name,
-    matmul_floor_target,
-    measure_against_floor,
-    providers,
-    sync,
-    torch_linear_cross_entropy,
-)
+from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
+from benchutil import providers, torch_linear_cross_entropy
 
 PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_logp_fwd", "eager", "liger_chunked",
                        "liger_triton_logits", "torch_lce", "matmul_floor"])

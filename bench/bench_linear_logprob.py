@@ -17,18 +17,8 @@ extra_info as in bench_grpo_loss.py (peak_mem_bytes, working_mem_bytes, ratio_vs
 import pytest
 import torch
 
-from benchutil import (
-    CUDA,
-    DEVICE,
-    DTYPE,
-    SHAPES,
-    device_name,
-    matmul_floor_target,
-    measure_against_floor,
-    providers,
-    sync,
-    torch_linear_cross_entropy,
-)
+from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
+from benchutil import providers, torch_linear_cross_entropy
 
 PROVIDERS = providers(["triton_atomic", "triton_atomic_skip", "triton_gemm", "triton_fwd", "torch_chunked",
                        "eager", "torch_lce", "matmul_floor"])

@@ -3,23 +3,26 @@
 Providers (one setup factory, `_setup`):
     fastmgrpo            FusedLinearGRPOLoss, default backend (Triton on CUDA, chunked torch on CPU)
     fastmgrpo_torch      the same with backend="torch" (CUDA only: on CPU it is `fastmgrpo`)
-    fastmgrpo_logp_fwd   token_logprobs under no_grad (the old/ref log-prob pass), forward only
     eager                full (N, V) logits in PyTorch (kernels.reference.reference_grpo_loss)
     liger_chunked        liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled on CUDA)
     liger_triton_logits  h·Wᵀ logits + liger_kernel triton_grpo_loss (CUDA only)
+    torch_lce            PyTorch's chunked F.linear_cross_entropy(reduction="none") weighted by
+                         A·mask/n: the on-policy GRPO gradient without KL or clipping (the O(N)
+                         parts other providers add are negligible); skips where torch lacks it
     matmul_floor         h·Wᵀ, dlogits·W, dlogitsᵀ·h: the three GEMMs any exact method needs
 
-Every provider uses loss_type="dapo", beta=0.04 with given ref/old log-probs, T=1.
+Every provider but torch_lce uses loss_type="dapo", beta=0.04 with given ref/old log-probs, T=1.
 extra_info: peak_mem_bytes (extra peak of one fwd+bwd, including the gradients it returns),
-ratio_vs_matmul_floor (mean time / three-matmul floor time on the same shape), tokens_per_s.
+working_mem_bytes (that minus the returned gradients' bytes), ratio_vs_matmul_floor (mean time / three-matmul floor time on the same shape), tokens_per_s.
 """
 import pytest
 import torch
 
 from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
+from benchutil import providers, torch_linear_cross_entropy
 
-PROVIDERS = ["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_logp_fwd", "eager", "liger_chunked",
-             "liger_triton_logits", "matmul_floor"]
+PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "eager", "liger_chunked",
+                       "liger_triton_logits", "torch_lce", "matmul_floor"])
 BETA, LOSS_TYPE = 0.04, "dapo"
 
 
@@ -85,15 +88,6 @@ def _make_target(provider, x):
                                                 backend="torch" if provider == "fastmgrpo_torch" else None),
                             x, zero)
 
-    if provider == "fastmgrpo_logp_fwd":
-        from fastmgrpo.kernels import token_logprobs
-
-        def step():
-            with torch.no_grad():
-                token_logprobs(h, w, x["ids"])
-            sync()
-        return step
-
     if provider == "eager":
         def step():
             zero()
@@ -122,6 +116,17 @@ def _make_target(provider, x):
                                        temperature=1.0, beta=BETA, eps_low=0.2, eps_high=0.2,
                                        loss_type=LOSS_TYPE, reduce=True)
             loss.backward()
+            sync()
+        return step
+
+    if provider == "torch_lce":
+        nll = torch_linear_cross_entropy()
+        m = x["mask"].float()
+        per_token = (x["adv"][:, None] * m / m.sum()).reshape(-1)   # (N,) dloss/dnll = −dloss/dlogp
+
+        def step():
+            zero()
+            (nll(h.reshape(-1, h.shape[-1]), w, x["ids"].reshape(-1)) * per_token).sum().backward()
             sync()
         return step
 

@@ -1,72 +1,46 @@
-"""The fused linear + log-softmax + gather (+ entropy) primitive alone: backends and options.
+"""The forward-only log-prob pass (old / reference log-probs under no_grad), never training.
 
 Providers:
-    triton_atomic        Triton, backward with fp32 atomics into slab buffers
-    triton_atomic_skip   the same with the sparsity skip (skip_eps = 2^-12)
-    triton_gemm          Triton, backward storing the dlogits slab, products by cuBLAS (default)
-    triton_fwd           Triton forward only (no grad): the old/ref log-prob pass
-    torch_chunked        the chunked PyTorch backend (kernels.linear_logprob_torch)
+    fastmgrpo            token_logprobs, default backend (Triton's one-matmul kernel with the
+                         log-sum-exp fused in on CUDA, chunked PyTorch on CPU)
+    fastmgrpo_torch      token_logprobs forced to the chunked PyTorch backend (CUDA only)
     eager                full (N, V) logits (kernels.reference.reference_linear_logprobs)
-    matmul_floor         h·Wᵀ, dlogits·W, dlogitsᵀ·h
-Triton providers need CUDA (the CPU interpreter is far too slow for a benchmark).
-Upstream grads: random on logp, and on entropy (with_entropy=True) for every provider.
+    torch_lce            PyTorch's chunked −F.linear_cross_entropy(reduction="none"); skips where
+                         torch lacks it
+    matmul_floor         h·Wᵀ, dlogits·W, dlogitsᵀ·h (recorded, not timed as a provider here)
+Log-probs only (no entropy), so every provider computes the same thing.
+extra_info as in bench_grpo_loss.py; the floor of a forward-only pass is one of the three
+matmuls, so `ratio_vs_one_matmul` = 3 × `ratio_vs_matmul_floor` is the number to read.
 """
 import pytest
 import torch
 
 from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
+from benchutil import providers, torch_linear_cross_entropy
 
-PROVIDERS = ["triton_atomic", "triton_atomic_skip", "triton_gemm", "triton_fwd", "torch_chunked",
-             "eager", "matmul_floor"]
+PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "eager", "torch_lce", "matmul_floor"])
 
 
 def _setup(shape):
     B, L, H, V = shape
     N = B * L
-    hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE).requires_grad_()             # (N, H)
-    weight = (torch.randn(V, H, device=DEVICE) * H ** -0.5).to(DTYPE).requires_grad_()  # (V, H)
-    targets = torch.randint(0, V, (N,), device=DEVICE)                                  # (N,)
-    g_logp = torch.randn(N, device=DEVICE)                                              # (N,)
-    g_ent = torch.randn(N, device=DEVICE)                                               # (N,)
-    return dict(hidden=hidden, weight=weight, targets=targets, g_logp=g_logp, g_ent=g_ent)
+    hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE)                      # (N, H)
+    weight = (torch.randn(V, H, device=DEVICE) * H ** -0.5).to(DTYPE)           # (V, H)
+    targets = torch.randint(0, V, (N,), device=DEVICE)                          # (N,)
+    return dict(hidden=hidden, weight=weight, targets=targets)
 
 
 def _target(provider, x):
     h, w, t = x["hidden"], x["weight"], x["targets"]
-
-    def backward(logp, ent):
-        h.grad = None
-        w.grad = None
-        torch.autograd.backward([logp, ent], [x["g_logp"], x["g_ent"]])
-
-    if provider.startswith("triton"):
-        if not CUDA:
-            pytest.skip("Triton providers need CUDA (the CPU interpreter is not a benchmark)")
-        from fastmgrpo.kernels.linear_logprob_triton import (
-            LinearLogprobTriton,
-            TritonOptions,
-        )
-        opts = {"triton_atomic": TritonOptions(bwd="atomic"),
-                "triton_atomic_skip": TritonOptions(bwd="atomic", skip_eps=2.0 ** -12),
-                "triton_gemm": TritonOptions(bwd="gemm"),
-                "triton_fwd": TritonOptions()}[provider]
-        if provider == "triton_fwd":
-            def step():
-                with torch.no_grad():
-                    LinearLogprobTriton.apply(h, w, None, t, 1.0, False, opts)
-                sync()
-            return step
+    if provider.startswith("fastmgrpo"):
+        if provider == "fastmgrpo_torch" and not CUDA:
+            pytest.skip("on CPU `fastmgrpo` is the torch backend already")
+        from fastmgrpo.kernels import token_logprobs
+        backend = "torch" if provider == "fastmgrpo_torch" else None
 
         def step():
-            backward(*LinearLogprobTriton.apply(h, w, None, t, 1.0, True, opts))
-            sync()
-        return step
-
-    if provider == "torch_chunked":
-        from fastmgrpo.kernels import linear_logprobs
-
-        def step():
-            backward(*linear_logprobs(h, w, t, None, 1.0, True, backend="torch"))
+            with torch.no_grad():
+                token_logprobs(h, w, t, backend=backend)
             sync()
         return step
 
@@ -74,13 +48,22 @@ def _target(provider, x):
         from fastmgrpo.kernels.reference import reference_linear_logprobs
 
         def step():
-            logp, ent = reference_linear_logprobs(h, w, t)
-            backward(logp.float(), ent.float())
+            with torch.no_grad():
+                reference_linear_logprobs(h, w, t)
+            sync()
+        return step
+
+    if provider == "torch_lce":
+        nll = torch_linear_cross_entropy()
+
+        def step():
+            with torch.no_grad():
+                nll(h, w, t)
             sync()
         return step
 
     if provider == "matmul_floor":
-        return matmul_floor_target(x["hidden"], x["weight"])
+        return matmul_floor_target(h, w)
     raise ValueError(provider)
 
 
@@ -89,11 +72,10 @@ def _target(provider, x):
 def test_linear_logprob(benchmark, shape, provider):
     B, L, H, V = shape
     x = _setup(shape)
-    benchmark.group = "linear_logprob N{} H{} V{} {}".format(B * L, H, V, str(DTYPE)[6:])
-    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider,
-                                N=B * L, H=H, V=V)
+    benchmark.group = "logprobs_fwd N{} H{} V{} {}".format(B * L, H, V, str(DTYPE)[6:])
+    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider, N=B * L, H=H, V=V)
     mean = measure_against_floor(benchmark, lambda: _target(provider, x), x, shape, provider)
-    flops = 2 * B * L * H * V * (1 if provider == "triton_fwd" else 3)
     benchmark.extra_info.update(
-        useful_tflops=round(flops / mean / 1e12, 2),
+        ratio_vs_one_matmul=round(3 * benchmark.extra_info["ratio_vs_matmul_floor"], 3),
+        useful_tflops=round(2 * B * L * H * V / mean / 1e12, 2),
     )

@@ -2,12 +2,15 @@
 
 Shapes (B, L, H, V):
     CUDA: bf16 (8,1024,1536,151936) Qwen2.5-1.5B head, (8,1024,3584,152064) and
-          (16,2048,3584,152064) Qwen2.5-7B head.
-    CPU:  fp32 (2,256,256,8192), small enough for the whole suite to take a few minutes.
-FASTMGRPO_BENCH_SHAPES="B,L,H,V;B,L,H,V" overrides the list.
+          (16,2048,3584,152064) Qwen2.5-7B head, (64,256,640,262144) Gemma-3 270M head.
+    CPU:  fp32 (2,256,256,8192) and (4,1024,256,65536) (N=4096: a vocabulary where the full
+          logits, 1 GiB, start to matter).
+FASTMGRPO_BENCH_SHAPES="B,L,H,V;B,L,H,V" overrides the list; FASTMGRPO_BENCH_PROVIDERS="a b"
+keeps only those providers of a suite (gpu_check.sh runs one provider per process).
 """
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -16,8 +19,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
-_CUDA_SHAPES = [(8, 1024, 1536, 151936), (8, 1024, 3584, 152064), (16, 2048, 3584, 152064)]
-_CPU_SHAPES = [(2, 256, 256, 8192)]
+_CUDA_SHAPES = [(8, 1024, 1536, 151936), (8, 1024, 3584, 152064), (16, 2048, 3584, 152064),
+                (64, 256, 640, 262144)]
+_CPU_SHAPES = [(2, 256, 256, 8192), (4, 1024, 256, 65536)]
 
 
 def _shapes():
@@ -28,6 +32,38 @@ def _shapes():
 
 
 SHAPES = _shapes()
+
+
+def providers(all_providers: list) -> list:
+    """`all_providers`, or the subset named in $FASTMGRPO_BENCH_PROVIDERS (unknown names fail)."""
+    env = os.environ.get("FASTMGRPO_BENCH_PROVIDERS", "").split()
+    unknown = set(env) - set(all_providers)
+    if unknown:
+        raise ValueError(f"FASTMGRPO_BENCH_PROVIDERS: unknown {sorted(unknown)}; known {all_providers}")
+    return [p for p in all_providers if p in env] if env else list(all_providers)
+
+
+def torch_linear_cross_entropy():
+    """PyTorch's chunked `F.linear_cross_entropy(reduction="none")` as (hidden (N,H), weight, targets)
+    -> per-token NLL (N,); pytest.skip where torch lacks it or falls back to its full-logits path."""
+    fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    if fn is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+    options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options_cls is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.LinearCrossEntropyOptions (no chunked path)")
+    options = options_cls()
+
+    def nll(hidden, weight, targets):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn(hidden, weight, targets, reduction="none", options=options)
+        # the reference path holds the full logits: measuring it would misreport the chunked one
+        fallback = [str(w.message) for w in caught if "reference" in str(w.message).lower()]
+        if fallback:
+            pytest.skip(f"linear_cross_entropy fell back to its reference path: {fallback[0][:160]}")
+        return out
+    return nll
 
 
 def sync():
@@ -116,22 +152,30 @@ _FLOOR_S: dict = {}  # (B, L, H, V) -> seconds of the three-matmul floor
 
 def measure_against_floor(benchmark, make_target, x, shape, provider) -> float:
     """Time `make_target()` with pytest-benchmark beside the three-matmul floor of the same shape
-    (measured once per shape and process); record peak memory, the floor ratio and tokens/s in
-    `benchmark.extra_info`. Skips on out-of-memory. Returns the mean time in seconds."""
+    (measured once per shape and process); record in `benchmark.extra_info` the total extra peak
+    (returned gradients included), the working memory (that peak minus the bytes of the gradients
+    the call returns in hidden.grad / weight.grad), the floor ratio and tokens/s. Skips on
+    out-of-memory. Returns the mean time in seconds."""
     try:
         target = make_target()
         if shape not in _FLOOR_S:
             _FLOOR_S[shape] = median_time(matmul_floor_target(x["hidden"], x["weight"]), reps=3 if CUDA else 5)
         peak = peak_memory_bytes(target)                    # also the warm-up / compile call
-        benchmark.pedantic(target, rounds=3 if CUDA else 5, warmup_rounds=1 if CUDA else 0, iterations=1)
+        grads = sum(t.grad.nbytes for t in (x["hidden"], x["weight"]) if t.grad is not None)
+        # CPU shapes whose floor takes seconds: 2 rounds keep `pytest bench/` within minutes
+        rounds = 3 if CUDA else (5 if _FLOOR_S[shape] < 0.5 else 2)
+        benchmark.pedantic(target, rounds=rounds, warmup_rounds=1 if CUDA else 0, iterations=1)
     except torch.OutOfMemoryError as err:
         pytest.skip(f"{provider} runs out of memory at {shape}: {str(err)[:120]}")
     finally:
         if CUDA:
             torch.cuda.empty_cache()
     mean, floor = benchmark.stats.stats.mean, _FLOOR_S[shape]
+    working = None if peak is None else max(0, peak - grads)
     benchmark.extra_info.update(
         peak_mem_bytes=peak, peak_mem_gib=None if peak is None else round(peak / 2 ** 30, 3),
+        grad_bytes=grads, working_mem_bytes=working,
+        working_mem_gib=None if working is None else round(working / 2 ** 30, 3),
         matmul_floor_s=floor, ratio_vs_matmul_floor=round(mean / floor, 3),
         tokens_per_s=round(shape[0] * shape[1] / mean),
     )

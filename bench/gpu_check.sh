@@ -1,84 +1,116 @@
 #!/usr/bin/env bash
-# One-shot GPU validation + benchmark for the Triton linear-logprob kernels (H100/H200, offline,
-# torch + triton preinstalled). Run from anywhere:  OUT=/some/dir bash bench/gpu_check.sh
-# Total budget ~8 minutes, plus up to ~4.5 for the rollout step: every step has its own timeout
-# so a slow step cannot eat the rest,
-# and each writes its own result file under $OUT as soon as it finishes:
+# One-shot GPU validation + benchmark (H100/H200, offline, torch + triton preinstalled).
+# Run from anywhere:  OUT=/some/dir bash bench/gpu_check.sh
+# Every step has its own timeout (SIGINT first, so pytest still writes its report) and writes its
+# own result file under $OUT as soon as it finishes; a step that would not fit in the total
+# budget is not started and is listed in $OUT/not_run.txt (never silently dropped):
 #   env.txt                       GPU, driver, torch / triton / liger versions
-#   triton_tests.log / .xml       tests/kernels/test_triton.py on CUDA (compiled kernels,
-#                                 real-ish shapes, memory check at N=32768 H=3584 V=152064)
-#   bench_linear_logprob_<shape>.json/.log  the primitive: gemm / atomic / skip backward vs torch
-#   bench_grpo_loss_<shape>.json/.log       fused GRPO loss vs eager, Liger chunked / logits, floor
+#   plan.txt                      the kernel steps in run order, with their timeouts
+#   not_run.txt                   planned or known steps that did not run or timed out, and why
+#   triton_tests.log / .xml       tests/kernels/test_triton.py on CUDA (compiled kernels)
+#   bench_<suite>_<provider>_<shape>.json/.log   one pytest run per (suite, provider, shape), so a
+#                                 slow peer (Liger chunked compiling at the largest shape) loses
+#                                 only its own number; ours run first, then peers, Liger chunked last
 #   rollout_tests.log             tests/test_rollout_engine.py on CUDA (CUDA-graph decode vs no-cache)
-#   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (dynamic / static cache);
-#                                 own budget after the kernel suites: T_ROLL seconds per shape
-#   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER s each):
-#                                 step (GRPO/MGRPO phases), packed (vs padded), vocab (4k/262k)
+#   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (T_ROLL s per shape)
+#   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER s each)
 #   bench_trl_<provider>.json/.log  TRL GRPOTrainer default / fast vs ours (T_TRL s each; needs
 #                                 trl + datasets wheels, else skipped)
 #   bench.json                    all of the above merged (pytest-benchmark JSON)
-# PARTS selects the steps (default "kernels rollout trainer trl", ~16 min in all: more than one
-# 10-minute device command). Run it as two calls on the same warm machine:
-#   PARTS="kernels" OUT=... bash bench/gpu_check.sh            (~8 min)
+# PARTS selects the steps (default "kernels rollout trainer trl": more than one 10-minute device
+# command). Run it as two calls on the same warm machine:
+#   PARTS="kernels" OUT=... bash bench/gpu_check.sh            (install + at most T_TOTAL=420 s)
 #   PARTS="rollout trainer trl" OUT=... bash bench/gpu_check.sh (~8 min)
-# Wheels (e.g. liger-kernel) are installed from $WHEELS_DIR, ./wheels or ./shared/wheels if any.
+# Wheels (liger-kernel, trl, datasets: the machine has none of them) are installed with
+# --target /tmp/site from $WHEELS_DIR, ./.whl, ./wheels or ./shared/wheels if any, e.g.
+#   python3 -m pip download --no-deps liger-kernel==0.8.5 -d .whl   (pure-Python wheel)
+# DRY=1 writes plan.txt and prints the budget and runs nothing (any machine, no GPU needed);
+# ALLOW_CPU=1 runs without CUDA (tiny SHAPES; bench/test_gpu_check.py does both on CPU);
+# SKIP_INSTALL=1 keeps an existing install (the import check still runs); PLAN_ONLY="p q" plans
+# only those providers.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
-T_TESTS="${T_TESTS:-150}" T_PRIM="${T_PRIM:-60}" T_GRPO="${T_GRPO:-90}"  # seconds per step
+PY="${PY:-python3}"
+DRY="${DRY:-0}"
 start=$(date +%s)
 step() { echo "=== [$(( $(date +%s) - start ))s] $*"; }
 want() { [[ " ${PARTS-kernels rollout trainer trl} " == *" $1 "* ]]; }
+fail() { echo "FATAL: $*" | tee -a "$OUT/env.txt" >&2; exit 1; }
+# SIGINT lets pytest write its JSON / junit report; KILL 15 s later if it is stuck in a kernel
+limited() { local t=$1; shift; timeout -s INT -k 15 "$t" "$@"; }
+: > "$OUT/not_run.txt"
 
-step "install"
-pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -2
-for d in "${WHEELS_DIR:-}" wheels shared/wheels; do
-  if [ -n "$d" ] && ls "$d"/*.whl >/dev/null 2>&1; then
-    pip install --no-deps --no-index -q "$d"/*.whl 2>&1 | tail -2
+if [ "$DRY" != 1 ]; then
+  step "install"
+  for d in "${WHEELS_DIR:-}" .whl wheels shared/wheels; do
+    if [ -n "$d" ] && ls "$d"/*.whl >/dev/null 2>&1; then
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$d"/*.whl 2>&1 | tail -2
+      export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+  done
+  [ "${SKIP_INSTALL:-0}" = 1 ] || "$PY" -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -2
+  # fastmgrpo.kernels exists only through setup.py's package_dir: without it nothing below means anything
+  "$PY" -c "import fastmgrpo.kernels as k, os, sys; sys.exit(0 if os.path.realpath(k.__file__).startswith(os.path.realpath('kernels')) else 'fastmgrpo.kernels is not this checkout: ' + k.__file__)" \
+    || fail "fastmgrpo.kernels does not import from this checkout (did pip install -e . fail?)"
+  if [ "${ALLOW_CPU:-0}" != 1 ]; then
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || fail "torch sees no GPU"
   fi
-done
 
-step "environment"
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  python -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
-  date -u
-} | tee "$OUT/env.txt"
+  step "environment"
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
+    date -u
+  } | tee -a "$OUT/env.txt"
+fi
 
 if want kernels; then
-step "Triton kernel tests on CUDA (timeout ${T_TESTS}s)"
-timeout "$T_TESTS" python -m pytest tests/kernels/test_triton.py -q -rs -p no:cacheprovider \
-  --durations=10 --junitxml="$OUT/triton_tests.xml" 2>&1 | tee "$OUT/triton_tests.log" | tail -25
+  # plan.txt: "suite provider shape timeout" in priority order (bench/gpu_plan.py)
+  SHAPES="${SHAPES:-8,1024,1536,151936 8,1024,3584,152064 16,2048,3584,152064 64,256,640,262144}"
+  T_TESTS="${T_TESTS:-100}" T_TOTAL="${T_TOTAL:-420}"
+  "$PY" bench/gpu_plan.py "$OUT" $SHAPES > "$OUT/plan.txt" || fail "bench/gpu_plan.py could not plan"
+  worst=$(awk '{s += $4} END {print s + 0}' "$OUT/plan.txt")
+  step "plan: $(wc -l < "$OUT/plan.txt") benchmark runs, worst case ${worst}s + tests ${T_TESTS}s; budget ${T_TOTAL}s"
+  if [ "$DRY" = 1 ]; then cat "$OUT/plan.txt" "$OUT/not_run.txt"; exit 0; fi
+  DEADLINE=$(( start + T_TOTAL ))
 
-# one pytest run per (suite, shape), each with its own JSON, so a timeout loses one shape only
-SHAPES="${SHAPES:-8,1024,1536,151936 8,1024,3584,152064 16,2048,3584,152064}"
-DEADLINE=$(( start + ${T_TOTAL:-470} ))
-for suite in linear_logprob grpo_loss; do
-  per=$([ "$suite" = linear_logprob ] && echo "$T_PRIM" || echo "$T_GRPO")
-  for shape in $SHAPES; do
+  if [ "$T_TESTS" -gt 0 ]; then
+    step "Triton kernel tests on CUDA (timeout ${T_TESTS}s)"
+    limited "$T_TESTS" "$PY" -m pytest tests/kernels/test_triton.py tests/kernels/test_fused.py -q -rs -p no:cacheprovider \
+      --durations=10 --junitxml="$OUT/triton_tests.xml" 2>&1 | tee "$OUT/triton_tests.log" | tail -25
+  fi
+
+  while read -r suite provider shape t; do
     left=$(( DEADLINE - $(date +%s) ))
-    if [ "$left" -lt 20 ]; then step "skip $suite $shape: total budget spent"; continue; fi
-    t=$(( per < left ? per : left ))
-    tag="${suite}_${shape//,/x}"
-    step "benchmark $suite $shape (timeout ${t}s)"
-    FASTMGRPO_BENCH_SHAPES="$shape" timeout "$t" python -m pytest "bench/bench_${suite}.py" -q -rs \
-      -p no:cacheprovider --benchmark-json "$OUT/bench_${tag}.json" \
-      --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_${tag}.log" | tail -14
-  done
-done
+    if [ "$left" -lt 15 ]; then
+      echo "$suite $provider $shape: total budget spent" | tee -a "$OUT/not_run.txt"; continue
+    fi
+    t=$(( t < left ? t : left ))
+    tag="${suite}_${provider}_${shape//,/x}"
+    step "benchmark $suite $provider $shape (timeout ${t}s)"
+    FASTMGRPO_BENCH_SHAPES="$shape" FASTMGRPO_BENCH_PROVIDERS="$provider" limited "$t" "$PY" -m pytest \
+      "bench/bench_${suite}.py" -q -rs -p no:cacheprovider --benchmark-json "$OUT/bench_${tag}.json" \
+      --benchmark-columns=mean,min,rounds < /dev/null 2>&1 | tee "$OUT/bench_${tag}.log" | tail -4
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+      echo "$suite $provider $shape: timed out after ${t}s" | tee -a "$OUT/not_run.txt"
+    fi
+  done < "$OUT/plan.txt"
 fi
 
 # the sampler: CUDA tests, then one pytest run per (sequences, new tokens) under its own timeout
 if want rollout; then
 T_ROLL="${T_ROLL:-100}"
 step "rollout tests on CUDA (timeout 60s)"
-timeout 60 python -m pytest tests/test_rollout_engine.py -q -rs -p no:cacheprovider -k cuda 2>&1 \
+timeout 60 "$PY" -m pytest tests/test_rollout_engine.py -q -rs -p no:cacheprovider -k cuda 2>&1 \
   | tee "$OUT/rollout_tests.log" | tail -5
 for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
   step "benchmark rollout $shape (timeout ${T_ROLL}s)"
-  FASTMGRPO_BENCH_ROLLOUT="$shape" timeout "$T_ROLL" python -m pytest bench/bench_rollout.py -q -s -rs \
+  FASTMGRPO_BENCH_ROLLOUT="$shape" timeout "$T_ROLL" "$PY" -m pytest bench/bench_rollout.py -q -s -rs \
     -p no:cacheprovider --benchmark-json "$OUT/bench_rollout_${shape//,/x}.json" \
     --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_rollout_${shape//,/x}.log" | tail -8
 done
@@ -89,7 +121,7 @@ T_TRAINER="${T_TRAINER:-90}" T_TRL="${T_TRL:-100}"
 if want trainer; then
   for part in step packed vocab; do
     step "benchmark trainer $part (timeout ${T_TRAINER}s)"
-    timeout "$T_TRAINER" python -m pytest bench/bench_trainer.py -k "$part" -q -rs -p no:cacheprovider \
+    timeout "$T_TRAINER" "$PY" -m pytest bench/bench_trainer.py -k "$part" -q -rs -p no:cacheprovider \
       --benchmark-json "$OUT/bench_trainer_${part}.json" --benchmark-columns=mean,min,max,rounds 2>&1 \
       | tee "$OUT/bench_trainer_${part}.log" | tail -8
   done
@@ -97,14 +129,14 @@ fi
 if want trl; then
   for provider in trl_default trl_fast fastmgrpo; do
     step "benchmark TRL side by side: $provider (timeout ${T_TRL}s)"
-    timeout "$T_TRL" python -m pytest bench/bench_trl.py -k "$provider" -q -rs -p no:cacheprovider \
+    timeout "$T_TRL" "$PY" -m pytest bench/bench_trl.py -k "$provider" -q -rs -p no:cacheprovider \
       --benchmark-json "$OUT/bench_trl_${provider}.json" --benchmark-columns=mean,rounds 2>&1 \
       | tee "$OUT/bench_trl_${provider}.log" | tail -6
   done
 fi
 
 step "summary"
-python - "$OUT" <<'EOF'
+"$PY" - "$OUT" <<'EOF'
 import glob, json, os, sys
 out = sys.argv[1]
 merged, trl = None, {}
@@ -137,7 +169,7 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
                   " fastest generate")
         else:
             print(f"{b['name']:<75} {b['stats']['mean'] * 1e3:9.1f} ms  x{e.get('ratio_vs_matmul_floor')}"
-                  f" floor  peak {e.get('peak_mem_gib')} GiB")
+                  f" floor  peak {e.get('peak_mem_gib')} GiB  working {e.get('working_mem_gib')} GiB")
 if "fastmgrpo" in trl and "trl_fast" in trl:  # targets: >= 3x the tokens/s, <= 0.5x the peak
     ours, fast = trl["fastmgrpo"], trl["trl_fast"]
     print(f"fastmgrpo vs TRL fast: x{ours['completion_tokens_per_s'] / fast['completion_tokens_per_s']:.2f}"
@@ -146,4 +178,5 @@ if merged is not None:  # every suite and shape in one pytest-benchmark JSON
     json.dump(merged, open(os.path.join(out, "bench.json"), "w"), indent=1)
     print("wrote", os.path.join(out, "bench.json"))
 EOF
+if [ -s "$OUT/not_run.txt" ]; then echo "not run:"; cat "$OUT/not_run.txt"; fi
 step "done"

@@ -9,6 +9,7 @@ the forward-only pass for old / reference log-probs. Triton on CUDA, chunked PyT
 
 from .dispatch import token_logprobs
 from .grpo_loss import FusedLinearGRPOLoss, GRPOLossConfig, fused_linear_grpo_loss, packed_grpo_loss
+from .trl_patch import use_in_trl
 
 __all__ = [
     "FusedLinearGRPOLoss",
@@ -16,4 +17,5 @@ __all__ = [
     "fused_linear_grpo_loss",
     "packed_grpo_loss",
     "token_logprobs",
+    "use_in_trl",
 ]

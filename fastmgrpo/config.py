@@ -82,7 +82,18 @@ class MGRPOConfig:
     entropy_coef: float = _opt(0.0, "Entropy bonus coefficient (0 = off).")
     sapo_temperature_pos: float = _opt(1.0, "SAPO gate temperature for positive advantages.")
     sapo_temperature_neg: float = _opt(1.05, "SAPO gate temperature for negative advantages.")
-    num_iterations: int = _opt(1, "Policy updates per rollout batch (mu); >1 makes the ratio != 1.")
+    num_iterations: int = _opt(1, "mu: optimizer updates per rollout batch (GRPO's inner loop, TRL's "
+                               "num_iterations). Old log-probs are the trainer's, frozen before the "
+                               "first update, so the ratio is exactly 1 on it and the clip acts from the "
+                               "second on. A step is one rollout batch: max_steps, save_every and "
+                               "checkpoints count rollout batches; the learning-rate schedule counts "
+                               "the max_steps*mu updates.")
+    sampler_is_cap: typing.Optional[float] = _opt(None, "Truncated importance-sampling correction for "
+                                                  "the sampler/trainer mismatch: each token's loss "
+                                                  "times min(pi_old/pi_sampler, C) with this cap C "
+                                                  "(TRL: vllm_importance_sampling_correction); unset "
+                                                  "= off. The mismatch itself is always logged "
+                                                  "(sampler_logp_diff_mean/max).")
 
     # --- optimisation ---------------------------------------------------------------------
     learning_rate: float = _opt(1e-6, "AdamW peak learning rate (paper: 5e-7 for a 7B model).")
@@ -91,7 +102,7 @@ class MGRPOConfig:
     warmup_ratio: float = _opt(0.03, "Fraction of max_steps spent in linear warm-up (paper: 3%).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
-    max_steps: int = _opt(3, "Optimizer steps to run.")
+    max_steps: int = _opt(3, "Steps to run: rollout batches, each trained with num_iterations updates.")
     questions_per_step: int = _opt(2, "Questions per step (paper: 32); each brings G layer-1 and "
                                    "G*H layer-2 sequences.")
 
@@ -141,6 +152,8 @@ class MGRPOConfig:
             raise ConfigError("guiding_phrases must not be empty when layers=2")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.sampler_is_cap is not None and not self.sampler_is_cap > 0:
+            raise ConfigError(f"sampler_is_cap must be > 0 when set, got {self.sampler_is_cap}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise ConfigError("beta must be >= 0 and learning_rate > 0")
 

@@ -57,7 +57,7 @@ def random_episodes(vocab, n):
         eps.append(Episode(
             prompt_ids=[random.randrange(vocab) for _ in range(p)],
             completion_ids=[random.randrange(vocab) for _ in range(c)],
-            old_logprobs=[random.uniform(-6, -1) for _ in range(c)], reward=0.0, correct=False,
+            sampler_logprobs=[random.uniform(-6, -1) for _ in range(c)], reward=0.0, correct=False,
             layer=1 + i % 2, group=0, advantage=random.gauss(0, 1), weight=random.choice([1.0, 0.5]),
         ))
     return eps
@@ -76,7 +76,7 @@ def test_packed_loss_and_grads_equal_one_by_one(arch, loss_type):
     batch = pack(eps)
     hidden = packed_hidden_states(model, batch)[batch.target_rows]
     loss_packed, _ = packed_grpo_loss(hidden, w(), batch.targets, batch.cu_targets, batch.advantages,
-                                      batch.old_logprobs, config=cfg, seq_weights=batch.weights, **norm)
+                                      batch.sampler_logprobs, config=cfg, seq_weights=batch.weights, **norm)
     loss_packed.backward()
     grads_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -88,7 +88,7 @@ def test_packed_loss_and_grads_equal_one_by_one(arch, loss_type):
         rows = h[len(e.prompt_ids) - 1: -1]
         loss, _ = packed_grpo_loss(
             rows, w(), torch.tensor(e.completion_ids), torch.tensor([0, len(e.completion_ids)], dtype=torch.int32),
-            torch.tensor([e.advantage]), torch.tensor(e.old_logprobs), config=cfg,
+            torch.tensor([e.advantage]), torch.tensor(e.sampler_logprobs), config=cfg,
             seq_weights=torch.tensor([e.weight]), **norm)
         loss.backward()
         loss_single += loss.item()

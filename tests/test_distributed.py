@@ -119,7 +119,9 @@ def assert_same_run(out: Path, ref: Path, steps: int) -> None:
         assert {k: type(v) for k, v in g.items()} == {k: type(v) for k, v in w.items()}
         for k, v in w.items():
             if isinstance(v, float) and not k.endswith(("_time", "_gb")):
-                assert g[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (g["step"], k)
+                # The sampler/trainer mismatch is float rounding itself, which packing changes.
+                tol = 1e-5 if k.startswith("sampler_logp_diff") else 1e-7
+                assert g[k] == pytest.approx(v, rel=1e-5, abs=tol), (g["step"], k)
     final = f"checkpoints/step-{steps:06d}/model.safetensors"
     a, b = load_file(str(out / final)), load_file(str(ref / final))
     init = load_file(str(out.parent / "tiny" / "model.safetensors"))

@@ -59,8 +59,8 @@ class MGRPOConfig:
     guiding_phrases: list = _opt(GUIDING_PHRASES, "Pool the layer-2 guiding phrase is drawn from "
                                  "(default: the paper's seven phrases).")
     shaping_alpha: float = _opt(0.0, "Layer-2 reward shaping bonus alpha*(r2 - r1) (SCoRe); 0 = paper.")
-    l1_weight: float = _opt(1.0, "Loss weight of layer-1 sequences.")
-    l2_weight: float = _opt(1.0, "Loss weight of layer-2 sequences.")
+    l1_weight: float = _opt(1.0, "w1 in J = w1*J_L1 + w2*J_L2, each layer normalised by its own counts.")
+    l2_weight: float = _opt(1.0, "w2 (0 trains exactly like --layers 1 on the same rollouts).")
     advantage_scale: str = _opt("none", "Group advantage R - mean(R) ('none', the paper), divided by "
                                 "the group std ('std', TRL default) or by the batch std ('batch').",
                                 choices=("none", "std", "batch"))

@@ -278,7 +278,8 @@ class Trainer:
         Packed once per rollout: the inner updates reuse them."""
         layers = (1, 2)
         local = [[e for e in episodes if e.layer == layer] for layer in layers]
-        counts = self.dist.sum([x for eps in local for x in (len(eps), sum(len(e.completion_ids) for e in eps))])
+        counts = self.dist.sum([x for eps in local  # [n_seq_1, n_tok_1, n_seq_2, n_tok_2]
+                                for x in (len(eps), sum(len(e.completion_ids) for e in eps))])
         all_tokens = max(1.0, sum(counts[1::2]))
         plan = []
         for k, eps in enumerate(local):

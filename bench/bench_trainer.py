@@ -208,7 +208,7 @@ def test_packed_vs_padded(benchmark, layout):
     packed_mbs = microbatches(eps, budget)
     mbs = packed_mbs if layout == "packed" else _padded_batches(eps, len(packed_mbs))
     batches = [pack(mb).to(DEVICE) for mb in mbs]  # loss inputs: the same in both layouts
-    refs = [b.old_logprobs + 0.01 * torch.randn_like(b.old_logprobs) for b in batches]
+    refs = [b.sampler_logprobs + 0.01 * torch.randn_like(b.sampler_logprobs) for b in batches]
     cfg = GRPOLossConfig(beta=0.04, loss_type="dapo", max_completion_length=SIZES["max_completion_length"])
     norm = {"num_sequences": len(eps), "num_tokens": sum(len(e.completion_ids) for e in eps)}
     real = sum(e.num_tokens for e in eps)
@@ -222,7 +222,7 @@ def test_packed_vs_padded(benchmark, layout):
                 hidden = (packed_hidden_states(model, batch) if layout == "packed"
                           else padded_hidden_states(model, mb))  # (T, H) in packed row order
             loss, _ = packed_grpo_loss(hidden[batch.target_rows].to(AUTOCAST_DTYPE), weight, batch.targets,
-                                       batch.cu_targets, batch.advantages, batch.old_logprobs, ref,
+                                       batch.cu_targets, batch.advantages, batch.sampler_logprobs, ref,
                                        config=cfg, seq_weights=batch.weights, **norm)
             loss.backward()
         sync()

@@ -59,8 +59,8 @@ class MGRPOConfig:
     guiding_phrases: list = _opt(GUIDING_PHRASES, "Pool the layer-2 guiding phrase is drawn from "
                                  "(default: the paper's seven phrases).")
     shaping_alpha: float = _opt(0.0, "Layer-2 reward shaping bonus alpha*(r2 - r1) (SCoRe); 0 = paper.")
-    l1_weight: float = _opt(1.0, "Loss weight of layer-1 sequences.")
-    l2_weight: float = _opt(1.0, "Loss weight of layer-2 sequences.")
+    l1_weight: float = _opt(1.0, "w1 in J = w1*J_L1 + w2*J_L2, each layer normalised by its own counts.")
+    l2_weight: float = _opt(1.0, "w2 (0 trains exactly like --layers 1 on the same rollouts).")
     advantage_scale: str = _opt("none", "Group advantage R - mean(R) ('none', the paper), divided by "
                                 "the group std ('std', TRL default) or by the batch std ('batch').",
                                 choices=("none", "std", "batch"))
@@ -85,7 +85,18 @@ class MGRPOConfig:
     loss_memory_mib: int = _opt(256, "Working memory of the fused loss in MiB: it runs one chunk of fp32 "
                                 "logits (rows x vocab x 4 bytes) at a time. Results do not depend on it; "
                                 "sequence-level losses need one whole sequence per chunk.")
-    num_iterations: int = _opt(1, "Policy updates per rollout batch (mu); >1 makes the ratio != 1.")
+    num_iterations: int = _opt(1, "mu: optimizer updates per rollout batch (GRPO's inner loop, TRL's "
+                               "num_iterations). Old log-probs are the trainer's, frozen before the "
+                               "first update, so the ratio is exactly 1 on it and the clip acts from the "
+                               "second on. A step is one rollout batch: max_steps, save_every and "
+                               "checkpoints count rollout batches; the learning-rate schedule counts "
+                               "the max_steps*mu updates.")
+    sampler_is_cap: typing.Optional[float] = _opt(None, "Truncated importance-sampling correction for "
+                                                  "the sampler/trainer mismatch: each token's loss "
+                                                  "times min(pi_old/pi_sampler, C) with this cap C "
+                                                  "(TRL: vllm_importance_sampling_correction); unset "
+                                                  "= off. The mismatch itself is always logged "
+                                                  "(sampler_logp_diff_mean/max).")
 
     # --- optimisation ---------------------------------------------------------------------
     learning_rate: float = _opt(1e-6, "AdamW peak learning rate (paper: 5e-7 for a 7B model).")
@@ -94,7 +105,7 @@ class MGRPOConfig:
     warmup_ratio: float = _opt(0.03, "Fraction of max_steps spent in linear warm-up (paper: 3%).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
-    max_steps: int = _opt(3, "Optimizer steps to run.")
+    max_steps: int = _opt(3, "Steps to run: rollout batches, each trained with num_iterations updates.")
     questions_per_step: int = _opt(2, "Questions per step (paper: 32); each brings G layer-1 and "
                                    "G*H layer-2 sequences.")
 
@@ -144,6 +155,8 @@ class MGRPOConfig:
             raise ConfigError("guiding_phrases must not be empty when layers=2")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.sampler_is_cap is not None and not self.sampler_is_cap > 0:
+            raise ConfigError(f"sampler_is_cap must be > 0 when set, got {self.sampler_is_cap}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise ConfigError("beta must be >= 0 and learning_rate > 0")
 

@@ -35,12 +35,13 @@ def pack(episodes: list[Episode]) -> PackedBatch:
         p, c = len(e.prompt_ids), len(e.completion_ids)
         if p == 0:
             raise ValueError("an episode needs at least one prompt token")
-        if len(e.old_logprobs) != c:
-            raise ValueError(f"episode has {c} completion tokens but {len(e.old_logprobs)} old_logprobs")
+        if len(e.sampler_logprobs) != c:
+            raise ValueError(f"episode has {c} completion tokens but {len(e.sampler_logprobs)} "
+                             "sampler_logprobs")
         ids += e.prompt_ids + e.completion_ids
         pos.append(torch.arange(p + c))
         rows.append(torch.arange(offset + p - 1, offset + p + c - 1))
-        old += e.old_logprobs
+        old += e.sampler_logprobs
         offset += p + c
     lengths = torch.tensor([e.num_tokens for e in episodes])  # (B,)
     comp_lengths = torch.tensor([len(e.completion_ids) for e in episodes])  # (B,)
@@ -52,7 +53,7 @@ def pack(episodes: list[Episode]) -> PackedBatch:
         target_rows=torch.cat(rows),  # (M,)
         targets=torch.tensor([t for e in episodes for t in e.completion_ids], dtype=torch.int64),  # (M,)
         cu_targets=_cumsum0(comp_lengths),  # (B+1,)
-        old_logprobs=torch.tensor(old, dtype=torch.float32),  # (M,)
+        sampler_logprobs=torch.tensor(old, dtype=torch.float32),  # (M,)
         advantages=torch.tensor([e.advantage for e in episodes], dtype=torch.float32),  # (B,)
         weights=torch.tensor([e.weight for e in episodes], dtype=torch.float32),  # (B,)
         layers=torch.tensor([e.layer for e in episodes], dtype=torch.int64),  # (B,)

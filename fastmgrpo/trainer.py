@@ -1,4 +1,4 @@
-"""Trainer: rollout -> packed micro-batches -> fused GRPO loss -> one optimizer step, logged.
+"""Trainer: rollout -> packed micro-batches -> fused GRPO loss -> num_iterations updates, logged.
 
 `Trainer.step()` is the whole algorithm for one step; everything it calls is a plain function
 in its own module (mgrpo.collect, packing.pack, kernels.packed_grpo_loss, ...).
@@ -32,18 +32,27 @@ from .prompts import layer1_prompt
 from .types import Episode
 
 
+PROBE_NORM = {"num_sequences": 1, "num_tokens": 1}
+METRICS = ("loss", "kl", "clip_ratio", "entropy")  # per update; global means after a sum over ranks
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (too many bad steps, out of memory); the message says what to do."""
 
 
 def lr_lambda(cfg: MGRPOConfig):
-    """Linear warm-up over warmup_ratio*max_steps, then cosine/linear decay or constant."""
-    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    """Linear warm-up over warmup_ratio of all updates, then cosine/linear decay or constant.
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    The schedule counts optimizer updates (max_steps * num_iterations), not rollout steps, so a
+    run with mu inner updates decays over the same fraction of its training as with mu = 1.
+    """
+    total = cfg.max_steps * cfg.num_iterations
+    warmup = math.ceil(cfg.warmup_ratio * total)
+
+    def f(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        progress = (update - warmup) / max(1, total - warmup)
         if cfg.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if cfg.lr_schedule == "linear":
@@ -84,19 +93,38 @@ def hidden_rows(model, batch, dtype: torch.dtype) -> torch.Tensor:
 
 
 class PolicyLoss(torch.nn.Module):
-    """The policy's loss on one packed micro-batch, as the forward that DDP / FSDP2 wrap."""
+    """The policy's loss on one packed micro-batch, as the forward that DDP / FSDP2 wrap.
 
-    def __init__(self, model, loss_cfg: GRPOLossConfig, dtype: torch.dtype):
+    sampler_is_cap: cap C of the truncated importance-sampling correction min(pi_old /
+    pi_sampler, C) per token (None: off).
+    """
+
+    def __init__(self, model, loss_cfg: GRPOLossConfig, dtype: torch.dtype, sampler_is_cap=None):
         super().__init__()
-        self.model, self.loss_cfg, self.dtype = model, loss_cfg, dtype
+        self.model, self.loss_cfg, self.dtype, self.sampler_is_cap = model, loss_cfg, dtype, sampler_is_cap
 
-    def forward(self, batch, ref_lp, normaliser: dict):
+    def forward(self, batch, ref_lp, old_lp, normaliser: dict):
+        """old_lp None (the first update on a rollout): the current weights are the old policy,
+        so the ratio is exactly 1, and their log-probs come back (detached, (M,) fp32) to be
+        frozen for later updates; otherwise old_lp is used and None comes back."""
         weight, bias = lm_head(self.model)
-        return packed_grpo_loss(
-            hidden_rows(self.model, batch, self.dtype), weight.to(self.dtype), batch.targets,
-            batch.cu_targets, batch.advantages, batch.old_logprobs, ref_lp, config=self.loss_cfg,
-            bias=None if bias is None else bias.to(self.dtype), seq_weights=batch.weights,
-            return_entropy=True, **normaliser)
+        weight, bias = weight.to(self.dtype), None if bias is None else bias.to(self.dtype)
+        hidden = hidden_rows(self.model, batch, self.dtype)  # (M, H)
+        logp = None
+        if old_lp is None and self.sampler_is_cap is not None:  # the IS ratio is needed before the loss
+            with torch.no_grad():
+                logp = token_logprobs(hidden.detach(), weight, batch.targets, temperature=self.loss_cfg.temperature,
+                                      bias=bias, memory_budget=self.loss_cfg.memory_budget)
+        is_ratio = None
+        if self.sampler_is_cap is not None:
+            frozen = logp if old_lp is None else old_lp
+            is_ratio = (frozen - batch.sampler_logprobs).exp().clamp(max=self.sampler_is_cap)  # (M,)
+        loss, metrics = packed_grpo_loss(
+            hidden, weight, batch.targets, batch.cu_targets, batch.advantages, old_lp, ref_lp,
+            config=self.loss_cfg, bias=bias, seq_weights=batch.weights, vllm_is_ratio=is_ratio,
+            return_entropy=True, return_logprobs=old_lp is None and logp is None, **normaliser)
+        logp = metrics.pop("logprobs", logp)  # the fused pass's own log-probs: no extra LM-head pass
+        return loss, metrics, logp
 
 
 class Trainer:
@@ -134,8 +162,8 @@ class Trainer:
         if checkpoint is not None:
             self._load_weights(checkpoint)  # before wrapping: FSDP2 shards what the model holds
         self.loss_cfg = loss_config(cfg)
-        self.policy = wrap(PolicyLoss(self.model, self.loss_cfg, self.dtype), decoder(self.model).layers,
-                           self.dist, cfg.fsdp)
+        self.policy = wrap(PolicyLoss(self.model, self.loss_cfg, self.dtype, cfg.sampler_is_cap),
+                           decoder(self.model).layers, self.dist, cfg.fsdp)
         # A one-token, zero-weight micro-batch: pads a rank's micro-batches to the most any rank
         # has (FSDP2 gathers weights in every forward: the counts must agree), and runs the FSDP2
         # root first (FSDP2 takes the first module to run forward as its root; rollout would
@@ -143,7 +171,7 @@ class Trainer:
         self._probe = (pack([Episode([self.pad_id], [self.pad_id], [0.0], 0.0, False, layer=1, group=0)]).to(
             self.device), None if self.ref_model is None else torch.zeros(1, device=self.device))
         with torch.no_grad(), full_weights(self.policy):  # which also leaves every unit sharded
-            self.policy(*self._probe, {"num_sequences": 1, "num_tokens": 1})
+            self.policy(*self._probe, None, PROBE_NORM)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
                                            betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -186,10 +214,12 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------
     def step(self) -> dict:
-        """One optimizer step; rank r of W takes questions r, r+W, ... of the step's batch.
+        """One rollout batch and its num_iterations optimizer updates; rank r of W takes
+        questions r, r+W, ... of the step's batch.
 
-        Whole groups stay on one rank, so advantages need no communication; the loss normaliser
-        (sequences, tokens) is the global one, and metrics come back reduced over ranks.
+        Whole groups stay on one rank, so advantages need no communication; each layer's loss
+        is normalised by that layer's global counts (sequences, tokens), and metrics come back
+        reduced over ranks (loss, kl, clip_ratio, entropy, grad_norm: means over the updates).
         """
         cfg, d, t0 = self.cfg, self.dist, time.perf_counter()
         peak_memory_gb(self.device, reset=True)
@@ -204,65 +234,104 @@ class Trainer:
                               stop_ids=self.stop_ids, pad_id=self.pad_id)
         t_rollout, rollout_peak = time.perf_counter(), peak_memory_gb(self.device, reset=True)
         episodes = rollout.episodes
-        n_seq, n_tok = d.sum([len(episodes), sum(len(e.completion_ids) for e in episodes)])
-        normaliser = {"num_sequences": int(n_seq), "num_tokens": int(n_tok)}
         self.model.train()
-        totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ref_time": 0.0}
-        mbs = microbatches(episodes, cfg.micro_batch_tokens)
-        mbs += [None] * (int(d.max([len(mbs)])[0]) - len(mbs))  # None: the zero-weight probe
-        plan = mbs * cfg.num_iterations
-        for i, mb in enumerate(plan):
-            with no_grad_sync(self.policy, skip=i < len(plan) - 1):  # reduce gradients once
-                self._accumulate(None if mb is None else pack(mb).to(self.device), normaliser, totals)
-        summed = ("loss", "kl", "clip_ratio", "entropy")  # shares of global means: add up
-        totals.update(zip(summed, d.sum([totals[k] for k in summed])))
-        grad_norm = self._optimizer_step(totals["loss"])
+        plan = self._plan(episodes)
+        caches = [{} for _ in plan]  # per micro-batch: ref and frozen old log-probs
+        totals = dict.fromkeys(METRICS, 0.0)
+        side = {"ref_time": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0, "mismatch_tokens": 0}
+        grad_norms = []
+        for _ in range(cfg.num_iterations):
+            update = dict.fromkeys(METRICS, 0.0)
+            for i, (mb, cache) in enumerate(zip(plan, caches)):
+                with no_grad_sync(self.policy, skip=i < len(plan) - 1):  # reduce gradients once
+                    self._accumulate(mb, cache, update, side)
+            update = dict(zip(METRICS, d.sum([update[k] for k in METRICS])))
+            grad_norms.append(self._optimizer_step(update["loss"]))
+            for k in METRICS:
+                totals[k] += update[k] / cfg.num_iterations
+        mis_sum, mis_tokens = d.sum([side["mismatch_sum"], side["mismatch_tokens"]])
         t_end = time.perf_counter()
         metrics = {
-            "step": self.step_idx + 1, **rollout.stats, **{k: v for k, v in totals.items()},
-            "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+            "step": self.step_idx + 1, **rollout.stats, **totals, "ref_time": side["ref_time"],
+            "sampler_logp_diff_mean": mis_sum / max(mis_tokens, 1),
+            "sampler_logp_diff_max": d.max([side["mismatch_max"]])[0],
+            "grad_norm": sum(grad_norms) / len(grad_norms), "lr": self.scheduler.get_last_lr()[0],
             "tokens_trained": float(sum(e.num_tokens for e in episodes)),
             "sequences": float(len(episodes)), "padding_fraction": 0.0,
             "rollout_time": t_rollout - t0, "train_time": t_end - t_rollout, "step_time": t_end - t0,
             "rollout_peak_gb": rollout_peak, "train_peak_gb": (train_peak := peak_memory_gb(self.device)),
-            "peak_memory_gb": max(rollout_peak, train_peak), "skipped": not math.isfinite(grad_norm),
+            "peak_memory_gb": max(rollout_peak, train_peak),
+            "skipped": not all(math.isfinite(g) for g in grad_norms),
         }
         self.step_idx += 1
-        # Already global: step, lr, grad_norm and the summed totals (averaging keeps them).
+        # Already global: step, lr, grad_norm, the summed totals and the mismatch (averaging keeps them).
         return d.reduce_metrics(
             metrics, sums={"tokens_generated", "tokens_trained", "sequences", "l2_groups_kept",
                            "l2_groups_discarded"},
             maxes={"ref_time", "rollout_time", "train_time", "step_time", "peak_memory_gb",
                    "rollout_peak_gb", "train_peak_gb"})
 
+    def _plan(self, episodes: list[Episode]) -> list:
+        """Packed micro-batches on the device, each holding one layer, as (batch, normaliser,
+        share) with that layer's global counts (J = w1*J_L1 + w2*J_L2, so layer 2 never dilutes
+        layer 1) and share = its fraction of all global completion tokens (metrics, which the
+        loss returns as per-layer token means, add up to means over all tokens). None entries
+        are the zero-weight probe, padding every rank to the most micro-batches any rank has.
+        Packed once per rollout: the inner updates reuse them."""
+        layers = (1, 2)
+        local = [[e for e in episodes if e.layer == layer] for layer in layers]
+        counts = self.dist.sum([x for eps in local  # [n_seq_1, n_tok_1, n_seq_2, n_tok_2]
+                                for x in (len(eps), sum(len(e.completion_ids) for e in eps))])
+        all_tokens = max(1.0, sum(counts[1::2]))
+        plan = []
+        for k, eps in enumerate(local):
+            n_seq, n_tok = int(counts[2 * k]), int(counts[2 * k + 1])
+            norm = {"num_sequences": max(1, n_seq), "num_tokens": max(1, n_tok)}
+            plan += [(pack(mb).to(self.device), norm, n_tok / all_tokens)
+                     for mb in microbatches(eps, self.cfg.micro_batch_tokens)]
+        return plan + [None] * (int(self.dist.max([len(plan)])[0]) - len(plan))
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def _accumulate(self, batch, normaliser: dict, totals: dict) -> None:
-        """Forward + backward of one packed micro-batch (None: the zero-weight probe); gradients
-        add up across micro-batches."""
-        if batch is None:
-            loss, _ = self.policy(*self._probe, normaliser)
+    def _ref_logprobs(self, batch) -> torch.Tensor | None:
+        if self.ref_model is None:
+            return None
+        with torch.no_grad():
+            w, b = lm_head(self.ref_model)
+            return token_logprobs(hidden_rows(self.ref_model, batch, self.dtype), w.to(self.dtype),
+                                  batch.targets, temperature=self.loss_cfg.temperature,
+                                  bias=None if b is None else b.to(self.dtype),
+                                  memory_budget=self.loss_cfg.memory_budget)
+
+    def _accumulate(self, entry, cache: dict, update: dict, side: dict) -> None:
+        """Forward + backward of one plan entry (None: the zero-weight probe); gradients add up
+        across micro-batches. `cache` keeps what the inner updates share: the reference
+        log-probs and the old log-probs frozen on the first update."""
+        if entry is None:
+            loss, _, _ = self.policy(*self._probe, None, PROBE_NORM)
             (loss * 0.0).backward()
             return
-        ref_lp = None
-        if self.ref_model is not None:
+        batch, normaliser, share = entry
+        if "ref" not in cache:
             t = time.perf_counter()
-            with torch.no_grad():
-                w, b = lm_head(self.ref_model)
-                ref_lp = token_logprobs(hidden_rows(self.ref_model, batch, self.dtype), w.to(self.dtype),
-                                        batch.targets, temperature=self.loss_cfg.temperature,
-                                        bias=None if b is None else b.to(self.dtype),
-                                        memory_budget=self.loss_cfg.memory_budget)
-            totals["ref_time"] += time.perf_counter() - t
-        loss, m = self.policy(batch, ref_lp, normaliser)
+            cache["ref"] = self._ref_logprobs(batch)
+            side["ref_time"] += time.perf_counter() - t
+        loss, m, logp = self.policy(batch, cache["ref"], cache.get("old"), normaliser)
+        if logp is not None:
+            cache["old"] = logp
+            diff = (logp - batch.sampler_logprobs).abs()  # (M,)
+            if diff.numel():
+                side["mismatch_sum"] += diff.sum().item()  # sync point, once per micro-batch
+                side["mismatch_max"] = max(side["mismatch_max"], diff.max().item())
+                side["mismatch_tokens"] += diff.numel()
         # DDP/FSDP2 average gradients over ranks; each rank's loss is its share of the global sum.
-        (loss * self.dist.world / self.cfg.num_iterations).backward()
-        # Losses and metrics are already divided by the global counts: micro-batch values add up.
-        totals["loss"] += loss.item() / self.cfg.num_iterations  # sync point, once per micro-batch
+        (loss * self.dist.world).backward()
+        # Losses are divided by their layer's global counts: micro-batch values add up.
+        update["loss"] += loss.item()  # sync point, once per micro-batch
         for k in ("kl", "clip_ratio", "entropy"):
             if k in m:
-                totals[k] += float(m[k]) / self.cfg.num_iterations
+                update[k] += float(m[k]) * share
 
     def _optimizer_step(self, loss: float) -> float:
         """Clip and apply; a NaN/Inf loss or gradient skips the update (counted, then fatal)."""

@@ -48,7 +48,7 @@ class Episode:
 
     prompt_ids: list[int]
     completion_ids: list[int]
-    old_logprobs: list[float]
+    sampler_logprobs: list[float]  # per completion token, from the sampler (not the loss's old log-probs)
     reward: float
     correct: bool
     layer: int
@@ -73,7 +73,8 @@ class PackedBatch:
     target_rows:  (M,) int64    rows of the hidden states whose next token is a completion token
     targets:      (M,) int64    those next tokens
     cu_targets:   (B+1,) int32  sequence boundaries in `targets` (completion tokens only)
-    old_logprobs: (M,) float32  rollout log-probs of `targets`
+    sampler_logprobs: (M,) float32  the sampler's log-probs of `targets` (mismatch metric and
+                                    truncated IS correction; the loss's old log-probs are the trainer's)
     advantages:   (B,) float32  one per sequence
     weights:      (B,) float32  one per sequence
     ref_logprobs: (M,) float32 or None, filled in when beta > 0
@@ -86,7 +87,7 @@ class PackedBatch:
     target_rows: torch.Tensor
     targets: torch.Tensor
     cu_targets: torch.Tensor
-    old_logprobs: torch.Tensor
+    sampler_logprobs: torch.Tensor
     advantages: torch.Tensor
     weights: torch.Tensor
     ref_logprobs: torch.Tensor | None = None

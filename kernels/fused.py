@@ -49,6 +49,7 @@ class Plan:
     backend: object  # torch_backend or triton_backend (same row-pass contract)
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     fp32_weight_grad: bool = False
+    keep_logprobs: bool = False  # also return every row's log-prob (detached)
 
 
 def chunk_rows(plan: Plan, vocab: int, dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -132,8 +133,8 @@ def chunk_logits(buf, r0, r1, vocab):
 
 
 def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, bool]):
-    """The chunk loop. Returns (loss () fp32, metrics (K,) fp32, d_hidden, d_weight, d_bias)
-    with None for gradients not needed."""
+    """The chunk loop. Returns (loss () fp32, metrics (K,) fp32, logp (N,) fp32 or None (unless
+    plan.keep_logprobs), d_hidden, d_weight, d_bias) with None for gradients not needed."""
     n, vocab = hidden.shape[0], weight.shape[0]
     need_h, need_w, need_b = need_grads[0], need_grads[1], need_grads[2] and bias is not None
     chunks = chunk_rows(plan, vocab, hidden.dtype)
@@ -148,11 +149,14 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
     d_b = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if need_b else None
     loss = hidden.new_zeros((), dtype=torch.float32)
     metrics = hidden.new_zeros(len(plan.metric_names), dtype=torch.float32)
+    all_logp = hidden.new_empty(n, dtype=torch.float32) if plan.keep_logprobs else None
     buf = chunk_buffer(chunks, vocab, hidden.device)
     for r0, r1 in chunks:
         h, tgt = hidden[r0:r1], plan.targets[r0:r1]
         z = logits_fp32(h, weight, bias, inv_t, chunk_logits(buf, r0, r1, vocab), weight32)
         stats = plan.backend.row_stats_(z, tgt, plan.with_entropy)
+        if all_logp is not None:
+            all_logp[r0:r1] = stats.logp
         with torch.enable_grad():
             logp = stats.logp.requires_grad_()
             entropy = stats.entropy.requires_grad_() if stats.entropy is not None else None
@@ -180,11 +184,12 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
             d_b += dz.sum(0, dtype=torch.float32)
     if d_w is not None and d_w.dtype != weight.dtype:
         d_w = d_w.to(weight.dtype)
-    return loss, metrics, d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
+    return loss, metrics, all_logp, d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
 
 
 class FusedLinearLoss(torch.autograd.Function):
-    """apply(hidden (N, H), weight (V, H), bias (V,) | None, plan) -> (loss (), metrics (K,)).
+    """apply(hidden (N, H), weight (V, H), bias (V,) | None, plan) -> (loss (), metrics (K,),
+    logp (N,) fp32, or (0,) unless plan.keep_logprobs), the last two not differentiable.
 
     Gradients of hidden / weight / bias are computed in forward and scaled by grad_output in
     backward (in place: the graph can be back-propagated once).
@@ -193,14 +198,15 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: Plan):
         need = ctx.needs_input_grad[:3]
-        loss, metrics, d_h, d_w, d_b = run_chunks(plan, hidden, weight, bias, need)
+        loss, metrics, logp, d_h, d_w, d_b = run_chunks(plan, hidden, weight, bias, need)
         ctx.save_for_backward(d_h, d_w, d_b)
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+        logp = metrics.new_empty(0) if logp is None else logp
+        ctx.mark_non_differentiable(metrics, logp)
+        return loss, metrics, logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_metrics):
+    def backward(ctx, grad_loss, _grad_metrics, _grad_logp):
         if grad_loss is None:
             return None, None, None, None
         d_h, d_w, d_b = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors)

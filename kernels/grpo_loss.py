@@ -293,11 +293,11 @@ def _needs_whole_sequences(cfg: GRPOLossConfig) -> bool:
 
 
 def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm: _Norm, cfg: GRPOLossConfig,
-                want_entropy: bool, backend, names: dict):
+                want_entropy: bool, backend, names: dict, keep_logprobs: bool = False):
     """Loss and metrics of the token view through the fused pass (gradients computed in forward).
 
     hidden (N, H), targets (N,) int, seq_starts: host list (B+1,) of sequence row offsets.
-    Returns (loss () fp32, {metric: () fp32}).
+    Returns (loss () fp32, {metric: () fp32}, plus "logprobs": (N,) fp32 when keep_logprobs).
     """
     _validate(hidden, weight, targets, bias, cfg.temperature, names)
 
@@ -307,9 +307,12 @@ def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm
     metric_names = ("kl", "clip_ratio", "ratio_mean") + (("entropy",) if want_entropy else ())
     plan = fused.Plan(targets.long(), seq_starts, _needs_whole_sequences(cfg), want_entropy, float(cfg.temperature),
                       loss_fn, metric_names, resolve_backend(backend, hidden), cfg.memory_budget,
-                      cfg.fp32_weight_grad)
-    loss, metrics = fused.FusedLinearLoss.apply(hidden, weight, bias, plan)
-    return loss, dict(zip(metric_names, metrics.unbind()))
+                      cfg.fp32_weight_grad, keep_logprobs)
+    loss, metrics, logp = fused.FusedLinearLoss.apply(hidden, weight, bias, plan)
+    out = dict(zip(metric_names, metrics.unbind()))
+    if keep_logprobs:
+        out["logprobs"] = logp
+    return loss, out
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,6 +536,7 @@ def packed_grpo_loss(
     num_tokens: int | None = None,
     vllm_is_ratio=None,
     return_entropy: bool = False,
+    return_logprobs: bool = False,
     backend: str | None = None,
 ):
     """GRPO loss on packed sequences (no padding), LM head fused in.
@@ -556,12 +560,15 @@ def packed_grpo_loss(
         num_sequences / num_tokens: global counts across micro-batches and ranks (default local).
         vllm_is_ratio: (B, 1) per-sequence or (M,) per-token rollout IS ratio, or None.
         return_entropy: also report the mean entropy (always when config.entropy_coef != 0).
+        return_logprobs: also return every token's current log-prob (metrics["logprobs"], (M,)
+            fp32, detached): the old log-probs of later updates, at no extra cost.
         backend: "torch", "triton" or "auto" (see dispatch.resolve_backend).
 
     Returns:
         loss: () fp32 scalar.
         metrics: dict of detached () fp32 tensors, each sum over local tokens / num_tokens:
             "kl", "clip_ratio", "ratio_mean" and "entropy" (when computed). Unweighted by seq_weights.
+            With return_logprobs, also "logprobs" (M,) fp32.
     """
     _check_config(config)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -595,7 +602,8 @@ def packed_grpo_loss(
         tok_w=tok_w, luspo_w=tok_w, num_sequences=n_seq, num_tokens=n_tok_t, dapo_norm=n_tok_t,
         max_completion_length=config.max_completion_length, metric_w=ones, metric_den=n_tok_t,
     )
-    return _fused_grpo(hidden, weight, bias, targets, starts, tokens, norm, config, want_entropy, backend, {})
+    return _fused_grpo(hidden, weight, bias, targets, starts, tokens, norm, config, want_entropy, backend, {},
+                       bool(return_logprobs))
 
 
 # --------------------------------------------------------------------------------------------

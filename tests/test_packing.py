@@ -16,7 +16,7 @@ def _episodes(lengths, vocab=100, seed=0):
         out.append(Episode(
             prompt_ids=[rng.randrange(6, vocab) for _ in range(p)],
             completion_ids=[rng.randrange(6, vocab) for _ in range(c)],
-            old_logprobs=[-rng.random() for _ in range(c)],
+            sampler_logprobs=[-rng.random() for _ in range(c)],
             reward=1.0, correct=True, layer=1 + i % 2, group=i // 2,
             advantage=0.5 * i - 1, weight=1.0 + i,
         ))
@@ -90,7 +90,7 @@ def test_pack_fields_against_hand_loop():
                 targets.append(seq[j + 1])
             ids.append(seq[j])
             pos.append(j)
-        old += e.old_logprobs
+        old += e.sampler_logprobs
         cu.append(len(ids))
         cut.append(len(targets))
     assert b.input_ids.tolist() == ids and b.input_ids.dtype == torch.int64
@@ -101,7 +101,7 @@ def test_pack_fields_against_hand_loop():
     assert b.targets.tolist() == targets
     assert b.input_ids[b.target_rows + 1].tolist() == targets
     assert b.cu_targets.tolist() == cut and b.cu_targets.dtype == torch.int32
-    torch.testing.assert_close(b.old_logprobs, torch.tensor(old))
+    torch.testing.assert_close(b.sampler_logprobs, torch.tensor(old))
     assert b.advantages.tolist() == [e.advantage for e in eps]
     assert b.weights.tolist() == [e.weight for e in eps]
     assert b.layers.tolist() == [1, 2, 1, 2, 1]
@@ -110,8 +110,8 @@ def test_pack_fields_against_hand_loop():
 
 def test_pack_rejects_bad_episodes():
     e = _episodes([(3, 2)])[0]
-    e.old_logprobs = e.old_logprobs[:1]
-    with pytest.raises(ValueError, match="old_logprobs"):
+    e.sampler_logprobs = e.sampler_logprobs[:1]
+    with pytest.raises(ValueError, match="sampler_logprobs"):
         pack([e])
     with pytest.raises(ValueError, match="prompt token"):
         pack(_episodes([(0, 2)]))

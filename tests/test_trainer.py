@@ -1,5 +1,6 @@
 """Trainer on tiny random models: a step trains, packing is exact, learning happens, resume is exact."""
 
+import copy
 import json
 import random
 import zlib
@@ -9,7 +10,7 @@ import torch
 
 import fastmgrpo.mgrpo as mgrpo
 import fastmgrpo.trainer as trainer_mod
-from fastmgrpo.config import MGRPOConfig
+from fastmgrpo.config import ConfigError, MGRPOConfig
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
 from fastmgrpo.models import build_tiny_model, lm_head
@@ -18,8 +19,9 @@ from fastmgrpo.trainer import Trainer, TrainingError
 from fastmgrpo.types import Episode, Problem
 
 
-def make_trainer(tmp_path, problems=None, arch="gemma3", **overrides):
-    model, tok = build_tiny_model(seed=random.randint(0, 10_000), arch=arch)
+def make_trainer(tmp_path, problems=None, arch="gemma3", model_seed=None, **overrides):
+    model_seed = random.randint(0, 10_000) if model_seed is None else model_seed
+    model, tok = build_tiny_model(seed=model_seed, arch=arch)
     opts = dict(model="tiny", dataset="synthetic", output_dir=str(tmp_path), device="cpu",
                 max_completion_length=6, group_size=3, l2_samples=2, questions_per_step=1,
                 learning_rate=1e-3, warmup_ratio=0.0, beta=0.04, seed=random.randint(0, 10_000))
@@ -57,7 +59,7 @@ def random_episodes(vocab, n):
         eps.append(Episode(
             prompt_ids=[random.randrange(vocab) for _ in range(p)],
             completion_ids=[random.randrange(vocab) for _ in range(c)],
-            old_logprobs=[random.uniform(-6, -1) for _ in range(c)], reward=0.0, correct=False,
+            sampler_logprobs=[random.uniform(-6, -1) for _ in range(c)], reward=0.0, correct=False,
             layer=1 + i % 2, group=0, advantage=random.gauss(0, 1), weight=random.choice([1.0, 0.5]),
         ))
     return eps
@@ -76,7 +78,7 @@ def test_packed_loss_and_grads_equal_one_by_one(arch, loss_type):
     batch = pack(eps)
     hidden = packed_hidden_states(model, batch)[batch.target_rows]
     loss_packed, _ = packed_grpo_loss(hidden, w(), batch.targets, batch.cu_targets, batch.advantages,
-                                      batch.old_logprobs, config=cfg, seq_weights=batch.weights, **norm)
+                                      batch.sampler_logprobs, config=cfg, seq_weights=batch.weights, **norm)
     loss_packed.backward()
     grads_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -88,7 +90,7 @@ def test_packed_loss_and_grads_equal_one_by_one(arch, loss_type):
         rows = h[len(e.prompt_ids) - 1: -1]
         loss, _ = packed_grpo_loss(
             rows, w(), torch.tensor(e.completion_ids), torch.tensor([0, len(e.completion_ids)], dtype=torch.int32),
-            torch.tensor([e.advantage]), torch.tensor(e.old_logprobs), config=cfg,
+            torch.tensor([e.advantage]), torch.tensor(e.sampler_logprobs), config=cfg,
             seq_weights=torch.tensor([e.weight]), **norm)
         loss.backward()
         loss_single += loss.item()
@@ -219,3 +221,128 @@ def test_cli_reports_bad_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastmgrpo.train", "--config", str(tmp_path / "d.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "group_size" in proc.stderr
+
+
+# --- objective: per-layer normalisation, mu inner updates, old log-probs -------------------------
+
+def fixed_rollout(monkeypatch, vocab, n, seed, weights=None):
+    """Replace rollout by n fixed random episodes (both layers, non-zero advantages); returns them."""
+    random.seed(seed)
+    eps = random_episodes(vocab, n)
+    for e in eps:
+        e.weight = e.weight if weights is None else weights[e.layer]
+    monkeypatch.setattr(trainer_mod, "collect", lambda *a, **k: mgrpo.Rollout(copy.deepcopy(eps), {}))
+    return eps
+
+
+def recorded_losses(monkeypatch):
+    """Calls of packed_grpo_loss made by the trainer: (keyword arguments plus `old` and `seqs`,
+    the completion ids of each packed sequence; metrics)."""
+    calls, real = [], trainer_mod.packed_grpo_loss
+
+    def spy(hidden, weight, targets, cu, adv, old=None, ref=None, **kw):
+        loss, m = real(hidden, weight, targets, cu, adv, old, ref, **kw)
+        ids, cu = targets.tolist(), cu.tolist()
+        seqs = [tuple(ids[a:b]) for a, b in zip(cu, cu[1:])]
+        calls.append(({"old": old, "seqs": seqs, **kw}, {k: v.clone() for k, v in m.items()}))
+        return loss, m
+
+    monkeypatch.setattr(trainer_mod, "packed_grpo_loss", spy)
+    return calls
+
+
+def alone_logprobs(model, e):
+    """(c,) log-probs of e's completion from full logits, the sequence run on its own."""
+    h = model.get_decoder()(input_ids=torch.tensor([e.prompt_ids + e.completion_ids])).last_hidden_state[0]
+    logits = h[len(e.prompt_ids) - 1: -1] @ lm_head(model)[0].T  # (c, V)
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(e.completion_ids)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_each_layer_is_normalised_by_its_own_counts(tmp_path, monkeypatch, loss_type):
+    """J = w1*J_L1 + w2*J_L2, each over its own layer's sequences/tokens, whatever the packing."""
+    w = {1: 0.7, 2: 1.3}
+    tr = make_trainer(tmp_path, model_seed=3, seed=3, loss_type=loss_type, beta=0.0, max_grad_norm=0.0,
+                      micro_batch_tokens=24)
+    eps = fixed_rollout(monkeypatch, len(tr.tokenizer), 9, seed=5, weights=w)
+    grads = {}
+    tr.optimizer.register_step_pre_hook(
+        lambda *_: grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters()}))
+    m = tr.step()
+
+    ref, _ = build_tiny_model(seed=3)
+    L = tr.cfg.max_completion_length
+    want = 0.0
+    for layer in (1, 2):
+        mine = [e for e in eps if e.layer == layer]
+        n_seq, n_tok = len(mine), sum(len(e.completion_ids) for e in mine)
+        for e in mine:
+            lp = alone_logprobs(ref, e)
+            per_token = -e.advantage * torch.exp(lp - lp.detach())  # ratio 1, on-policy
+            if loss_type == "grpo":
+                j = per_token.mean() / n_seq
+            else:
+                j = per_token.sum() / (n_tok if loss_type == "dapo" else n_seq * L)
+            want = want + w[layer] * j
+    want.backward()
+    assert m["loss"] == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_mu1_ratio_is_exactly_one_and_sampler_mismatch_is_logged(tmp_path, monkeypatch):
+    tr = make_trainer(tmp_path, model_seed=4, seed=4, beta=0.04)
+    eps = fixed_rollout(monkeypatch, len(tr.tokenizer), 6, seed=6)
+    calls = recorded_losses(monkeypatch)
+    m = tr.step()
+    assert calls and all(kw["old"] is None and kw["vllm_is_ratio"] is None for kw, _ in calls)
+    assert all(mt["ratio_mean"].item() == 1.0 and mt["clip_ratio"].item() == 0.0 for _, mt in calls)
+
+    ref, _ = build_tiny_model(seed=4)
+    with torch.no_grad():
+        diff = torch.cat([(alone_logprobs(ref, e) - torch.tensor(e.sampler_logprobs)).abs() for e in eps])
+    assert m["sampler_logp_diff_mean"] == pytest.approx(diff.mean().item(), rel=1e-5)
+    assert m["sampler_logp_diff_max"] == pytest.approx(diff.max().item(), rel=1e-5)
+
+
+def test_mu2_makes_two_updates_with_old_logprobs_frozen_and_the_clip_acting(tmp_path, monkeypatch):
+    tr = make_trainer(tmp_path, model_seed=5, seed=5, num_iterations=2, max_steps=2, beta=0.0,
+                      learning_rate=5e-2, lr_schedule="linear")
+    eps = fixed_rollout(monkeypatch, len(tr.tokenizer), 6, seed=7)
+    calls = recorded_losses(monkeypatch)
+    steps = []
+    tr.optimizer.register_step_pre_hook(lambda *_: steps.append(None))
+    m = tr.step()
+    assert len(steps) == 2 and tr.scheduler.last_epoch == 2 and tr.step_idx == 1
+    # Linear decay over max_steps * mu = 4 updates: the third update runs at half the peak.
+    assert m["lr"] == pytest.approx(5e-2 * 0.5)
+    first, second = calls[: len(calls) // 2], calls[len(calls) // 2:]
+    assert all(kw["old"] is None and mt["clip_ratio"].item() == 0.0 for kw, mt in first)
+    ref, _ = build_tiny_model(seed=5)
+    with torch.no_grad():
+        by_targets = {tuple(e.completion_ids): alone_logprobs(ref, e) for e in eps}
+    for kw, _ in second:  # old = the initial policy's log-probs
+        want = torch.cat([by_targets[k] for k in kw["seqs"]])
+        torch.testing.assert_close(kw["old"], want, rtol=1e-5, atol=1e-5)
+    assert sum(mt["clip_ratio"].item() for _, mt in second) > 0
+
+
+def test_sampler_is_correction_is_truncated_ratio_to_the_sampler(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="sampler_is_cap"):
+        MGRPOConfig(sampler_is_cap=0.0)
+    cap = 1.5
+    tr = make_trainer(tmp_path, model_seed=6, seed=6, sampler_is_cap=cap, beta=0.0)
+    eps = fixed_rollout(monkeypatch, len(tr.tokenizer), 6, seed=8)
+    calls = recorded_losses(monkeypatch)
+    tr.step()
+    ref, _ = build_tiny_model(seed=6)
+    with torch.no_grad():
+        by_targets = {tuple(e.completion_ids): (alone_logprobs(ref, e) - torch.tensor(e.sampler_logprobs))
+                      .exp().clamp(max=cap) for e in eps}
+    ratios = []
+    for kw, _ in calls:
+        got = kw["vllm_is_ratio"]
+        torch.testing.assert_close(got, torch.cat([by_targets[k] for k in kw["seqs"]]), rtol=1e-5, atol=1e-6)
+        ratios.append(got)
+    ratios = torch.cat(ratios)
+    assert (ratios == cap).any() and (ratios < cap).any()  # the cap truncates some tokens, not all

@@ -50,7 +50,7 @@ def _keywords(fn) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
 
-@functools.cache
+@functools.cache  # each message once per process: this runs in every layer of every forward
 def _log_path(message: str) -> None:
     _log.info("packed attention: %s", message)
 

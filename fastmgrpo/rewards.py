@@ -11,8 +11,6 @@ import re
 import threading
 from fractions import Fraction
 
-from math_verify import parse, verify
-
 from fastmgrpo.types import Problem
 
 NUMERIC_SOURCES = ("gsm8k", "synthetic")
@@ -96,7 +94,19 @@ def _leading_number(answer: str) -> Fraction | None:
     return _to_fraction(match.group()) if match else None
 
 
+def _math_verify_api():
+    """(parse, verify) from math_verify, imported on first use: GSM8K-style numeric answers
+    never need it, and machines without it (or its antlr/latex2sympy stack) must still train."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise ImportError("checking LaTeX/boxed answers needs the `math-verify` package "
+                          "(pip install 'math-verify[antlr4_13_2]')") from e
+    return parse, verify
+
+
 def _math_verify(pred: str, gold: str) -> bool:
+    parse, verify = _math_verify_api()  # outside the try: a missing package is not a wrong answer
     # math_verify times out through signal.alarm, which only the main thread may use; in any
     # other thread run it without its timeout: callers there must bound the time themselves.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None

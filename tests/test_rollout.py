@@ -127,3 +127,19 @@ def test_pick_samples_the_truncated_distribution(temperature, top_p, top_k, expe
     # logprobs are those of the untruncated temperature-scaled distribution
     full = torch.log_softmax(probs.log() / temperature, dim=-1)
     torch.testing.assert_close(logp, full[ids])
+
+
+def test_pick_frequencies_match_softmax_within_5_sigma():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, generator=gen) * 2  # a skewed distribution, from 0.2% to ~60%
+    n, temperature = 200_000, 0.8
+    ids, logp = _pick(logits.repeat(n, 1), temperature, 1.0, 0, torch.Generator().manual_seed(1))
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    freq = torch.bincount(ids, minlength=7).double() / n
+    sigma = (p * (1 - p) / n).sqrt()  # binomial std of each frequency
+    assert ((freq - p).abs() <= 5 * sigma).all(), (freq, p)
+    full = torch.log_softmax(logits / temperature, dim=-1)
+    torch.testing.assert_close(logp, full[ids], atol=1e-5, rtol=0)
+    # the draw is a function of the generator's state alone (per-(seed, step, rank) replay)
+    again, _ = _pick(logits.repeat(n, 1), temperature, 1.0, 0, torch.Generator().manual_seed(1))
+    assert torch.equal(ids, again)

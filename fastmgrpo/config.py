@@ -217,6 +217,9 @@ def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Train a model with MGRPO (multi-layer GRPO) or plain GRPO (--layers 1).",
+        epilog="Ctrl-C or SIGTERM (a scheduler, `docker stop`, `timeout`) saves a checkpoint at the "
+        "step boundary and exits with 130 / 143; continue with --resume. Exit status 2: unusable "
+        "input (the message names the file); 3: CUDA out of memory.",
     )
     parser.add_argument("--config", help="YAML or JSON file of options; flags override it.")
     for f in dataclasses.fields(MGRPOConfig):

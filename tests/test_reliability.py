@@ -145,9 +145,10 @@ def test_sigterm_right_after_the_optimizer_step_saves_that_step(tiny_cli, tmp_pa
         return norm
 
     monkeypatch.setattr(Trainer, "_optimizer_step", step_then_term)
+    handler = signal.getsignal(signal.SIGTERM)
     code = main("--output-dir", str(tmp_path), "--max-steps", "5", "--save-every", "1", "--keep-checkpoints", "5")
     assert code == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored for whoever runs next
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored for whoever runs next
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000001", "step-000002"]
     for step in (1, 2):

@@ -7,7 +7,6 @@ import gzip
 import json
 import logging
 import random
-import re
 import warnings
 from importlib import resources
 from pathlib import Path

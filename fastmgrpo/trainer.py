@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 
 from .attention import use_varlen_attention
-from .checkpoint import (CheckpointError, checkpoint_dir, latest_checkpoint, load_trainer_state,
-                         prepare_output_dir, save_checkpoint)
+from .checkpoint import (checkpoint_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
+                         save_checkpoint)
 from .config import MGRPOConfig
 from .data import load_problems
 from .distributed import Dist, full_weights, no_grad_sync, wrap

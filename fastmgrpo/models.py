@@ -53,6 +53,8 @@ class ModelError(ValueError):
 
 
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "*.tiktoken")
 _TOKENIZER_PROBE = "Tom has 12 apples. How many are left?"
 
 
@@ -63,7 +65,7 @@ def check_model_dir(path: Path) -> None:
                          "file, or 'default')")
     if not any(next(path.glob(g), None) for g in _WEIGHT_FILES):
         raise ModelError(f"{path}: no model weights (*.safetensors or pytorch_model*.bin)")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not any(next(path.glob(g), None) for g in _TOKENIZER_FILES):
         raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
                          "copy them from the base model")
 

@@ -181,6 +181,7 @@ def test_checkpoint_files_are_fsynced_and_resaving_a_step_keeps_one_loadable(tmp
         src = Path(src)
         if src.name.startswith(".tmp-step"):  # publishing a checkpoint: all of it on disk first
             assert {src, *src.rglob("*")} <= synced
+        moments.append(checkpoint_mod.latest_checkpoint(tmp_path))  # around every step of the save
         real_replace(src, dst)
         moments.append(checkpoint_mod.latest_checkpoint(tmp_path))
 

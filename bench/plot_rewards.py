@@ -34,7 +34,7 @@ def train_once(task: str, layers: int, out: Path, steps: int, seed: int) -> Path
     """Run one training of `task` with `layers` (1 = GRPO, 2 = MGRPO); return its metrics.jsonl."""
     opts = dict(TASKS[task])
     opts.pop("steps")
-    cfg = MGRPOConfig(**opts, layers=layers, max_steps=steps, seed=seed, output_dir=str(out),
+    cfg = MGRPOConfig(**opts, layers=layers, max_steps=steps, seed=seed, output_dir=str(out), overwrite=True,
                       warmup_ratio=0.0, lr_schedule="constant")
     if task == "toy":
         model, tok = build_tiny_model(seed=seed)

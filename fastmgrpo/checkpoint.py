@@ -6,19 +6,49 @@ Layout under `<output_dir>/checkpoints/`:
                                            state; weights_only-safe)
                         trainer_state.json (step, bad-step count, run config)
     latest              name of the newest complete checkpoint
-A checkpoint is written to a hidden temporary directory and renamed into place, and `latest` is
-replaced atomically after that, so a crash mid-save leaves the previous checkpoint untouched.
+A checkpoint is written to a hidden temporary directory, fsynced (files and directory) and
+renamed into place, and `latest` is replaced atomically after that, so a crash or power loss
+mid-save leaves the previous checkpoint untouched. When `latest` names a missing or damaged
+checkpoint, `latest_checkpoint` falls back to the newest complete one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+
+# What a run leaves in its output directory (and --overwrite deletes); nothing else is touched.
+RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "checkpoints", "tensorboard")
+_STEP_RE = re.compile(r"(?:\.prev-)?step-(\d+)")  # .prev-*: a checkpoint being replaced
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or output directory that cannot be used; the message names the path."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the directories, so a rename publishes durable data."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -28,6 +58,44 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def check_writable_dir(path: Path) -> None:
+    """Create `path` if needed and prove a file can be written in it (raises CheckpointError)."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"output directory {path} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise CheckpointError(f"output directory {path} is not writable ({e.strerror or e})") from e
+
+
+def check_writable_file(path: Path) -> None:
+    """Fail now, not after the work, if `path` cannot be written (its folder is created)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, expected a file name")
+    check_writable_dir(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CheckpointError(f"{path} is not writable")
+
+
+def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make `out` ready for a run: refuse to mix a new run into an old one.
+
+    A directory holding a run (any of RUN_FILES) needs --resume (continue it) or --overwrite
+    (delete those files first); other files in it are left alone.
+    """
+    check_writable_dir(out)
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise CheckpointError(f"output directory {out} holds a run ({', '.join(held)}): pass --resume "
+                              "to continue it, --overwrite to delete it, or another --output-dir")
+    if overwrite:
+        for name in held:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -50,30 +118,80 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors
     final = checkpoint_dir(output_dir, step)
     root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # leftovers of a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    for prev in root.glob(".prev-*"):  # killed mid-replace: the old copy may be the only one
+        if (root / prev.name.removeprefix(".prev-")).is_dir():
+            shutil.rmtree(prev, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(tensors, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    if final.exists():  # re-saving the same step after a resume: replace it
-        shutil.rmtree(final)
+    _fsync_tree(tmp)
+    prev = root / f".prev-{name}"
+    if final.exists():  # re-saving a step: keep the old copy loadable (as .prev-) until the new one is in
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
     os.replace(tmp, final)
+    _fsync(root)
     _atomic_write_text(root / "latest", name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    shutil.rmtree(prev, ignore_errors=True)
+    # Newer steps than this one are the abandoned future of a run resumed from an older
+    # checkpoint; they must not outrank (and prune) the run's own checkpoints.
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_RE.fullmatch(p.name)))
+    ours = [p for n, p in steps if n <= step]
+    for old in ours[:-keep] + [p for n, p in steps if n > step]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # leftovers of a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def _safetensors_complete(path: Path) -> bool:
+    """Whether the header parses and the data it describes is all there (truncation check)."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + n + end
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be loaded (missing or damaged file), or None if it looks whole.
+
+    Cheap: reads headers (safetensors offsets, the zip directory of trainer_state.pt), not data.
+    """
+    if not path.is_dir():
+        return "missing"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no model weights (*.safetensors)"
+    try:
+        for w in weights:
+            if not _safetensors_complete(w):
+                return f"{w.name} is truncated"
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+        zipfile.ZipFile(path / "trainer_state.pt").close()
+    except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
+    """The checkpoint `latest` names or, if that one is missing or damaged, the newest complete
+    one (with a warning); None when there is none."""
     root = Path(output_dir) / "checkpoints"
     pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / "trainer_state.json").is_file() else None
+    named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    if named is not None and checkpoint_problem(named) is None:
+        return named
+    found = [(int(m.group(1)), p) for p in root.glob("*step-*")
+             if (m := _STEP_RE.fullmatch(p.name)) and p != named]
+    for _, path in sorted(found, reverse=True):
+        if checkpoint_problem(path) is None:
+            if named is not None:
+                warnings.warn(f"{named}: {checkpoint_problem(named)}; using {path} instead", stacklevel=2)
+            return path
+    return None
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict, dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +46,12 @@ class MGRPOConfig:
                            "the summary go.")
     resume: bool = _opt(False, "Resume from the latest checkpoint in --output-dir (model, optimizer, "
                         "scheduler, RNG states and data position).")
+    overwrite: bool = _opt(False, "Replace the run already in --output-dir (its metrics, config, "
+                           "summary and checkpoints are deleted); without it or --resume, a folder "
+                           "holding a run is refused.")
+    allow_config_change: bool = _opt(False, "With --resume: accept options that change the run "
+                                     "(model, dataset, group size, loss, ...) differing from the "
+                                     "checkpoint's config.")
 
     # --- MGRPO ----------------------------------------------------------------------------
     layers: int = _opt(2, "1 = plain GRPO (the baseline); 2 = MGRPO (layer-2 self-correction).",
@@ -140,6 +148,9 @@ class MGRPOConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value}: expected a finite number")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
@@ -159,6 +170,9 @@ class MGRPOConfig:
             raise ConfigError(f"sampler_is_cap must be > 0 when set, got {self.sampler_is_cap}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise ConfigError("beta must be >= 0 and learning_rate > 0")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: "
+                              "pass one of them")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,6 +192,11 @@ def _coerce(name: str, value, kind: type):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     if kind is not list and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -214,6 +233,9 @@ def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Train a model with MGRPO (multi-layer GRPO) or plain GRPO (--layers 1).",
+        epilog="Ctrl-C or SIGTERM (a scheduler, `docker stop`, `timeout`) saves a checkpoint at the "
+        "step boundary and exits with 130 / 143; continue with --resume. Exit status 2: unusable "
+        "input (the message names the file); 3: CUDA out of memory.",
     )
     parser.add_argument("--config", help="YAML or JSON file of options; flags override it.")
     for f in dataclasses.fields(MGRPOConfig):
@@ -232,10 +254,30 @@ def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentPa
     return parser
 
 
+def _attach_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """['--learning-rate', '-1e-5'] -> ['--learning-rate=-1e-5']: argparse takes '-1e-5' for an
+    option (only '-1' and '-.5' look like numbers to it)."""
+    takes_value = {flag for a in parser._actions if a.nargs is None and a.const is None
+                   for flag in a.option_strings}
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in takes_value and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def parse_config(argv: list[str] | None = None) -> MGRPOConfig:
     """argv -> MGRPOConfig: defaults, then the --config file, then flags."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = vars(parser.parse_args(_attach_negative_numbers(parser, argv)))
     values = load_config_file(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)

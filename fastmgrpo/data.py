@@ -7,17 +7,15 @@ import gzip
 import json
 import logging
 import random
-import re
 import warnings
 from importlib import resources
 from pathlib import Path
 
-from fastmgrpo.rewards import last_boxed
+from fastmgrpo.rewards import last_boxed, numeric_answer
 from fastmgrpo.types import Problem
 
 logger = logging.getLogger(__name__)
 
-_GSM8K_NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")  # after commas are removed
 _EXPECTED_ANSWER = {"gsm8k": "'#### <number>'", "math": "a final '\\boxed{...}'"}
 
 
@@ -37,8 +35,7 @@ def _parse_row(row: object) -> tuple[str, str | None, str] | None:
         return None
     if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
         tail = row["answer"].rsplit("####", 1)
-        gold = tail[1].strip().replace(",", "") if len(tail) == 2 else ""
-        return row["question"], gold if _GSM8K_NUMBER_RE.fullmatch(gold) else None, "gsm8k"
+        return row["question"], numeric_answer(tail[1]) if len(tail) == 2 else None, "gsm8k"
     if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):
         # MATH-500-style rows carry the gold answer in "answer" as well; the \boxed{} wins.
         gold = last_boxed(row["solution"]) or str(row.get("answer") or "").strip()
@@ -76,6 +73,9 @@ def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
         raise DatasetError(f"{path}: cannot read ({e})") from e
     if not problems and not skipped:
         raise DatasetError(f"{path}: empty file (no rows)")
+    if not problems:
+        raise DatasetError(f"{path}: none of its {len(skipped)} rows has a parseable answer "
+                           f"({' or '.join(_EXPECTED_ANSWER.values())})")
     if skipped:
         warnings.warn(
             f"{path}: skipped {len(skipped)} rows with no parseable final answer "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointError, check_writable_file
 from .data import DatasetError, load_problems
 from .metrics import correction_metrics, pass_at_k
-from .models import compute_dtype, load_model, resolve_device, stop_token_ids
+from .models import ModelError, compute_dtype, load_model, resolve_device, stop_token_ids
 from .prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
 from .rewards import extract_answer, score
 from .rollout import sample
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("temperature", "top_p", "pass_k_temperature"):
+        if not math.isfinite(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number")
     if args.temperature < 0 or args.pass_k_temperature <= 0:
         parser.error("--temperature must be >= 0 and --pass-k-temperature > 0")
     if not 0 < args.top_p <= 1 or args.top_k < 0 or args.pass_k < 0:
@@ -252,7 +257,7 @@ def run(args: argparse.Namespace) -> None:
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     for path in (args.output, args.json):  # fail on an unusable output path before the work
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            check_writable_file(path)
     problems = load_problems(args.dataset, limit=args.limit, seed=args.seed)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "json", "no_progress")}
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     _check(parser, args)
     try:
         run(args)
-    except (DatasetError, OSError) as e:  # missing model/dataset, unwritable output
+    except (DatasetError, ModelError, CheckpointError, OSError) as e:  # bad model/dataset/output
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:

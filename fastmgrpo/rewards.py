@@ -18,9 +18,17 @@ NUMERIC_SOURCES = ("gsm8k", "synthetic")
 # A number as written in answers: optional sign, digits with optional thousands commas,
 # optional decimals, optional "/denominator". The look-behind skips digits glued to a word
 # ("x2") and the hyphen of a range ("3-4" gives 4, not -4).
-_NUMBER = r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
+_NUMBER = r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
-_FULL_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+")
+_FULL_NUMBER_RE = re.compile(
+    r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?")
+# Minus signs other than '-' (U+2212 minus, small and full-width hyphen-minus): read as '-',
+# or "−3" would score as 3.
+_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
+_MAX_EXPONENT = 1000  # |e| of "1e999999999" beyond this: not a number (Fraction would build 10**e)
+# Bounds on what reaches math_verify: sympy evaluates towers like 9^9^9 exactly, holding the GIL
+# (no thread or alarm can stop it), and its LaTeX parser recurses once per nested brace.
+_MAX_ANSWER_CHARS, _MAX_NESTING, _MAX_EXPONENT_DIGITS = 1000, 20, 4
 _ANSWER_IS_RE = re.compile(r"answer is|answer:", re.IGNORECASE)
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 # LaTeX spacing and escapes that carry no value: \$ \% \, \! \; \: and "\ ".
@@ -49,6 +57,7 @@ def extract_answer(text: str) -> str | None:
     Order: last `\\boxed{}`; else the rest of the line after the last `####`; else the rest of
     the line after the last "answer is" / "Answer:"; else the last number in the text.
     """
+    text = text.translate(_MINUS)
     boxed = last_boxed(text)
     if boxed:
         return boxed
@@ -67,16 +76,77 @@ def extract_answer(text: str) -> str | None:
 
 def _clean(answer: str) -> str:
     """Drop LaTeX escapes/wrappers, dollar signs, percent signs and a trailing period."""
-    answer = _TEXT_CMD_RE.sub(r"\1", answer)
+    answer = _TEXT_CMD_RE.sub(r"\1", answer.translate(_MINUS))
     answer = _LATEX_NOISE_RE.sub("", answer)
     return answer.replace("$", "").replace("%", "").strip().rstrip(".").strip()
 
 
 def _to_fraction(number: str) -> Fraction | None:
-    try:
-        return Fraction(number.replace(",", "").lstrip("+"))
-    except (ValueError, ZeroDivisionError):
+    number = number.replace(",", "").lstrip("+")
+    exponent = number.lower().partition("e")[2]
+    if exponent and abs(int(exponent.split("/")[0])) > _MAX_EXPONENT:
         return None
+    try:
+        return Fraction(number)
+    except (ValueError, ZeroDivisionError):  # also ints past sys.get_int_max_str_digits()
+        return None
+
+
+def numeric_answer(text: str) -> str | None:
+    """The number a GSM8K gold line states ('$1,234' -> '1234', '−3' -> '-3', '1/2', '1234
+    dollars' -> '1234'), or None when it holds no number or more than one."""
+    cleaned = _clean(text)
+    match = _FULL_NUMBER_RE.match(cleaned)
+    if match is None or _to_fraction(match.group()) is None:
+        return None
+    rest = cleaned[match.end():]
+    if rest and not re.fullmatch(r"\s+\D*", rest):  # units may follow; another number may not
+        return None
+    return match.group().replace(",", "").lstrip("+")
+
+
+def _operand_end(text: str, i: int) -> int:
+    """End of the operand starting at text[i]: a balanced {...} or (...) group, else a word."""
+    if i < len(text) and text[i] in "{(":
+        close, depth = {"{": "}", "(": ")"}[text[i]], 0
+        for j in range(i, len(text)):
+            depth += (text[j] == text[i]) - (text[j] == close)
+            if depth == 0:
+                return j + 1
+        return len(text)
+    j = i
+    while j < len(text) and (text[j].isalnum() or text[j] in "._"):
+        j += 1
+    return j
+
+
+def too_costly(answer: str) -> bool:
+    """Whether checking `answer` symbolically could take unbounded time or memory: very long,
+    deeply nested, an exponent tower (a^b^c, a^{b^c}), a huge exponent or factorial.
+
+    A cost bound, not a judgement: such answers count as wrong. Runs in O(len(answer)).
+    """
+    if len(answer) > _MAX_ANSWER_CHARS:
+        return True
+    depth = 0
+    for c in answer:
+        depth += (c in "{([") - (c in "})]")
+        if depth > _MAX_NESTING:
+            return True
+    text = answer.replace("**", "^")
+    for i, c in enumerate(text):
+        if c == "^":
+            start = len(text) - len(text[i + 1:].lstrip())
+            end = _operand_end(text, start)
+            operand, after = text[start:end], text[end:].lstrip()[:1]
+            digits = max((len(d) for d in re.findall(r"\d+", operand)), default=0)
+            if "^" in operand or "!" in operand or after == "^" or digits > _MAX_EXPONENT_DIGITS:
+                return True
+        elif c == "!" and i and text[i - 1] != "\\":
+            before = re.search(r"(\d*)\W*$", text[:i]).group(1)
+            if text[i - 1] in ")}!" or len(before) > _MAX_EXPONENT_DIGITS:
+                return True
+    return False
 
 
 def _exact_number(answer: str) -> Fraction | None:
@@ -128,7 +198,7 @@ def answers_match(pred: str | None, gold: str, source: str) -> bool:
     Otherwise, or when LaTeX is involved: two plain numbers compare exactly, anything else goes
     through `math_verify`. Errors and timeouts count as no match.
     """
-    if pred is None or not pred.strip():
+    if pred is None or not pred.strip() or too_costly(pred) or too_costly(gold):
         return False
     gold_value = _exact_number(gold)
     if gold_value is not None:

@@ -7,7 +7,9 @@ on GPU when present, else CPU. `--help` lists every option.
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,9 +17,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, MGRPOConfig, parse_config
 from .data import DatasetError
-from .trainer import Trainer, TrainingError
+from .models import ModelError
+from .trainer import Trainer, TrainingError, deferred_signals
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (scheduler, `docker stop`, `timeout`) handled like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def json_safe(metrics: dict) -> dict:
+    """Non-finite floats as null: JSON has no Infinity/NaN, and strict readers reject them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
 class MetricsLog:
@@ -37,12 +58,12 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
+        self.file.write(json.dumps(json_safe(metrics)) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
         if self.tb is not None:
             for k, v in metrics.items():
-                if isinstance(v, (int, float)):
+                if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, metrics["step"])
 
     def close(self) -> None:
@@ -71,7 +92,7 @@ def summarize(history: list[dict], out: Path, checkpoint: Path | None, wall: flo
         "output_dir": str(out),
         "checkpoint": str(checkpoint) if checkpoint else None,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1), encoding="utf-8")
     return summary
 
 
@@ -114,8 +135,10 @@ def run(cfg: MGRPOConfig, trainer: Trainer | None = None) -> dict:
             checkpoint = trainer.save()
     except KeyboardInterrupt:
         if trainer.dist.world == 1:  # ranks interrupted mid-collective cannot save together
-            checkpoint = trainer.save()  # nothing lost: resume with --resume
-            print(f"\ninterrupted; checkpoint saved to {checkpoint}", file=sys.stderr)
+            with deferred_signals():  # a second Ctrl-C / SIGTERM must not cut this save short
+                checkpoint = trainer.save()  # steps are applied whole: weights match the step
+            print(f"\ninterrupted; checkpoint saved to {checkpoint}; continue with --resume",
+                  file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -129,10 +152,12 @@ def run(cfg: MGRPOConfig, trainer: Trainer | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; the exit status: 2 unusable input, 3 CUDA OOM, 128+signal interrupted."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         cfg = parse_config(argv)
         run(cfg)
-    except (ConfigError, DatasetError, FileNotFoundError, TrainingError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError, TrainingError, CheckpointError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
@@ -140,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
               "--max-completion-length); checkpoints and metrics written so far are intact.",
               file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        return 128 + getattr(e, "signum", signal.SIGINT)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -6,11 +6,14 @@ in its own module (mgrpo.collect, packing.pack, kernels.packed_grpo_loss, ...).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 
 from .attention import use_varlen_attention
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import (checkpoint_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
+                         save_checkpoint)
 from .config import MGRPOConfig
 from .data import load_problems
 from .distributed import Dist, full_weights, no_grad_sync, wrap
@@ -38,6 +42,41 @@ METRICS = ("loss", "kl", "clip_ratio", "entropy")  # per update; global means af
 
 class TrainingError(RuntimeError):
     """Training cannot go on (too many bad steps, out of memory); the message says what to do."""
+
+
+# Options that may differ between a checkpoint and the run resuming it: where and how it runs,
+# how long, and what it logs. Any other difference changes the run (--allow-config-change).
+RESUMABLE_CHANGES = frozenset({
+    "resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "save_every",
+    "keep_checkpoints", "eval_dataset", "eval_every", "eval_limit", "tensorboard", "max_bad_steps",
+    "device", "precision", "micro_batch_tokens", "rollout_batch_size", "gradient_checkpointing",
+    "fsdp", "strict_data",
+})
+
+
+def config_changes(saved: dict, cfg: MGRPOConfig) -> list[str]:
+    """'key: old -> new' for every run-changing option where `cfg` differs from `saved`."""
+    now = cfg.to_dict()
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & saved.keys())
+            if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+
+
+@contextlib.contextmanager
+def deferred_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Hold SIGINT/SIGTERM back until the block ends, then deliver them to the usual handler, so
+    the block (an optimizer step and its step counter) runs whole or not at all."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for n in dict.fromkeys(pending):
+            signal.raise_signal(n)
 
 
 def lr_lambda(cfg: MGRPOConfig):
@@ -141,8 +180,17 @@ class Trainer:
             raise TrainingError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
                                 f"number of ranks ({self.dist.world}): each rank takes whole questions")
         self.dtype = compute_dtype(cfg.precision, self.device)
-        if problems is None:  # before the model: a bad data file fails fast
+        # Everything a user can get wrong is checked before the model loads: output folder,
+        # checkpoint and its config, training and eval data.
+        self.out = Path(cfg.output_dir)
+        if self.dist.is_main:
+            prepare_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite)
+        self.dist.barrier()
+        checkpoint = self._checkpoint_to_resume() if cfg.resume else None
+        if problems is None:
             problems = load_problems(cfg.dataset, strict=cfg.strict_data, seed=cfg.seed)
+        self.eval_problems = (load_problems(cfg.eval_dataset, limit=cfg.eval_limit, seed=cfg.seed)
+                              if cfg.eval_dataset else None)
         torch.manual_seed(cfg.seed)
         if model is None:
             # fp32 master weights; bf16 compute comes from autocast on GPU.
@@ -157,8 +205,6 @@ class Trainer:
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.problems, self.prompts, self.data_stats = self._load_data(problems)
-        self.out = Path(cfg.output_dir)
-        checkpoint = self._checkpoint_to_resume() if cfg.resume else None
         if checkpoint is not None:
             self._load_weights(checkpoint)  # before wrapping: FSDP2 shards what the model holds
         self.loss_cfg = loss_config(cfg)
@@ -179,7 +225,6 @@ class Trainer:
         if checkpoint is not None:
             self._load_state(checkpoint)
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
 
     # --- data -----------------------------------------------------------------------------
@@ -195,6 +240,8 @@ class Trainer:
                 ids, truncated = ids[-cfg.max_prompt_length:], truncated + 1
             kept.append(p)
             prompts.append(ids)
+        if not problems:
+            raise TrainingError(f"no problems in {cfg.dataset!r}")
         if not kept:
             raise TrainingError(f"no usable problems in {cfg.dataset!r}: all {skipped} prompts exceed "
                                 f"max_prompt_length={cfg.max_prompt_length}")
@@ -240,19 +287,23 @@ class Trainer:
         totals = dict.fromkeys(METRICS, 0.0)
         side = {"ref_time": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0, "mismatch_tokens": 0}
         grad_norms = []
-        for _ in range(cfg.num_iterations):
-            update = dict.fromkeys(METRICS, 0.0)
-            for i, (mb, cache) in enumerate(zip(plan, caches)):
-                with no_grad_sync(self.policy, skip=i < len(plan) - 1):  # reduce gradients once
-                    self._accumulate(mb, cache, update, side)
-            update = dict(zip(METRICS, d.sum([update[k] for k in METRICS])))
-            grad_norms.append(self._optimizer_step(update["loss"]))
-            for k in METRICS:
-                totals[k] += update[k] / cfg.num_iterations
+        with contextlib.ExitStack() as held:
+            for it in range(cfg.num_iterations):
+                update = dict.fromkeys(METRICS, 0.0)
+                for i, (mb, cache) in enumerate(zip(plan, caches)):
+                    with no_grad_sync(self.policy, skip=i < len(plan) - 1):  # reduce gradients once
+                        self._accumulate(mb, cache, update, side)
+                update = dict(zip(METRICS, d.sum([update[k] for k in METRICS])))
+                if it == 0:  # from the first weight change to the step counter: all or nothing
+                    held.enter_context(deferred_signals())
+                grad_norms.append(self._optimizer_step(update["loss"]))
+                for k in METRICS:
+                    totals[k] += update[k] / cfg.num_iterations
+            self.step_idx += 1
         mis_sum, mis_tokens = d.sum([side["mismatch_sum"], side["mismatch_tokens"]])
         t_end = time.perf_counter()
         metrics = {
-            "step": self.step_idx + 1, **rollout.stats, **totals, "ref_time": side["ref_time"],
+            "step": self.step_idx, **rollout.stats, **totals, "ref_time": side["ref_time"],
             "sampler_logp_diff_mean": mis_sum / max(mis_tokens, 1),
             "sampler_logp_diff_max": d.max([side["mismatch_max"]])[0],
             "grad_norm": sum(grad_norms) / len(grad_norms), "lr": self.scheduler.get_last_lr()[0],
@@ -263,7 +314,6 @@ class Trainer:
             "peak_memory_gb": max(rollout_peak, train_peak),
             "skipped": not all(math.isfinite(g) for g in grad_norms),
         }
-        self.step_idx += 1
         # Already global: step, lr, grad_norm, the summed totals and the mismatch (averaging keeps them).
         return d.reduce_metrics(
             metrics, sums={"tokens_generated", "tokens_trained", "sequences", "l2_groups_kept",
@@ -356,10 +406,9 @@ class Trainer:
         from .eval import evaluate
 
         cfg = self.cfg
-        problems = load_problems(cfg.eval_dataset, limit=cfg.eval_limit, seed=cfg.seed)
         self.model.eval()
         with torch.no_grad(), self._autocast(), full_weights(self.policy):
-            summary, _ = evaluate(self.model, self.tokenizer, problems,
+            summary, _ = evaluate(self.model, self.tokenizer, self.eval_problems,
                                   max_new_tokens=cfg.max_completion_length, temperature=0.0, top_p=1.0,
                                   batch_size=cfg.rollout_batch_size, l2_format=cfg.l2_format,
                                   phrase=cfg.guiding_phrases[1 % len(cfg.guiding_phrases)], pass_k=0,
@@ -374,6 +423,10 @@ class Trainer:
         named = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
         # Tied weights (gathered into separate copies) are saved once, under the model's own name.
         weights = {k: v for k, v in get_model_state_dict(self.model, options=full).items() if k in named}
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # a checkpoint that cannot be used must not replace one that can
+            raise TrainingError(f"weights are not finite ({bad[0]}, ...), so no checkpoint was written "
+                                f"at step {self.step_idx}; lower --learning-rate")
         tensors = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full),
                    "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
         state = {"step": self.step_idx, "bad_steps": self.bad_steps, "config": self.cfg.to_dict()}
@@ -384,15 +437,24 @@ class Trainer:
         return checkpoint_dir(self.out, self.step_idx)
 
     def _checkpoint_to_resume(self) -> Path:
+        """The checkpoint --resume continues from, its config checked against this run's."""
         path = latest_checkpoint(self.out)
         if path is None:
-            raise TrainingError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+            raise TrainingError(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}")
+        saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("config", {})
+        changes = config_changes(saved, self.cfg)
+        if changes and not self.cfg.allow_config_change:
+            raise TrainingError(f"--resume from {path}: options differ from the checkpoint's run "
+                                f"({'; '.join(changes)}); pass --allow-config-change to accept them")
         return path
 
     def _load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+        try:
+            weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise TrainingError(f"{path}: cannot load model.safetensors ({e})") from e
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
             raise TrainingError(f"{path}: checkpoint does not match the model "
@@ -400,9 +462,12 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         """Optimizer (sharded again under FSDP2), scheduler, RNG and step of a checkpoint."""
-        tensors, state = load_trainer_state(path)
-        set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        self.scheduler.load_state_dict(tensors["scheduler"])
-        torch.set_rng_state(tensors["torch_rng"])
-        self.step_idx, self.bad_steps = state["step"], state["bad_steps"]
+        try:
+            tensors, state = load_trainer_state(path)
+            set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+            self.scheduler.load_state_dict(tensors["scheduler"])
+            torch.set_rng_state(tensors["torch_rng"])
+            self.step_idx, self.bad_steps = state["step"], state["bad_steps"]
+        except Exception as e:  # noqa: BLE001 - torch.load / state-dict errors come in many types
+            raise TrainingError(f"{path}: cannot load the trainer state ({type(e).__name__}: {e})") from e

@@ -172,3 +172,19 @@ def test_split_holdout():
     assert split_holdout(problems, n, seed=3) == (rest, held)
     with pytest.raises(ValueError):
         split_holdout(problems, 51, seed=0)
+
+
+def test_gsm8k_gold_lines_in_common_forms(tmp_path):
+    golds = {"$1,234": "1234", "\u22123": "-3", "1/2": "1/2", "1234 dollars": "1234", "+5": "5",
+             "1e3": "1e3", "3 or 4": None, "ten": None}
+    rows = [{"question": f"q{i}", "answer": f"work\n#### {g}"} for i, g in enumerate(golds)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the two unparseable rows are reported; not under test
+        problems = load_problems(str(write_jsonl(tmp_path / "g.jsonl", rows)))
+    assert [p.answer for p in problems] == [v for v in golds.values() if v is not None]
+
+
+def test_no_parseable_answer_at_all_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "n.jsonl", [{"question": "q", "answer": "#### ten"}] * 3)
+    with pytest.raises(DatasetError, match="none of its 3 rows has a parseable answer"):
+        load_problems(str(path))

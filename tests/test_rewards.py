@@ -1,5 +1,6 @@
 import random
 import threading
+import time
 
 import pytest
 
@@ -42,6 +43,14 @@ CASES = [
     ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}", "math", False),  # unclosed brace
     ("\\boxed{{{(}", "1", "math", False),  # malformed LaTeX
     ("no answer here", "\\frac{1}{2}", "math", False),
+    ("#### \u22123", "-3", "gsm8k", True),  # U+2212 minus: must not read as 3
+    ("#### \u22123", "3", "gsm8k", False),
+    ("so the total is \u22123", "-3", "gsm8k", True),
+    ("#### -3", "\u22123", "gsm8k", True),
+    ("#### 1e3", "1000", "gsm8k", True),
+    ("#### 2.5E-1", "1/4", "gsm8k", True),
+    ("#### 1e3", "100", "gsm8k", False),
+    ("#### 1e999999999", "1", "gsm8k", False),  # refused, not computed
 ]
 
 
@@ -103,3 +112,26 @@ def test_math_verify_in_worker_thread():
     worker.start()
     worker.join()
     assert results == [expected for _, _, expected in cases]
+
+
+PATHOLOGICAL = ["2^{2^{2^{2^{2^{2}}}}}", "9^9^9^9", "10^{10^{10}}", "9^{999999999}", "9**9**9",
+                "{" * 5000 + "1" + "}" * 5000, "\\boxed{" * 3000 + "1" + "}" * 3000,
+                "((9!)!)!", "123456!", "1" * 20000]
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_pathological_answers_are_refused_quickly(in_thread):
+    # sympy would evaluate these exactly while holding the GIL: a thread could not stop it.
+    def check():
+        return [score(f"#### {a}", Problem("q", "\\sqrt{2}", "math"))[1] for a in PATHOLOGICAL]
+
+    start, results = time.perf_counter(), []
+    if in_thread:
+        worker = threading.Thread(target=lambda: results.extend(check()), daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+    else:
+        results = check()
+    assert results == [False] * len(PATHOLOGICAL)
+    assert time.perf_counter() - start < 5
+    assert answers_match("x^2 + y^2", "x^2 + y^2", "math")  # ordinary exponents still go through

@@ -12,13 +12,16 @@ class Problem:
     """One training/eval problem.
 
     `answer` is the gold final answer as text (GSM8K: the number after `####`, commas removed;
-    MATH: the content of the last `\\boxed{}`); `source` is "gsm8k", "math" or "synthetic".
+    MATH: the content of the last `\\boxed{}`); `source` is "gsm8k", "math" or "synthetic";
+    `solution` is the worked solution ending in that answer, where the data has one (few-shot
+    exemplars show it).
     """
 
     question: str
     answer: str
     source: str = "gsm8k"
     uid: int = 0
+    solution: str = ""
 
 
 @dataclass

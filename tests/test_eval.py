@@ -18,7 +18,6 @@ from fastmgrpo.eval import main as eval_main
 from fastmgrpo.metrics import correction_metrics, pass_at_k
 from fastmgrpo.models import build_tiny_model, stop_token_ids
 from fastmgrpo.prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
-from fastmgrpo.rewards import answers_match, extract_answer
 from fastmgrpo.rollout import sample
 
 
@@ -98,8 +97,9 @@ def _digit_model():
     return model, tok
 
 
-def _value(answer: str | None) -> int | None:
-    return None if answer is None else int(answer)
+def _value(text: str) -> int | None:
+    """The number of a "#### digits" text (see the spy below), None for "#### " alone."""
+    return int(text[5:]) if text[5:] else None
 
 
 def _text(tok, completion) -> str:
@@ -109,19 +109,25 @@ def _text(tok, completion) -> str:
 def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
     model, tok = _digit_model()
     calls = []  # (prompts, completions, temperature) of every sampler call
+    marker = tok.encode("#### ", add_special_tokens=False)
 
     def spy(model, prompts, **sampling):
+        # Every completion states its digits as a final answer, "#### " alone when it has none.
         out = sample(model, prompts, **sampling)
+        for c in out:
+            c.token_ids, c.logprobs = marker + c.token_ids, [0.0] * len(marker) + c.logprobs
         calls.append((prompts, out, sampling["temperature"]))
         return out
 
-    monkeypatch.setattr("fastmgrpo.eval.sample", spy)
+    monkeypatch.setattr("fastmgrpo.stopping.sample", spy)
     problems = load_problems("synthetic:4", seed=1)
     kwargs = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, l2_format="turn",
                   phrase=GUIDING_PHRASES[2], pass_k=2, seed=0, progress=False)
     evaluate(model, tok, problems, **kwargs)
-    # Digit strings only, so a completion's answer is its whole text (None when empty).
-    t1, t2, pk = ([_value(_text(tok, c) or None) for c in call[1]] for call in calls)
+    # "#### digits" only, so a completion's answer is its digits (None when it has none), and
+    # a correction without digits keeps its first attempt's answer.
+    t1, t2, pk = ([_value(_text(tok, c)) for c in call[1]] for call in calls)
+    t2 = [a if b is None else b for a, b in zip(t1, t2)]
     # Gold answers chosen from what the model says (sampling does not see the gold, and the
     # same seed replays it): 0 right at t1, 1 right at t2, 2 never right (12 digits cannot
     # fit in 8 tokens), 3 right in its last pass@k sample.
@@ -132,7 +138,8 @@ def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
     summary, records = evaluate(model, tok, problems, **kwargs)
 
     # The same completions come back, and verdicts agree with an independent comparison.
-    assert [[_value(_text(tok, c) or None) for c in call[1]] for call in calls] == [t1, t2, pk]
+    again = [[_value(_text(tok, c)) for c in call[1]] for call in calls]
+    assert [again[0], [a if b is None else b for a, b in zip(again[0], again[1])], again[2]] == [t1, t2, pk]
     want_t1 = [v == g for v, g in zip(t1, golds)]
     want_t2 = [v == g for v, g in zip(t2, golds)]
     want_k = [sum(v == g for v in pk[2 * i : 2 * i + 2]) for i, g in enumerate(golds)]
@@ -143,9 +150,9 @@ def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
     assert [r["pass_k_correct"] for r in records] == want_k
     for r, p in zip(records, problems):
         assert r["gold"] == p.answer and r["question"] == p.question
+    for r, p, a, b in zip(records, problems, t1, t2):
+        assert (r["t1_answer"], r["t2_answer"]) == (None if a is None else str(a), None if b is None else str(b))
         for t in ("t1", "t2"):
-            assert r[f"{t}_answer"] == extract_answer(r[f"{t}_text"])
-            assert r[f"{t}_correct"] == answers_match(extract_answer(r[f"{t}_text"]), p.answer, p.source)
             assert r[f"{t}_tokens"] == len(r[f"{t}_text"]) + r[f"{t}_finished"]  # EOS is not text
 
     # Wiring: t1 answers the layer-1 prompt; t2 answers the layer-2 prompt built from t1 with

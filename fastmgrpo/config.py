@@ -113,7 +113,8 @@ class MGRPOConfig:
                                        "(it would go on with a next question), none for a chat model.")
     prompt_shots: int = _opt(0, "K worked exemplars before every question, drawn (per seed) from the "
                              "training set and then left out of it; helps base models answer in the "
-                             "'#### n' form. Periodic eval uses the same exemplars.")
+                             "'#### n' form. Periodic eval uses the same exemplars. Each GSM8K exemplar adds about "
+                             "150 tokens: raise max_prompt_length to fit them.")
 
     # --- runtime --------------------------------------------------------------------------
     micro_batch_tokens: int = _opt(4096, "Token budget of one packed micro-batch (lower it on OOM).")

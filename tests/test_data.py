@@ -172,3 +172,17 @@ def test_split_holdout():
     assert split_holdout(problems, n, seed=3) == (rest, held)
     with pytest.raises(ValueError):
         split_holdout(problems, 51, seed=0)
+
+
+def test_embedded_gsm8k_test_split():
+    from importlib import resources
+
+    with resources.as_file(resources.files("fastmgrpo.assets") / "test.jsonl.gz") as path:
+        rows = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+    problems = load_problems("gsm8k:test")
+    assert len(problems) == len(rows) == 1319
+    assert [p.answer for p in problems] == [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
+    assert [p.question for p in problems] == [r["question"].strip() for r in rows]
+    # Solutions (few-shot exemplars) keep the working without GSM8K's calculator annotations.
+    assert all("<<" not in p.solution and p.solution.endswith(p.answer) for p in problems[:50])
+    assert len(load_problems("gsm8k:test", limit=7)) == 7

@@ -9,7 +9,7 @@ import torch
 
 import fastmgrpo.mgrpo as mgrpo
 import fastmgrpo.trainer as trainer_mod
-from fastmgrpo.config import MGRPOConfig
+from fastmgrpo.config import MGRPOConfig, build_parser
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
 from fastmgrpo.models import build_tiny_model, lm_head
@@ -219,3 +219,24 @@ def test_cli_reports_bad_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastmgrpo.train", "--config", str(tmp_path / "d.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "group_size" in proc.stderr
+
+
+def test_prompt_shots_prefix_every_prompt_and_leave_the_training_set(tmp_path):
+    problems = synthetic_problems(12, seed=4)
+    tr = make_trainer(tmp_path, problems=problems, prompt_shots=3, seed=5, max_prompt_length=4096)
+    shown = [p.question for p in tr.shots]
+    assert len(set(shown)) == 3 and set(shown) <= {p.question for p in problems}
+    assert [p.question for p in tr.problems] == [p.question for p in problems if p.question not in shown]
+    for p, ids in zip(tr.problems, tr.prompts):
+        text = tr.tokenizer.decode(ids)
+        # The exemplars come first, each with its answer, then the question itself.
+        positions = [text.index(q) for q in shown] + [text.rindex(p.question)]
+        assert positions == sorted(positions)
+        assert all(f"#### {s.answer}" in text for s in tr.shots)
+
+
+def test_loss_aggregation_default_is_the_papers_grpo():
+    assert MGRPOConfig().loss_type == "grpo"
+    assert MGRPOConfig(loss_type="dapo").loss_type == "dapo"
+    help_text = next(a.help for a in build_parser()._actions if a.dest == "loss_type")
+    assert "default: 'grpo'" in help_text and "dapo" in help_text

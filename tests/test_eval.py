@@ -215,3 +215,107 @@ def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main(["--phrase", "7"])
     assert "phrase index 7" in capsys.readouterr().err
+
+
+# --- issue 10: whole-answer verdicts, k samples, random phrases, the recorded protocol -------
+
+
+class _Scripted:
+    """Stands in for rollout.sample: layer-1 prompts get "#### <a>", layer-2 prompts the next
+    scripted correction; records every prompt."""
+
+    def __init__(self, tok, first, corrections):
+        self.tok, self.first, self.corrections, self.prompts = tok, list(first), list(corrections), []
+
+    def __call__(self, model, prompts, **kwargs):
+        from fastmgrpo.types import Completion
+
+        texts = self.first if not self.prompts else self.corrections
+        self.prompts.append(prompts)
+        out = []
+        for _ in prompts:
+            ids = self.tok.encode(texts.pop(0), add_special_tokens=False) + [self.tok.eos_token_id]
+            out.append(Completion(ids, [0.0] * len(ids), True))
+        return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eval_metrics_judge_t2_on_the_whole_answer(monkeypatch, seed):
+    rng = random.Random(seed)
+    model, tok = _digit_model()
+    problems = load_problems("synthetic:6", seed=seed)
+    golds = [int(p.answer) for p in problems]
+    first = [rng.choice([g, g + 1]) for g in golds]
+    new = [rng.choice([None, g, g + 3]) for g in golds]  # None: a confirmation without a number
+    corrections = ["Yes, that is correct." if n is None else f"Redo: {n}\n#### {n}" for n in new]
+    monkeypatch.setattr("fastmgrpo.stopping.sample", _Scripted(tok, [f"#### {a}" for a in first], corrections))
+    summary, records = evaluate(model, tok, problems, max_new_tokens=8, batch_size=2, progress=False)
+    t1 = [a == g for a, g in zip(first, golds)]
+    t2 = [(a if n is None else n) == g for a, n, g in zip(first, new, golds)]
+    assert [r["t1_correct"] for r in records] == t1 and [r["t2_correct"] for r in records] == t2
+    assert [r["t2_answer"] for r in records] == [str(a if n is None else n) for a, n in zip(first, new)]
+    assert summary["delta_c_to_i"] == pytest.approx(sum(a and not b for a, b in zip(t1, t2)) / 6)
+    assert summary["delta_i_to_c"] == pytest.approx(sum(b and not a for a, b in zip(t1, t2)) / 6)
+
+
+def test_evaluate_k_samples_and_random_phrases_are_means_over_attempts(monkeypatch):
+    model, tok = _digit_model()
+    calls = []
+
+    def spy(model, prompts, **sampling):
+        out = sample(model, prompts, **sampling)
+        calls.append((prompts, out))
+        return out
+
+    monkeypatch.setattr("fastmgrpo.stopping.sample", spy)
+    problems = load_problems("synthetic:3", seed=2)
+    k = 4
+    summary, records = evaluate(model, tok, problems, max_new_tokens=6, temperature=1.0, samples=k,
+                                phrase="random", seed=7, progress=False)
+    (p1, c1), (p2, _) = calls
+    assert p1 == [layer1_prompt(tok, p) for p in problems for _ in range(k)]
+    assert len(records) == 3 * k and [r["sample"] for r in records] == list(range(k)) * 3
+    assert [r["uid"] for r in records] == [p.uid for p in problems for _ in range(k)]
+    # Each attempt's phrase comes from the pool, is the one its layer-2 prompt carries, and the
+    # draws vary (12 draws from 7 phrases are all equal with probability 7**-11).
+    stops = stop_token_ids(tok)
+    for r, q, c, q2 in zip(records, p1, c1, p2):
+        assert r["phrase"] in GUIDING_PHRASES
+        assert q2 == layer2_prompt(tok, None, q, c.token_ids, r["phrase"], fmt="continue", stop_ids=stops)
+    assert len({r["phrase"] for r in records}) > 1
+    assert summary["n"] == 3 * k and summary["problems"] == 3 and summary["samples"] == k
+    assert summary["acc_t1"] == pytest.approx(sum(r["t1_correct"] for r in records) / (3 * k))
+    assert summary["acc_t2"] == pytest.approx(sum(r["t2_correct"] for r in records) / (3 * k))
+    again, _ = evaluate(model, tok, problems, max_new_tokens=6, temperature=1.0, samples=k,
+                        phrase="random", seed=7, progress=False)
+    assert {key: again[key] for key in summary if key != "seconds"} == \
+        {key: summary[key] for key in summary if key != "seconds"}
+
+
+def test_cli_records_the_protocol_in_the_summary(tmp_path):
+    model, tok = _digit_model()
+    model.save_pretrained(tmp_path / "model")
+    tok.chat_template = None  # a base model: plain prompts, default stop strings, shots
+    tok.save_pretrained(tmp_path / "model")
+    out_json, out_records = tmp_path / "summary.json", tmp_path / "rec.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmgrpo.eval", "--model", str(tmp_path / "model"),
+         "--dataset", "synthetic:3", "--max-new-tokens", "4", "--device", "cpu", "--no-progress",
+         "--temperature", "0.7", "--samples", "2", "--phrase", "random", "--seed", "11",
+         "--prompt-shots", "2", "--json", str(out_json), "--output", str(out_records)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads(out_json.read_text())["settings"]
+    assert (settings["temperature"], settings["samples"], settings["phrase"], settings["seed"]) == \
+        (0.7, 2, "random", 11)
+    assert settings["prompt_shots"] == 2 and settings["stop"] == ["\nQuestion:", "\n\n\n"]
+    train = {p.uid: p for p in load_problems("gsm8k")}
+    heldout = {p.question for p in load_problems("gsm8k:heldout")}
+    assert len(settings["shot_uids"]) == 2
+    assert all(u in train and train[u].question not in heldout for u in settings["shot_uids"])
+    records = [json.loads(line) for line in out_records.read_text().splitlines()]
+    assert len(records) == 6 and all("Question:" not in r["t1_text"] for r in records)
+    bad = subprocess.run([sys.executable, "-m", "fastmgrpo.eval", "--samples", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--temperature" in bad.stderr

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="Weights dtype: 'auto' = bf16 on GPU, fp32 on CPU. (default: %(default)s)")
     p.add_argument("--output", type=Path,
-                   help="Write one JSON record per problem here (JSONL): question, gold answer, both "
+                   help="Write one JSON record per attempt here (JSONL): question, gold answer, phrase, both "
                    "attempts' text, extracted answers and verdicts.")
     p.add_argument("--json", type=Path,
                    help="Write the summary (metrics and settings) here as JSON.")
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> None:
         pool = load_problems(SHOTS_FROM, seed=args.seed)
         shots = select_shots(pool, args.prompt_shots, args.seed, exclude={p.question for p in problems})
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    stop = stop_strings(tokenizer, [] if args.stop == ["none"] else args.stop)
+    stop = stop_strings(tokenizer, args.stop)
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "json", "no_progress")}
     settings.update(stop=list(stop), shot_uids=[s.uid for s in shots])
     summary, records = evaluate(

@@ -56,10 +56,10 @@ PLAIN_STOP_STRINGS = ("\nQuestion:", "\n\n\n")
 
 
 def stop_strings(tokenizer, stop: Sequence[str] | None) -> tuple[str, ...]:
-    """The stop strings in force: `stop` if given (empty = none), else PLAIN_STOP_STRINGS for a
-    tokenizer without a chat template and none for a chat model."""
+    """The stop strings in force: `stop` if given (empty or ["none"] = none), else
+    PLAIN_STOP_STRINGS for a tokenizer without a chat template and none for a chat model."""
     if stop is not None:
-        return tuple(s for s in stop if s)
+        return () if list(stop) == ["none"] else tuple(s for s in stop if s)
     return () if tokenizer.chat_template else PLAIN_STOP_STRINGS
 
 

@@ -64,8 +64,8 @@ def sample(
     refill_fraction: prefill waiting prompts once this fraction of the slots is free.
     stopper: a `stopping.StopStrings`; a completion whose text reaches one of its strings ends
         (finished) and is cut before the string, token ids and logprobs alike.
-    Returns Completions with float32-precision logprobs, `finished` True when a stop id was hit,
-    and `text` left empty (the caller owns the tokenizer).
+    Returns Completions with float32-precision logprobs, `finished` True when a stop id or
+    string was hit, and `text` left empty (the caller owns the tokenizer).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

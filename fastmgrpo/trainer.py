@@ -126,7 +126,7 @@ class Trainer:
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.stop_ids = stop_token_ids(tokenizer)
-        self.stop_strings = stop_strings(tokenizer, [] if cfg.stop == ["none"] else cfg.stop)
+        self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.problems, self.prompts, self.data_stats = self._load_data(problems)
         self.out = Path(cfg.output_dir)

@@ -28,7 +28,8 @@ class Problem:
 class Completion:
     """One sampled continuation of one prompt.
 
-    token_ids: generated ids, ending with EOS when `finished`.
+    token_ids: generated ids, ending with EOS when `finished` by a stop id (a stop string is
+        cut off instead).
     logprobs: per generated token, log-prob under the sampling policy at the sampling
         temperature (no top-p/top-k renormalisation), float32, same length as token_ids.
     """

@@ -46,7 +46,7 @@ def test_stop_strings_defaults_and_errors():
     assert stop_strings(tok, None) == ()  # chat template: the end-of-turn token ends answers
     tok.chat_template = None
     assert stop_strings(tok, None) == PLAIN_STOP_STRINGS and "\nQuestion:" in PLAIN_STOP_STRINGS
-    assert stop_strings(tok, []) == () and stop_strings(tok, ["A", ""]) == ("A",)
+    assert stop_strings(tok, []) == () == stop_strings(tok, ["none"]) and stop_strings(tok, ["A", ""]) == ("A",)
     with pytest.raises(ValueError):
         StopStrings(tok.decode, [])
 

@@ -75,8 +75,10 @@ class MGRPOConfig:
     format_reward: float = _opt(0.0, "Extra reward for a well-formed final answer ('#### n' or \\boxed{}).")
 
     # --- loss (fastmgrpo.kernels.GRPOLossConfig) -------------------------------------------
-    loss_type: str = _opt("dapo", "Loss aggregation: grpo, bnpo, dr_grpo, dapo (token mean over the "
-                          "global batch, the paper's token-mean objective), cispo, sapo, luspo, vespo.",
+    loss_type: str = _opt("grpo", "Loss aggregation: grpo (token mean within each sequence, then mean "
+                          "over sequences: the GRPO objective the MGRPO paper builds on), dapo (one "
+                          "token mean over the global batch: long answers weigh more), bnpo, dr_grpo, "
+                          "cispo, sapo, luspo, vespo.",
                           choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"))
     beta: float = _opt(0.001, "KL coefficient (k3 estimator) against the initial model (paper: 0.001). "
                        "0 keeps no reference model.")
@@ -126,6 +128,15 @@ class MGRPOConfig:
     top_p: float = _opt(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = _opt(0, "Top-k sampling (0 = off).")
     rollout_batch_size: int = _opt(64, "Sequences decoded together.")
+    stop: typing.Optional[list] = _opt(None, "Stop strings: a completion ends at the first one, which is "
+                                       "cut from it (and so from the loss and the verdict), both "
+                                       "layers and eval; 'none' = off. Unset: a new 'Question:' line "
+                                       "or two blank lines for a base model without chat template "
+                                       "(it would go on with a next question), none for a chat model.")
+    prompt_shots: int = _opt(0, "K worked exemplars before every question, drawn (per seed) from the "
+                             "training set and then left out of it; helps base models answer in the "
+                             "'#### n' form. Periodic eval uses the same exemplars. Each GSM8K exemplar adds about "
+                             "150 tokens: raise max_prompt_length to fit them.")
 
     # --- runtime --------------------------------------------------------------------------
     micro_batch_tokens: int = _opt(4096, "Token budget of one packed micro-batch (lower it on OOM).")
@@ -168,6 +179,8 @@ class MGRPOConfig:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
         if self.sampler_is_cap is not None and not self.sampler_is_cap > 0:
             raise ConfigError(f"sampler_is_cap must be > 0 when set, got {self.sampler_is_cap}")
+        if self.prompt_shots < 0:
+            raise ConfigError(f"prompt_shots must be >= 0, got {self.prompt_shots}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise ConfigError("beta must be >= 0 and learning_rate > 0")
         if self.resume and self.overwrite:

@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import random
+import re
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -29,17 +30,23 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def _parse_row(row: object) -> tuple[str, str | None, str] | None:
-    """(question, gold answer or None if unparseable, source), or None if neither schema fits."""
+_CALCULATOR_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: "<<48/2=24>>"
+
+
+def _parse_row(row: object) -> tuple[str, str | None, str, str] | None:
+    """(question, gold answer or None if unparseable, source, solution), or None if neither
+    schema fits."""
     if not isinstance(row, dict):
         return None
     if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
         tail = row["answer"].rsplit("####", 1)
-        return row["question"], numeric_answer(tail[1]) if len(tail) == 2 else None, "gsm8k"
+        gold = numeric_answer(tail[1]) if len(tail) == 2 else None
+        solution = _CALCULATOR_RE.sub("", row["answer"]).strip()
+        return row["question"], gold, "gsm8k", solution
     if isinstance(row.get("problem"), str) and isinstance(row.get("solution"), str):
         # MATH-500-style rows carry the gold answer in "answer" as well; the \boxed{} wins.
         gold = last_boxed(row["solution"]) or str(row.get("answer") or "").strip()
-        return row["problem"], gold or None, "math"
+        return row["problem"], gold or None, "math", row["solution"].strip()
     return None
 
 
@@ -61,14 +68,14 @@ def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
                         f"{path}:{lineno}: row has neither 'question'/'answer' (GSM8K) nor "
                         f"'problem'/'solution' (MATH) string fields"
                     )
-                question, gold, source = parsed
+                question, gold, source, solution = parsed
                 if gold is None:
                     if strict:
                         expected = _EXPECTED_ANSWER[source]
                         raise DatasetError(f"{path}:{lineno}: no parseable answer ({expected})")
                     skipped.append(lineno)
                     continue
-                problems.append(Problem(question.strip(), gold, source, uid=lineno - 1))
+                problems.append(Problem(question.strip(), gold, source, uid=lineno - 1, solution=solution))
     except (OSError, EOFError, UnicodeDecodeError) as e:  # missing, unreadable, corrupt gzip
         raise DatasetError(f"{path}: cannot read ({e})") from e
     if not problems and not skipped:
@@ -85,10 +92,10 @@ def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
     return problems
 
 
-# Only GSM8K's train split ships; a fixed random slice of it is kept out of training so that
-# `python -m fastmgrpo.eval` scores problems the trainer never saw. The seed is fixed on purpose:
-# the held-out set must not move with --seed.
-EMBEDDED = ("gsm8k", "gsm8k:heldout", "gsm8k:all")
+# GSM8K's train and test splits ship. A fixed random slice of the train split is also kept out
+# of training, so that `python -m fastmgrpo.eval` scores problems the trainer never saw without
+# touching the test split. The seed is fixed on purpose: the held-out set must not move with --seed.
+EMBEDDED = ("gsm8k", "gsm8k:heldout", "gsm8k:all", "gsm8k:test")
 GSM8K_HELDOUT = 500
 _HELDOUT_SEED = 2506_04746
 
@@ -99,7 +106,8 @@ def load_problems(
     """Load a problem set.
 
     spec: "gsm8k" (the embedded GSM8K train split less GSM8K_HELDOUT problems kept for
-        evaluation), "gsm8k:heldout" (those problems), "gsm8k:all", "synthetic" / "synthetic:N" (N generated
+        evaluation), "gsm8k:heldout" (those problems), "gsm8k:all", "gsm8k:test" (GSM8K's
+        1,319 test problems), "synthetic" / "synthetic:N" (N generated
         problems, default 1000, generated from `seed`), or a path to a `.jsonl` / `.jsonl.gz`
         file whose rows are GSM8K style (`question`, `answer` ending in `#### n`) or MATH style
         (`problem`, `solution` with a final `\\boxed{}`), detected per row.
@@ -115,9 +123,10 @@ def load_problems(
         n = int(count) if count else 1000
         return synthetic_problems(n if limit is None else min(n, limit), seed)
     if spec in EMBEDDED:
-        with resources.as_file(resources.files("fastmgrpo.assets") / "train.jsonl.gz") as path:
+        name = "test.jsonl.gz" if spec == "gsm8k:test" else "train.jsonl.gz"
+        with resources.as_file(resources.files("fastmgrpo.assets") / name) as path:
             problems = _read_jsonl(path, strict)
-        if spec != "gsm8k:all":
+        if spec in ("gsm8k", "gsm8k:heldout"):
             train, heldout = split_holdout(problems, GSM8K_HELDOUT, seed=_HELDOUT_SEED)
             problems = train if spec == "gsm8k" else heldout
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,30 +23,30 @@ from .checkpoint import CheckpointError, check_writable_file
 from .data import DatasetError, load_problems
 from .metrics import correction_metrics, pass_at_k
 from .models import ModelError, compute_dtype, load_model, resolve_device, stop_token_ids
-from .prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
-from .rewards import extract_answer, score
-from .rollout import sample
+from .prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt, select_shots, stop_strings
+from .rewards import final_answer, score
+from .stopping import generate
 from .types import Completion, Problem
 
 DEFAULT_PHRASE = GUIDING_PHRASES[1]  # "Wait, let me double-check that."
+RANDOM_PHRASE = "random"  # --phrase random: one phrase per attempt, drawn from the paper's pool
 PASS_K_TEMPERATURE = 0.7  # the paper's evaluation temperature
+SHOTS_FROM = "gsm8k"  # few-shot exemplars come from the training split, never from eval data
 
 
 def _generate(model, tokenizer, prompts, *, desc, progress, **sampling) -> list[Completion]:
     """One completion per prompt, with its decoded text, under a tqdm bar over prompts."""
     with tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=not progress) as bar:
-        completions = sample(model, prompts, progress=bar.update, **sampling)
-    for c in completions:
-        c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-    return completions
+        return generate(model, tokenizer, prompts, progress=bar.update, **sampling)
 
 
-def _attempt(prefix: str, completion: Completion, problem: Problem) -> dict:
-    """Record fields of one attempt: text, extracted answer, verdict, finished, length."""
-    _, correct = score(completion.text, problem)
+def _attempt(prefix: str, completion: Completion, problem: Problem, earlier: list[str]) -> dict:
+    """Record fields of one attempt (`earlier`: the texts it continues, judged with it as one
+    answer): text, final answer, verdict, finished, length."""
+    _, correct = score(completion.text, problem, earlier=earlier)
     return {
         f"{prefix}_text": completion.text,
-        f"{prefix}_answer": extract_answer(completion.text),
+        f"{prefix}_answer": final_answer([*earlier, completion.text]),
         f"{prefix}_correct": correct,
         f"{prefix}_finished": completion.finished,
         f"{prefix}_tokens": len(completion.token_ids),
@@ -68,25 +69,34 @@ def evaluate(
     pass_k_temperature: float = PASS_K_TEMPERATURE,
     seed: int = 0,
     progress: bool = True,
+    samples: int = 1,
+    stop: tuple[str, ...] = (),
+    shots: list[Problem] = (),
 ) -> tuple[dict, list[dict]]:
     """Evaluate first attempts and one self-correction round on `problems`.
 
     Each problem gets a layer-1 prompt; its completion (t1) is extended into a layer-2 prompt
     exactly as in training (`phrase`, `l2_format`) and completed again (t2). Both are scored
-    with `rewards.score`.
+    with `rewards.score`; t2 on the whole answer (t1 then the correction: a correction that
+    states no final answer keeps t1's), in both formats.
 
     Args:
         temperature: 0 = greedy (default); top_p / top_k as in `rollout.sample`.
         pass_k: if > 0, also draw `pass_k` layer-1 samples per problem at `pass_k_temperature`
             and report pass@1 and pass@k (unbiased estimator over those samples).
-        seed: seeds the sampling generator (on the model's device).
+        phrase: the guiding phrase, or RANDOM_PHRASE for one drawn per attempt (seeded).
+        seed: seeds the sampling generator (on the model's device) and the phrase draws.
         progress: show tqdm bars over the sequences of each generation phase.
+        samples: attempts (t1 and its t2) per problem; the rates are means over all of them.
+        stop: stop strings (`prompts.stop_strings`), cut from the text before it is judged.
+        shots: few-shot exemplars before every question (`prompts.select_shots`).
 
     Returns:
         summary: numbers only — `correction_metrics` keys (acc_t1, acc_t2, delta,
             delta_i_to_c, delta_c_to_i, n), t1/t2 mean completion tokens and truncated
             fractions, `pass@1` and `pass@{k}` when pass_k > 0, and wall `seconds`.
-        records: one dict per problem (same order): uid, source, question, gold, and per
+        records: one dict per attempt (problem-major, `sample` 0..samples-1): uid, source,
+            question, gold, phrase, and per
             attempt `t{1,2}_text`, `_answer` (extracted), `_correct`, `_finished`, `_tokens`;
             `pass_k_correct` (correct samples out of pass_k) when pass_k > 0.
     """
@@ -97,36 +107,42 @@ def evaluate(
     stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     sampling = dict(max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, stop_ids=stop_ids,
-                    pad_id=pad_id, batch_size=batch_size,
+                    pad_id=pad_id, batch_size=batch_size, stop_strings=stop,
                     generator=torch.Generator(device=device).manual_seed(seed))
 
-    l1_prompts = [layer1_prompt(tokenizer, p) for p in problems]
+    unique_prompts = [layer1_prompt(tokenizer, p, shots) for p in problems]
+    attempts = [p for p in problems for _ in range(samples)]
+    l1_prompts = [q for q in unique_prompts for _ in range(samples)]
+    rng = random.Random(seed)
+    phrases = [rng.choice(GUIDING_PHRASES) if phrase == RANDOM_PHRASE else phrase for _ in attempts]
     t1 = _generate(model, tokenizer, l1_prompts, desc="eval t1", progress=progress,
                    temperature=temperature, **sampling)
     l2_prompts = [
-        layer2_prompt(tokenizer, p, q, c.token_ids, phrase, fmt=l2_format, stop_ids=stop_ids)
-        for p, q, c in zip(problems, l1_prompts, t1)
+        layer2_prompt(tokenizer, p, q, c.token_ids, f, fmt=l2_format, stop_ids=stop_ids)
+        for p, q, c, f in zip(attempts, l1_prompts, t1, phrases)
     ]
     t2 = _generate(model, tokenizer, l2_prompts, desc="eval t2", progress=progress,
                    temperature=temperature, **sampling)
     records = [
-        {"uid": p.uid, "source": p.source, "question": p.question, "gold": p.answer,
-         **_attempt("t1", a, p), **_attempt("t2", b, p)}
-        for p, a, b in zip(problems, t1, t2)
+        {"uid": p.uid, "sample": k % samples, "source": p.source, "question": p.question, "gold": p.answer,
+         "phrase": f, **_attempt("t1", a, p, []), **_attempt("t2", b, p, [a.text])}
+        for k, (p, a, b, f) in enumerate(zip(attempts, t1, t2, phrases))
     ]
 
-    n = len(problems)
+    n = len(records)
     summary = correction_metrics([r["t1_correct"] for r in records], [r["t2_correct"] for r in records])
+    summary.update(problems=len(problems), samples=samples)
     for t in ("t1", "t2"):
         summary[f"{t}_mean_tokens"] = sum(r[f"{t}_tokens"] for r in records) / n
         summary[f"{t}_truncated"] = sum(not r[f"{t}_finished"] for r in records) / n
     if pass_k > 0:
-        repeated = [q for q in l1_prompts for _ in range(pass_k)]
-        samples = _generate(model, tokenizer, repeated, desc=f"eval pass@{pass_k}", progress=progress,
-                            temperature=pass_k_temperature, **sampling)
-        for i, (r, p) in enumerate(zip(records, problems)):
-            r["pass_k_correct"] = sum(score(c.text, p)[1] for c in samples[i * pass_k : (i + 1) * pass_k])
-        counts = [r["pass_k_correct"] for r in records]
+        repeated = [q for q in unique_prompts for _ in range(pass_k)]
+        drawn = _generate(model, tokenizer, repeated, desc=f"eval pass@{pass_k}", progress=progress,
+                          temperature=pass_k_temperature, **sampling)
+        counts = [sum(score(c.text, p)[1] for c in drawn[i * pass_k : (i + 1) * pass_k])
+                  for i, p in enumerate(problems)]
+        for k, r in enumerate(records):
+            r["pass_k_correct"] = counts[k // samples]
         summary["pass@1"] = pass_at_k(pass_k, counts, 1)
         summary[f"pass@{pass_k}"] = pass_at_k(pass_k, counts, pass_k)
     summary["seconds"] = time.perf_counter() - t0
@@ -153,13 +169,16 @@ def format_table(summary: dict) -> str:
     rows = [(label, f"{summary[key]:+.3f}" if signed else f"{summary[key]:.3f}")
             for key, label, signed in _ROWS]
     rows += [(k, f"{v:.3f}") for k, v in summary.items() if k.startswith("pass@")]
-    rows += [("problems", str(summary["n"])), ("seconds", f"{summary['seconds']:.1f}")]
+    rows += [("problems", str(summary["problems"])), ("attempts", str(summary["n"])),
+             ("seconds", f"{summary['seconds']:.1f}")]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value:>8}" for label, value in rows)
 
 
 def _phrase(value: str) -> str:
-    """--phrase: an index into GUIDING_PHRASES or the literal phrase text."""
+    """--phrase: an index into GUIDING_PHRASES, 'random', or the literal phrase text."""
+    if value == RANDOM_PHRASE:
+        return value
     if value.isdigit():
         index = int(value)
         if index >= len(GUIDING_PHRASES):
@@ -191,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--dataset", default="gsm8k:heldout",
                    help="Problems: 'gsm8k:heldout' (500 problems of the embedded GSM8K train split "
-                   "that `fastmgrpo.train --dataset gsm8k` never trains on), 'gsm8k', 'gsm8k:all', "
+                   "that `fastmgrpo.train --dataset gsm8k` never trains on), 'gsm8k:test' (GSM8K's "
+                   "1,319 test problems, the split papers report), 'gsm8k', 'gsm8k:all', "
                    "'synthetic[:N]', or a .jsonl/.jsonl.gz file in GSM8K or MATH style. "
                    "(default: %(default)s)")
     p.add_argument("--limit", type=_positive, default=50,
@@ -201,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=256,
                    help="Maximum tokens per attempt. (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="Sampling temperature of both attempts; 0 = greedy. (default: %(default)s)")
+                   help="Sampling temperature of both attempts; 0 = greedy (papers: 0.7 with "
+                   "--samples). (default: %(default)s)")
+    p.add_argument("--samples", type=_positive, default=1,
+                   help="Attempts (t1 and its correction) per problem, at --temperature > 0; every "
+                   "rate is the mean over all attempts. (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="Nucleus sampling threshold when temperature > 0; 1 = off. (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0,
@@ -212,7 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--phrase", type=_phrase, default=DEFAULT_PHRASE,
                    help=f"Guiding phrase of the correction prompt: an index into the paper's pool "
-                   f"({phrases}) or any text. (default: 1)")
+                   f"({phrases}), 'random' (one drawn from the pool per attempt, per --seed, as in "
+                   f"training), or any text. (default: 1)")
+    p.add_argument("--stop", nargs="+", metavar="TEXT",
+                   help="Stop strings: an attempt ends at the first one, which is cut from it; "
+                   "'none' = off. (default: a new 'Question:' line or two blank lines for a base "
+                   "model without chat template, none for a chat model)")
+    p.add_argument("--prompt-shots", type=int, default=0, metavar="K",
+                   help=f"Worked exemplars before each question, drawn (per --seed) from the "
+                   f"{SHOTS_FROM!r} training split, never from the evaluated problems; helps base "
+                   f"models answer in the '#### n' form. (default: %(default)s)")
     p.add_argument("--pass-k", type=int, default=0,
                    help="Also draw K first-attempt samples per problem at --pass-k-temperature and "
                    "report pass@1 and pass@K; 0 = off. (default: %(default)s)")
@@ -227,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="Weights dtype: 'auto' = bf16 on GPU, fp32 on CPU. (default: %(default)s)")
     p.add_argument("--output", type=Path,
-                   help="Write one JSON record per problem here (JSONL): question, gold answer, both "
+                   help="Write one JSON record per attempt here (JSONL): question, gold answer, phrase, both "
                    "attempts' text, extracted answers and verdicts.")
     p.add_argument("--json", type=Path,
                    help="Write the summary (metrics and settings) here as JSON.")
@@ -241,8 +274,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"--{name.replace('_', '-')} must be a finite number")
     if args.temperature < 0 or args.pass_k_temperature <= 0:
         parser.error("--temperature must be >= 0 and --pass-k-temperature > 0")
-    if not 0 < args.top_p <= 1 or args.top_k < 0 or args.pass_k < 0:
-        parser.error("--top-p must be in (0, 1], --top-k and --pass-k >= 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0 or args.pass_k < 0 or args.prompt_shots < 0:
+        parser.error("--top-p must be in (0, 1], --top-k, --pass-k and --prompt-shots >= 0")
+    if args.samples > 1 and args.temperature == 0:
+        parser.error("--samples > 1 needs --temperature > 0: greedy attempts are all the same")
     if args.device != "auto":
         try:
             torch.device(args.device)
@@ -259,13 +294,19 @@ def run(args: argparse.Namespace) -> None:
         if path:
             check_writable_file(path)
     problems = load_problems(args.dataset, limit=args.limit, seed=args.seed)
+    shots = []
+    if args.prompt_shots:
+        pool = load_problems(SHOTS_FROM, seed=args.seed)
+        shots = select_shots(pool, args.prompt_shots, args.seed, exclude={p.question for p in problems})
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    stop = stop_strings(tokenizer, args.stop)
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "json", "no_progress")}
+    settings.update(stop=list(stop), shot_uids=[s.uid for s in shots])
     summary, records = evaluate(
         model, tokenizer, problems, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, l2_format=args.l2_format,
         phrase=args.phrase, pass_k=args.pass_k, pass_k_temperature=args.pass_k_temperature,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, samples=args.samples, stop=stop, shots=shots,
     )
     result = {"settings": {**settings, "device": str(device), "precision": precision}, "metrics": summary}
     print(f"model {args.model}  dataset {args.dataset}  ({len(problems)} problems)")

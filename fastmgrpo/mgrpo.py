@@ -19,7 +19,7 @@ from .config import MGRPOConfig
 from .metrics import correction_metrics
 from .prompts import layer2_prompt
 from .rewards import score
-from .rollout import sample
+from .stopping import generate
 from .types import Completion, Episode, Problem
 
 
@@ -33,9 +33,11 @@ class Rollout:
 
 def _sample(model, prompts: list[list[int]], n: int, cfg: MGRPOConfig, ctx: dict) -> list[Completion]:
     """n completions per prompt, prompt-major order, with their decoded text."""
-    completions = sample(
+    return generate(
         model,
+        ctx["tokenizer"],
         [p for p in prompts for _ in range(n)],
+        stop_strings=ctx["stop_strings"],
         max_new_tokens=cfg.max_completion_length,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
@@ -46,14 +48,21 @@ def _sample(model, prompts: list[list[int]], n: int, cfg: MGRPOConfig, ctx: dict
         generator=ctx["generator"],
         progress=ctx.get("progress"),
     )
-    for c in completions:
-        c.text = ctx["tokenizer"].decode(c.token_ids, skip_special_tokens=True)
-    return completions
 
 
-def _scores(completions: list[Completion], problems: list[Problem], cfg: MGRPOConfig):
-    """(rewards (N,) float32, correct (N,) bool) for completion k of problems[k]."""
-    pairs = [score(c.text, p, cfg.format_reward) for c, p in zip(completions, problems)]
+def _length_stats(completions: list[Completion], layer: int) -> dict[str, float]:
+    """Fraction of completions cut at the token limit and mean completion tokens of one layer."""
+    n = max(len(completions), 1)
+    return {f"truncated_l{layer}": sum(not c.finished for c in completions) / n,
+            f"completion_len_l{layer}": sum(len(c.token_ids) for c in completions) / n}
+
+
+def _scores(completions: list[Completion], problems: list[Problem], cfg: MGRPOConfig, earlier=None):
+    """(rewards (N,) float32, correct (N,) bool) for completion k of problems[k]; `earlier[k]`:
+    the layer-1 text completion k corrects, judged with it as one answer (`rewards.score`)."""
+    earlier = earlier or [""] * len(completions)
+    pairs = [score(c.text, p, cfg.format_reward, earlier=[e])
+             for c, p, e in zip(completions, problems, earlier)]
     rewards = torch.tensor([r for r, _ in pairs], dtype=torch.float32)
     correct = torch.tensor([ok for _, ok in pairs], dtype=torch.bool)
     return rewards, correct
@@ -70,6 +79,7 @@ def collect(
     generator: torch.Generator,
     stop_ids: set[int],
     pad_id: int,
+    stop_strings: tuple[str, ...] = (),
     progress=None,
 ) -> Rollout:
     """Sample, score and build the episodes of one step.
@@ -77,11 +87,13 @@ def collect(
     Args:
         problems: Q questions; prompts: their layer-1 prompt token ids.
         rng: draws the guiding phrases; generator: drives token sampling (both checkpointed).
+        stop_strings: end completions there (`prompts.stop_strings`), both layers.
     Returns:
         Rollout with Q*G layer-1 episodes and up to Q*G*H layer-2 episodes.
     """
     G, H = cfg.group_size, cfg.l2_samples
-    ctx = {"tokenizer": tokenizer, "stop_ids": stop_ids, "pad_id": pad_id, "generator": generator, "progress": progress}
+    ctx = {"tokenizer": tokenizer, "stop_ids": stop_ids, "pad_id": pad_id, "generator": generator, "progress": progress,
+           "stop_strings": stop_strings}
 
     # Layer 1: G answers per question, one advantage group per question.
     l1 = _sample(model, prompts, G, cfg, ctx)
@@ -100,6 +112,7 @@ def collect(
         "reward_l1": r1.mean().item(),
         "acc_l1": c1.float().mean().item(),
         "tokens_generated": float(sum(len(c.token_ids) for c in l1)),
+        **_length_stats(l1, 1),
     }
     if cfg.layers == 1:
         return Rollout(episodes, stats)
@@ -112,7 +125,10 @@ def collect(
         for k in range(len(l1))
     ]
     l2 = _sample(model, q2, H, cfg, ctx)
-    r2, c2 = _scores(l2, [p for p in l1_problems for _ in range(H)], cfg)
+    # The verdict reads o_i and its correction as one answer: a correction that states no
+    # final answer keeps o_i's (a confirmation of a right answer is right).
+    r2, c2 = _scores(l2, [p for p in l1_problems for _ in range(H)], cfg,
+                     earlier=[c.text for c in l1 for _ in range(H)])
     r2, c2 = r2.view(-1, H), c2.view(-1, H)  # (Q*G, H)
     keep = layer2_keep_mask(c1, c2)  # (Q*G,)
     r2_shaped = shaped_layer2_rewards(r2, r1, cfg.shaping_alpha)
@@ -140,5 +156,6 @@ def collect(
         l2_groups_kept=float(keep.sum().item()),
         l2_groups_discarded=float((~keep).sum().item()),
         tokens_generated=stats["tokens_generated"] + sum(len(c.token_ids) for c in l2),
+        **_length_stats(l2, 2),
     )
     return Rollout(episodes, stats)

@@ -50,13 +50,50 @@ def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
-def layer1_prompt(tokenizer, problem: Problem) -> list[int]:
-    """Token ids of the prompt for a first attempt at `problem` (ends where the answer starts)."""
+# A base model continues its answer with the next "Question:" of the plain format it imitates;
+# these end the answer there (chat models end their turn with a stop token instead).
+PLAIN_STOP_STRINGS = ("\nQuestion:", "\n\n\n")
+
+
+def stop_strings(tokenizer, stop: Sequence[str] | None) -> tuple[str, ...]:
+    """The stop strings in force: `stop` if given (empty or ["none"] = none), else
+    PLAIN_STOP_STRINGS for a tokenizer without a chat template and none for a chat model."""
+    if stop is not None:
+        return () if list(stop) == ["none"] else tuple(s for s in stop if s)
+    return () if tokenizer.chat_template else PLAIN_STOP_STRINGS
+
+
+def _solution(problem: Problem) -> str:
+    """An exemplar's worked answer, ending in the requested final-answer form."""
+    final = "#### " if problem.source in FINAL_FORMS else "\\boxed{"
+    answer = problem.answer + ("" if final == "#### " else "}")
+    body = problem.solution
+    if problem.source in FINAL_FORMS:
+        body = body.rsplit("####", 1)[0].strip()
+    return f"{body}\n{final}{answer}".strip()
+
+
+def select_shots(pool: Sequence[Problem], k: int, seed: int, exclude: Collection[str] = ()) -> list[Problem]:
+    """`k` few-shot exemplars drawn (per `seed`) from `pool`, a training set, skipping questions in
+    `exclude` (the problems they will prefix), so no exemplar gives away an answer it is scored on."""
+    candidates = [p for p in pool if p.question not in set(exclude)]
+    if k > len(candidates):
+        raise ValueError(f"{k} few-shot exemplars asked for, only {len(candidates)} problems to draw from")
+    return random.Random(seed).sample(candidates, k)
+
+
+def layer1_prompt(tokenizer, problem: Problem, shots: Sequence[Problem] = ()) -> list[int]:
+    """Token ids of the prompt for a first attempt at `problem` (ends where the answer starts),
+    after the worked `shots` (few-shot exemplars) as earlier question/answer pairs."""
     user = _question_message(problem)
     if tokenizer.chat_template:
-        return _chat_ids(tokenizer, [{"role": "user", "content": user}])
+        turns = [m for s in shots for m in ({"role": "user", "content": _question_message(s)},
+                                             {"role": "assistant", "content": _solution(s)})]
+        return _chat_ids(tokenizer, [*turns, {"role": "user", "content": user}])
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return bos + _encode(tokenizer, f"Question: {user}\nAnswer: Let's think step by step.")
+    lead = "Answer: Let's think step by step."
+    examples = "".join(f"Question: {_question_message(s)}\n{lead} {_solution(s)}\n\n" for s in shots)
+    return bos + _encode(tokenizer, f"{examples}Question: {user}\n{lead}")
 
 
 def _strip_stop(ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:

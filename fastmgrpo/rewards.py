@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 from fractions import Fraction
 
 from fastmgrpo.types import Problem
@@ -29,6 +30,7 @@ _MAX_EXPONENT = 1000  # |e| of "1e999999999" beyond this: not a number (Fraction
 # Bounds on what reaches math_verify: sympy evaluates towers like 9^9^9 exactly, holding the GIL
 # (no thread or alarm can stop it), and its LaTeX parser recurses once per nested brace.
 _MAX_ANSWER_CHARS, _MAX_NESTING, _MAX_EXPONENT_DIGITS = 1000, 20, 4
+_HASH_RE = re.compile("####")
 _ANSWER_IS_RE = re.compile(r"answer is|answer:", re.IGNORECASE)
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 # LaTeX spacing and escapes that carry no value: \$ \% \, \! \; \: and "\ ".
@@ -36,8 +38,8 @@ _LATEX_NOISE_RE = re.compile(r"\\[$%,!;: ]")
 _HASH_ANSWER_RE = re.compile(r"####\s*\\?\$?\s*[-+]?\.?\d")  # "#### 12", "#### $12", "#### \$12"
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (nested braces kept), or None."""
+def _last_boxed_span(text: str) -> tuple[int, str] | None:
+    """(start, content) of the last closed `\\boxed{...}` in `text` (nested braces kept), or None."""
     start = text.rfind("\\boxed{")
     while start != -1:
         i = start + len("\\boxed{")
@@ -46,32 +48,56 @@ def last_boxed(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            return text[start + len("\\boxed{") : i - 1].strip()
+            return start, text[start + len("\\boxed{") : i - 1].strip()
         start = text.rfind("\\boxed{", 0, start)  # unclosed: try the previous one
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer in a completion, as text, or None.
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text` (nested braces kept), or None."""
+    span = _last_boxed_span(text)
+    return span[1] if span else None
 
-    Order: last `\\boxed{}`; else the rest of the line after the last `####`; else the rest of
-    the line after the last "answer is" / "Answer:"; else the last number in the text.
+
+def _line_after(text: str, end: int) -> str:
+    return text[end:].split("\n", 1)[0].strip(" \t:")
+
+
+def extract_answer(text: str, bare_numbers: bool = True) -> str | None:
+    """The final answer stated in a completion, as text, or None if it states none.
+
+    A final answer is an explicit marker: a non-empty `\\boxed{}` or the rest of the line after
+    `####` (the last of these in the text wins, so a `#### n` after a `\\boxed{}` decides, and
+    vice versa); failing both, the rest of the line after the last "answer is" / "Answer:".
+    With no marker at all, and `bare_numbers`, the last number in the text stands in (base
+    models often end with one).
     """
     text = text.translate(_MINUS)
-    boxed = last_boxed(text)
-    if boxed:
-        return boxed
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
-        if tail:
-            return tail
-    marks = list(_ANSWER_IS_RE.finditer(text))
-    if marks:
-        tail = text[marks[-1].end() :].split("\n", 1)[0].strip(" \t:")
-        if tail:
-            return tail
-    numbers = _NUMBER_RE.findall(text)
+
+    def last(pattern: re.Pattern) -> list[tuple[int, str]]:
+        marks = [(m.start(), _line_after(text, m.end())) for m in pattern.finditer(text)]
+        return [m for m in marks if m[1]][-1:]
+
+    boxed = _last_boxed_span(text)
+    found = ([boxed] if boxed and boxed[1] else []) + last(_HASH_RE) or last(_ANSWER_IS_RE)
+    if found:
+        return max(found)[1]
+    numbers = _NUMBER_RE.findall(text) if bare_numbers else []
     return numbers[-1] if numbers else None
+
+
+def final_answer(parts: Sequence[str]) -> str | None:
+    """The final answer of an attempt written in parts: a layer-1 answer o_i, then its correction.
+
+    The last explicit marker (see `extract_answer`) in any part decides; a bare number in a
+    later part is working, not an answer ("18 - 2 = 16, so it stands" keeps o_i's 18), so a
+    correction that states no final answer keeps o_i's, bare-number fallback included.
+    """
+    for text in reversed(parts[1:]):
+        answer = extract_answer(text, bare_numbers=False)
+        if answer is not None:
+            return answer
+    return extract_answer(parts[0]) if parts else None
 
 
 def _clean(answer: str) -> str:
@@ -216,7 +242,12 @@ def format_ok(text: str, source: str) -> bool:
     return bool(last_boxed(text))
 
 
-def score(text: str, problem: Problem, format_weight: float = 0.0) -> tuple[float, bool]:
-    """(reward, correct): reward = 1.0 if correct else 0.0, plus `format_weight` if `format_ok`."""
-    correct = answers_match(extract_answer(text), problem.answer, problem.source)
-    return float(correct) + format_weight * format_ok(text, problem.source), correct
+def score(text: str, problem: Problem, format_weight: float = 0.0, earlier: Sequence[str] = ()) -> tuple[float, bool]:
+    """(reward, correct): reward = 1.0 if correct else 0.0, plus `format_weight` if `format_ok`.
+
+    earlier: the parts of the same attempt before `text` (a correction's layer-1 answer); the
+    verdict is on `final_answer` of them all, and the format bonus on the whole attempt.
+    """
+    parts = [*earlier, text]
+    correct = answers_match(final_answer(parts), problem.answer, problem.source)
+    return float(correct) + format_weight * format_ok("\n".join(parts), problem.source), correct

@@ -48,6 +48,7 @@ def sample(
     progress: Callable[[int], object] | None = None,
     cuda_graphs: bool = True,
     refill_fraction: float = 0.125,
+    stopper=None,
 ) -> list[Completion]:
     """Sample one completion per prompt.
 
@@ -61,8 +62,10 @@ def sample(
     progress: called with the number of prompts newly done, as they finish (e.g. tqdm.update).
     cuda_graphs: on CUDA, replay the decode step from a CUDA graph (eager if capture fails).
     refill_fraction: prefill waiting prompts once this fraction of the slots is free.
-    Returns Completions with float32-precision logprobs, `finished` True when a stop id was hit,
-    and `text` left empty (the caller owns the tokenizer).
+    stopper: a `stopping.StopStrings`; a completion whose text reaches one of its strings ends
+        (finished) and is cut before the string, token ids and logprobs alike.
+    Returns Completions with float32-precision logprobs, `finished` True when a stop id or
+    string was hit, and `text` left empty (the caller owns the tokenizer).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -82,6 +85,7 @@ def sample(
     log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per forward: prompt, token, logprob
     count = np.zeros(len(prompts), dtype=np.int64)  # tokens generated per prompt
     finished = np.zeros(len(prompts), dtype=bool)
+    history: list[list[int]] = [[] for _ in prompts]  # generated ids per prompt, for `stopper` only
 
     def emit(rows: np.ndarray, logits: torch.Tensor) -> None:
         """Sample the next token of the sequences in slots `rows` from their logits (n, V)."""
@@ -96,6 +100,10 @@ def sample(
         req, hit = engine.req[rows], host[2] > 0
         log.append((req, host[0].astype(np.int64), host[1]))
         count[req] += 1
+        if stopper is not None:
+            for r, tok in zip(req, host[0].astype(np.int64)):
+                history[r].append(int(tok))
+            hit = hit | np.array([not h and stopper.hit(history[r]) for r, h in zip(req, hit)], dtype=bool)
         done = hit | (count[req] == max_new_tokens)
         finished[req[done]] = hit[done]
         engine.free(rows[done])
@@ -118,8 +126,12 @@ def sample(
     req, ids, logp = (np.concatenate(x) for x in zip(*log))
     order = np.argsort(req, kind="stable")  # by prompt, each in generation order
     cuts = np.cumsum(count)[:-1]
-    return [Completion(token_ids=t.tolist(), logprobs=lp.tolist(), finished=bool(f))
-            for t, lp, f in zip(np.split(ids[order], cuts), np.split(logp[order], cuts), finished)]
+    out = [Completion(token_ids=t.tolist(), logprobs=lp.tolist(), finished=bool(f))
+           for t, lp, f in zip(np.split(ids[order], cuts), np.split(logp[order], cuts), finished)]
+    for c in out if stopper is not None else ():
+        k = stopper.keep(c.token_ids)
+        c.token_ids, c.logprobs = c.token_ids[:k], c.logprobs[:k]
+    return out
 
 
 def _chunks(rows: np.ndarray, idx: list[int], prompts: list[list[int]]):

@@ -32,7 +32,7 @@ from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
 from .mgrpo import collect
 from .models import compute_dtype, decoder, lm_head, load_model, resolve_device, stop_token_ids
 from .packing import microbatches, pack, packed_hidden_states
-from .prompts import layer1_prompt
+from .prompts import layer1_prompt, select_shots, stop_strings
 from .types import Episode
 
 
@@ -203,6 +203,7 @@ class Trainer:
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.stop_ids = stop_token_ids(tokenizer)
+        self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.problems, self.prompts, self.data_stats = self._load_data(problems)
         if checkpoint is not None:
@@ -230,9 +231,12 @@ class Trainer:
     # --- data -----------------------------------------------------------------------------
     def _load_data(self, problems):
         cfg = self.cfg
+        # Exemplars leave the training set: a question must not be trained on with its answer shown.
+        self.shots = select_shots(problems, cfg.prompt_shots, cfg.seed)
+        shown = {s.question for s in self.shots}
         kept, prompts, truncated, skipped = [], [], 0, 0
-        for p in problems:
-            ids = layer1_prompt(self.tokenizer, p)
+        for p in (p for p in problems if p.question not in shown):
+            ids = layer1_prompt(self.tokenizer, p, self.shots)
             if len(ids) > cfg.max_prompt_length:
                 if cfg.prompt_overflow == "skip":
                     skipped += 1
@@ -278,7 +282,7 @@ class Trainer:
         with torch.no_grad(), self._autocast(), full_weights(self.policy):
             rollout = collect(self.model, self.tokenizer, [self.problems[i] for i in idx],
                               [self.prompts[i] for i in idx], cfg, rng=rng, generator=generator,
-                              stop_ids=self.stop_ids, pad_id=self.pad_id)
+                              stop_ids=self.stop_ids, pad_id=self.pad_id, stop_strings=self.stop_strings)
         t_rollout, rollout_peak = time.perf_counter(), peak_memory_gb(self.device, reset=True)
         episodes = rollout.episodes
         self.model.train()
@@ -412,7 +416,7 @@ class Trainer:
                                   max_new_tokens=cfg.max_completion_length, temperature=0.0, top_p=1.0,
                                   batch_size=cfg.rollout_batch_size, l2_format=cfg.l2_format,
                                   phrase=cfg.guiding_phrases[1 % len(cfg.guiding_phrases)], pass_k=0,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, stop=self.stop_strings, shots=self.shots)
         return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
 
     # --- checkpoints ----------------------------------------------------------------------

@@ -12,20 +12,24 @@ class Problem:
     """One training/eval problem.
 
     `answer` is the gold final answer as text (GSM8K: the number after `####`, commas removed;
-    MATH: the content of the last `\\boxed{}`); `source` is "gsm8k", "math" or "synthetic".
+    MATH: the content of the last `\\boxed{}`); `source` is "gsm8k", "math" or "synthetic";
+    `solution` is the worked solution ending in that answer, where the data has one (few-shot
+    exemplars show it).
     """
 
     question: str
     answer: str
     source: str = "gsm8k"
     uid: int = 0
+    solution: str = ""
 
 
 @dataclass
 class Completion:
     """One sampled continuation of one prompt.
 
-    token_ids: generated ids, ending with EOS when `finished`.
+    token_ids: generated ids, ending with EOS when `finished` by a stop id (a stop string is
+        cut off instead).
     logprobs: per generated token, log-prob under the sampling policy at the sampling
         temperature (no top-p/top-k renormalisation), float32, same length as token_ids.
     """

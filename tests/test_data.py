@@ -188,3 +188,17 @@ def test_no_parseable_answer_at_all_says_so(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [{"question": "q", "answer": "#### ten"}] * 3)
     with pytest.raises(DatasetError, match="none of its 3 rows has a parseable answer"):
         load_problems(str(path))
+
+
+def test_embedded_gsm8k_test_split():
+    from importlib import resources
+
+    with resources.as_file(resources.files("fastmgrpo.assets") / "test.jsonl.gz") as path:
+        rows = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+    problems = load_problems("gsm8k:test")
+    assert len(problems) == len(rows) == 1319
+    assert [p.answer for p in problems] == [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
+    assert [p.question for p in problems] == [r["question"].strip() for r in rows]
+    # Solutions (few-shot exemplars) keep the working without GSM8K's calculator annotations.
+    assert all("<<" not in p.solution and p.solution.endswith(p.answer) for p in problems[:50])
+    assert len(load_problems("gsm8k:test", limit=7)) == 7

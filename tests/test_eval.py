@@ -18,7 +18,6 @@ from fastmgrpo.eval import main as eval_main
 from fastmgrpo.metrics import correction_metrics, pass_at_k
 from fastmgrpo.models import build_tiny_model, stop_token_ids
 from fastmgrpo.prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
-from fastmgrpo.rewards import answers_match, extract_answer
 from fastmgrpo.rollout import sample
 
 
@@ -98,8 +97,9 @@ def _digit_model():
     return model, tok
 
 
-def _value(answer: str | None) -> int | None:
-    return None if answer is None else int(answer)
+def _value(text: str) -> int | None:
+    """The number of a "#### digits" text (see the spy below), None for "#### " alone."""
+    return int(text[5:]) if text[5:] else None
 
 
 def _text(tok, completion) -> str:
@@ -109,19 +109,25 @@ def _text(tok, completion) -> str:
 def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
     model, tok = _digit_model()
     calls = []  # (prompts, completions, temperature) of every sampler call
+    marker = tok.encode("#### ", add_special_tokens=False)
 
     def spy(model, prompts, **sampling):
+        # Every completion states its digits as a final answer, "#### " alone when it has none.
         out = sample(model, prompts, **sampling)
+        for c in out:
+            c.token_ids, c.logprobs = marker + c.token_ids, [0.0] * len(marker) + c.logprobs
         calls.append((prompts, out, sampling["temperature"]))
         return out
 
-    monkeypatch.setattr("fastmgrpo.eval.sample", spy)
+    monkeypatch.setattr("fastmgrpo.stopping.sample", spy)
     problems = load_problems("synthetic:4", seed=1)
     kwargs = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, l2_format="turn",
                   phrase=GUIDING_PHRASES[2], pass_k=2, seed=0, progress=False)
     evaluate(model, tok, problems, **kwargs)
-    # Digit strings only, so a completion's answer is its whole text (None when empty).
-    t1, t2, pk = ([_value(_text(tok, c) or None) for c in call[1]] for call in calls)
+    # "#### digits" only, so a completion's answer is its digits (None when it has none), and
+    # a correction without digits keeps its first attempt's answer.
+    t1, t2, pk = ([_value(_text(tok, c)) for c in call[1]] for call in calls)
+    t2 = [a if b is None else b for a, b in zip(t1, t2)]
     # Gold answers chosen from what the model says (sampling does not see the gold, and the
     # same seed replays it): 0 right at t1, 1 right at t2, 2 never right (12 digits cannot
     # fit in 8 tokens), 3 right in its last pass@k sample.
@@ -132,7 +138,8 @@ def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
     summary, records = evaluate(model, tok, problems, **kwargs)
 
     # The same completions come back, and verdicts agree with an independent comparison.
-    assert [[_value(_text(tok, c) or None) for c in call[1]] for call in calls] == [t1, t2, pk]
+    again = [[_value(_text(tok, c)) for c in call[1]] for call in calls]
+    assert [again[0], [a if b is None else b for a, b in zip(again[0], again[1])], again[2]] == [t1, t2, pk]
     want_t1 = [v == g for v, g in zip(t1, golds)]
     want_t2 = [v == g for v, g in zip(t2, golds)]
     want_k = [sum(v == g for v in pk[2 * i : 2 * i + 2]) for i, g in enumerate(golds)]
@@ -143,9 +150,9 @@ def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
     assert [r["pass_k_correct"] for r in records] == want_k
     for r, p in zip(records, problems):
         assert r["gold"] == p.answer and r["question"] == p.question
+    for r, p, a, b in zip(records, problems, t1, t2):
+        assert (r["t1_answer"], r["t2_answer"]) == (None if a is None else str(a), None if b is None else str(b))
         for t in ("t1", "t2"):
-            assert r[f"{t}_answer"] == extract_answer(r[f"{t}_text"])
-            assert r[f"{t}_correct"] == answers_match(extract_answer(r[f"{t}_text"]), p.answer, p.source)
             assert r[f"{t}_tokens"] == len(r[f"{t}_text"]) + r[f"{t}_finished"]  # EOS is not text
 
     # Wiring: t1 answers the layer-1 prompt; t2 answers the layer-2 prompt built from t1 with
@@ -208,3 +215,107 @@ def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main(["--phrase", "7"])
     assert "phrase index 7" in capsys.readouterr().err
+
+
+# --- issue 10: whole-answer verdicts, k samples, random phrases, the recorded protocol -------
+
+
+class _Scripted:
+    """Stands in for rollout.sample: layer-1 prompts get "#### <a>", layer-2 prompts the next
+    scripted correction; records every prompt."""
+
+    def __init__(self, tok, first, corrections):
+        self.tok, self.first, self.corrections, self.prompts = tok, list(first), list(corrections), []
+
+    def __call__(self, model, prompts, **kwargs):
+        from fastmgrpo.types import Completion
+
+        texts = self.first if not self.prompts else self.corrections
+        self.prompts.append(prompts)
+        out = []
+        for _ in prompts:
+            ids = self.tok.encode(texts.pop(0), add_special_tokens=False) + [self.tok.eos_token_id]
+            out.append(Completion(ids, [0.0] * len(ids), True))
+        return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eval_metrics_judge_t2_on_the_whole_answer(monkeypatch, seed):
+    rng = random.Random(seed)
+    model, tok = _digit_model()
+    problems = load_problems("synthetic:6", seed=seed)
+    golds = [int(p.answer) for p in problems]
+    first = [rng.choice([g, g + 1]) for g in golds]
+    new = [rng.choice([None, g, g + 3]) for g in golds]  # None: a confirmation without a number
+    corrections = ["Yes, that is correct." if n is None else f"Redo: {n}\n#### {n}" for n in new]
+    monkeypatch.setattr("fastmgrpo.stopping.sample", _Scripted(tok, [f"#### {a}" for a in first], corrections))
+    summary, records = evaluate(model, tok, problems, max_new_tokens=8, batch_size=2, progress=False)
+    t1 = [a == g for a, g in zip(first, golds)]
+    t2 = [(a if n is None else n) == g for a, n, g in zip(first, new, golds)]
+    assert [r["t1_correct"] for r in records] == t1 and [r["t2_correct"] for r in records] == t2
+    assert [r["t2_answer"] for r in records] == [str(a if n is None else n) for a, n in zip(first, new)]
+    assert summary["delta_c_to_i"] == pytest.approx(sum(a and not b for a, b in zip(t1, t2)) / 6)
+    assert summary["delta_i_to_c"] == pytest.approx(sum(b and not a for a, b in zip(t1, t2)) / 6)
+
+
+def test_evaluate_k_samples_and_random_phrases_are_means_over_attempts(monkeypatch):
+    model, tok = _digit_model()
+    calls = []
+
+    def spy(model, prompts, **sampling):
+        out = sample(model, prompts, **sampling)
+        calls.append((prompts, out))
+        return out
+
+    monkeypatch.setattr("fastmgrpo.stopping.sample", spy)
+    problems = load_problems("synthetic:3", seed=2)
+    k = 4
+    summary, records = evaluate(model, tok, problems, max_new_tokens=6, temperature=1.0, samples=k,
+                                phrase="random", seed=7, progress=False)
+    (p1, c1), (p2, _) = calls
+    assert p1 == [layer1_prompt(tok, p) for p in problems for _ in range(k)]
+    assert len(records) == 3 * k and [r["sample"] for r in records] == list(range(k)) * 3
+    assert [r["uid"] for r in records] == [p.uid for p in problems for _ in range(k)]
+    # Each attempt's phrase comes from the pool, is the one its layer-2 prompt carries, and the
+    # draws vary (12 draws from 7 phrases are all equal with probability 7**-11).
+    stops = stop_token_ids(tok)
+    for r, q, c, q2 in zip(records, p1, c1, p2):
+        assert r["phrase"] in GUIDING_PHRASES
+        assert q2 == layer2_prompt(tok, None, q, c.token_ids, r["phrase"], fmt="continue", stop_ids=stops)
+    assert len({r["phrase"] for r in records}) > 1
+    assert summary["n"] == 3 * k and summary["problems"] == 3 and summary["samples"] == k
+    assert summary["acc_t1"] == pytest.approx(sum(r["t1_correct"] for r in records) / (3 * k))
+    assert summary["acc_t2"] == pytest.approx(sum(r["t2_correct"] for r in records) / (3 * k))
+    again, _ = evaluate(model, tok, problems, max_new_tokens=6, temperature=1.0, samples=k,
+                        phrase="random", seed=7, progress=False)
+    assert {key: again[key] for key in summary if key != "seconds"} == \
+        {key: summary[key] for key in summary if key != "seconds"}
+
+
+def test_cli_records_the_protocol_in_the_summary(tmp_path):
+    model, tok = _digit_model()
+    model.save_pretrained(tmp_path / "model")
+    tok.chat_template = None  # a base model: plain prompts, default stop strings, shots
+    tok.save_pretrained(tmp_path / "model")
+    out_json, out_records = tmp_path / "summary.json", tmp_path / "rec.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmgrpo.eval", "--model", str(tmp_path / "model"),
+         "--dataset", "synthetic:3", "--max-new-tokens", "4", "--device", "cpu", "--no-progress",
+         "--temperature", "0.7", "--samples", "2", "--phrase", "random", "--seed", "11",
+         "--prompt-shots", "2", "--json", str(out_json), "--output", str(out_records)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads(out_json.read_text())["settings"]
+    assert (settings["temperature"], settings["samples"], settings["phrase"], settings["seed"]) == \
+        (0.7, 2, "random", 11)
+    assert settings["prompt_shots"] == 2 and settings["stop"] == ["\nQuestion:", "\n\n\n"]
+    train = {p.uid: p for p in load_problems("gsm8k")}
+    heldout = {p.question for p in load_problems("gsm8k:heldout")}
+    assert len(settings["shot_uids"]) == 2
+    assert all(u in train and train[u].question not in heldout for u in settings["shot_uids"])
+    records = [json.loads(line) for line in out_records.read_text().splitlines()]
+    assert len(records) == 6 and all("Question:" not in r["t1_text"] for r in records)
+    bad = subprocess.run([sys.executable, "-m", "fastmgrpo.eval", "--samples", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--temperature" in bad.stderr

@@ -41,7 +41,7 @@ def test_collect_layer2_discard_and_advantages(monkeypatch, l2_group):
     ans1 = [golds[q] if c1[q][i] else golds[q] + 1 for q in range(Q) for i in range(G)]
     ans2 = [golds[q] if c2[q][i][j] else golds[q] + 2 for q in range(Q) for i in range(G) for j in range(H)]
     policy = ScriptedPolicy(tok, ans1 + ans2)
-    monkeypatch.setattr(mgrpo, "sample", policy)
+    monkeypatch.setattr("fastmgrpo.stopping.sample", policy)
     cfg = MGRPOConfig(group_size=G, l2_samples=H, l2_group=l2_group, layers=2)
     out = mgrpo.collect(None, tok, problems, prompts, cfg, rng=random.Random(0), generator=None,
                         stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
@@ -96,9 +96,67 @@ def test_collect_plain_grpo_has_no_layer2(monkeypatch):
     gold = random.randint(1, 9)
     problems = [Problem("q?", str(gold), "synthetic")]
     policy = ScriptedPolicy(tok, [gold] * 4)  # all equal rewards -> zero advantage, no NaN
-    monkeypatch.setattr(mgrpo, "sample", policy)
+    monkeypatch.setattr("fastmgrpo.stopping.sample", policy)
     cfg = MGRPOConfig(group_size=4, layers=1)
     out = mgrpo.collect(None, tok, problems, [layer1_prompt(tok, problems[0])], cfg,
                         rng=random.Random(0), generator=None, stop_ids=stop_token_ids(tok), pad_id=0)
     assert len(policy.calls) == 1 and len(out.episodes) == 4
     assert all(e.layer == 1 and e.advantage == 0.0 and e.correct for e in out.episodes)
+
+
+class TextPolicy:
+    """Stands in for rollout.sample: answers prompt k with texts[k]; `finished[k]` False marks a
+    completion cut at the token limit (no EOS)."""
+
+    def __init__(self, tokenizer, texts, finished):
+        self.tokenizer, self.texts, self.finished = tokenizer, list(texts), list(finished)
+
+    def __call__(self, model, prompts, **kwargs):
+        out = []
+        for _ in prompts:
+            ids = self.tokenizer.encode(self.texts.pop(0), add_special_tokens=False)
+            done = self.finished.pop(0)
+            ids += [self.tokenizer.eos_token_id] if done else []
+            out.append(Completion(ids, [-0.5] * len(ids), done))
+        return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_collect_layer2_rewards_judge_o_i_and_correction_together(monkeypatch, seed):
+    rng = random.Random(seed)
+    tok = build_tiny_tokenizer()
+    Q, G, H = 2, 3, 2
+    golds = [rng.randint(10, 99) for _ in range(Q)]
+    problems = [Problem(f"What is {g}?", str(g), "gsm8k", uid=i) for i, g in enumerate(golds)]
+    prompts = [layer1_prompt(tok, p) for p in problems]
+    ans1 = [rng.choice([g, g + 1]) for g in golds for _ in range(G)]
+    # Corrections: a confirmation without a number, a bare number in working, or a new answer.
+    kinds = [rng.choice(["confirm", "working", "new"]) for _ in range(Q * G * H)]
+    new = [rng.choice([golds[k // (G * H)], golds[k // (G * H)] + 2]) for k in range(Q * G * H)]
+    texts2 = [{"confirm": "Yes, that is correct.", "working": f"{new[k]} - 1 = {new[k] - 1}, so it stands.",
+               "new": f"Fixing it:\n#### {new[k]}"}[kinds[k]] for k in range(Q * G * H)]
+    texts = [f"so\n#### {a}" for a in ans1] + texts2
+    finished = [rng.random() < 0.5 for _ in texts]
+    monkeypatch.setattr("fastmgrpo.stopping.sample", TextPolicy(tok, texts, finished))
+    cfg = MGRPOConfig(group_size=G, l2_samples=H, layers=2)
+    out = mgrpo.collect(None, tok, problems, prompts, cfg, rng=random.Random(0), generator=None,
+                        stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
+
+    # Reference: the correction's explicit answer if it gives one, else o_i's.
+    c1 = [ans1[i] == golds[i // G] for i in range(Q * G)]
+    c2 = [(new[k] if kinds[k] == "new" else ans1[k // H]) == golds[k // (G * H)] for k in range(Q * G * H)]
+    pairs = [(c1[k // H], c2[k]) for k in range(Q * G * H)]
+    assert out.stats["acc_after_correction"] == pytest.approx(sum(c2) / len(c2))
+    assert out.stats["delta_c_to_i"] == pytest.approx(sum(a and not b for a, b in pairs) / len(pairs))
+    assert out.stats["delta_i_to_c"] == pytest.approx(sum(b and not a for a, b in pairs) / len(pairs))
+    kept = [k for k in range(Q * G * H) if c1[k // H] or any(c2[(k // H) * H:(k // H + 1) * H])]
+    assert [e.correct for e in out.episodes if e.layer == 2] == [c2[k] for k in kept]
+    assert [e.reward for e in out.episodes if e.layer == 2] == [float(c2[k]) for k in kept]
+
+    # Per-layer length metrics, counted from the scripted completions.
+    lens = [len(tok.encode(t, add_special_tokens=False)) + f for t, f in zip(texts, finished)]
+    n1 = Q * G
+    assert out.stats["truncated_l1"] == pytest.approx(sum(not f for f in finished[:n1]) / n1)
+    assert out.stats["truncated_l2"] == pytest.approx(sum(not f for f in finished[n1:]) / (len(texts) - n1))
+    assert out.stats["completion_len_l1"] == pytest.approx(sum(lens[:n1]) / n1)
+    assert out.stats["completion_len_l2"] == pytest.approx(sum(lens[n1:]) / (len(texts) - n1))

@@ -11,6 +11,7 @@ from fastmgrpo.prompts import (
     layer1_prompt,
     layer2_prompt,
     sample_phrase,
+    select_shots,
 )
 from fastmgrpo.types import Problem
 
@@ -193,3 +194,42 @@ def test_unknown_format(tokenizer):
     problem = random_problem()
     with pytest.raises(ValueError, match="'inline'"):
         layer2_prompt(tokenizer, problem, [1], [2], GUIDING_PHRASES[0], "inline", set())
+
+
+# --- issue 10.6: few-shot exemplars for base models -----------------------------------------
+
+
+def _exemplar(i: int) -> Problem:
+    return Problem(f"Ann has {i} pens and buys {i} more. How many?", str(2 * i), "gsm8k", uid=i,
+                   solution=f"{i} + {i} = {2 * i}\n#### {2 * i}")
+
+
+def test_plain_prompt_with_shots_is_worked_examples_then_the_question(backend):
+    tok = make_tokenizer(backend, chat=False)
+    shots, problem = [_exemplar(3), _exemplar(5)], random_problem()
+    text = tok.decode(layer1_prompt(tok, problem, shots))
+    bare = tok.decode(layer1_prompt(tok, problem))
+    # Written out by hand: each exemplar is a plain question/answer block ending in "#### n".
+    blocks = "".join(
+        f"Question: {s.question}\nSolve the problem step by step, then give the final answer as "
+        f"#### <number>.\nAnswer: Let's think step by step. {s.solution}\n\n" for s in shots)
+    assert text == "<bos>" + blocks + bare.removeprefix("<bos>")
+
+
+def test_chat_prompt_with_shots_has_exemplar_turns(backend):
+    tok = make_tokenizer(backend, chat=True)
+    shot, problem = _exemplar(4), random_problem()
+    text = tok.decode(layer1_prompt(tok, problem, [shot]))
+    assert text.count("<start_of_turn>user") == 2 and text.count("<start_of_turn>model") == 2
+    assert text.index(shot.question) < text.index("#### 8") < text.index(problem.question)
+
+
+def test_select_shots_never_draws_an_excluded_question():
+    pool = [_exemplar(i) for i in range(10)]
+    for seed in range(20):
+        exclude = {p.question for p in random.Random(seed).sample(pool, 6)}
+        shots = select_shots(pool, 4, seed, exclude=exclude)
+        assert len({s.uid for s in shots}) == 4 and not {s.question for s in shots} & exclude
+    assert select_shots(pool, 3, 1) == select_shots(pool, 3, 1)
+    with pytest.raises(ValueError, match="exemplars"):
+        select_shots(pool, 5, 0, exclude={p.question for p in pool[:6]})

@@ -135,3 +135,48 @@ def test_pathological_answers_are_refused_quickly(in_thread):
     assert results == [False] * len(PATHOLOGICAL)
     assert time.perf_counter() - start < 5
     assert answers_match("x^2 + y^2", "x^2 + y^2", "math")  # ordinary exponents still go through
+
+
+# --- issue 10.1: a layer-2 attempt is judged on o_i + correction as one answer ---------------
+
+# (layer-1 answer o_i, correction, gold, source, expected verdict of the whole attempt)
+WHOLE_ANSWER_CASES = [
+    ("6 * 3 = 18\n#### 18", "Yes, that is correct.", "18", "gsm8k", True),  # confirmation, no number
+    ("6 * 3 = 18\n#### 18", "18 - 2 = 16, so the earlier answer stands.", "18", "gsm8k", True),
+    ("6 * 3 = 18\n#### 18", "Checking: 6 * 3 = 18.\n#### 18", "18", "gsm8k", True),  # restates
+    ("6 * 3 = 18\n#### 18", "Oops, 6 * 3 - 2 = 16.\n#### 16", "18", "gsm8k", False),  # changes
+    ("#### 16", "No: 6 * 3 = 18.\n#### 18", "18", "gsm8k", True),  # fixes
+    ("#### 18", "#### 16\nNo, back to #### 18", "18", "gsm8k", True),  # changes, then changes back
+    ("#### 16", "#### 18\nHmm, then #### 16", "18", "gsm8k", False),
+    ("#### 16", "Looks right to me.", "18", "gsm8k", False),  # confirming a wrong answer
+    ("so 18", "Fine.", "18", "gsm8k", True),  # o_i's bare-number answer is kept
+    ("so 16", "18 is what I get.", "18", "gsm8k", False),  # a bare number in a correction is working
+    ("\\boxed{\\frac{1}{2}}", "Yes, that is correct.", "\\frac{1}{2}", "math", True),
+    ("\\boxed{\\frac{1}{2}}", "Let me redo it: \\boxed{\\frac{1}{3}}", "\\frac{1}{2}", "math", False),
+    ("\\boxed{\\frac{1}{3}}", "Actually \\boxed{0.5}", "\\frac{1}{2}", "math", True),
+    ("\\boxed{2}", "\\boxed{3}, no wait, \\boxed{2}", "2", "math", True),
+    ("\\boxed{5}", "so 1/2 + 1/3 = 5/6 and it stays.", "5", "math", True),
+    ("So \\boxed{17}. Then again:\n#### 18", "Confirmed.", "18", "gsm8k", True),  # #### after \boxed
+    ("#### 17", "so \\boxed{18}", "18", "gsm8k", True),
+]
+
+
+@pytest.mark.parametrize("first, correction, gold, source, expected", WHOLE_ANSWER_CASES)
+def test_layer2_verdict_reads_the_whole_answer(first, correction, gold, source, expected):
+    problem = Problem("q", gold, source)
+    assert score(correction, problem, earlier=[first])[1] is expected
+    # The same attempt written as one text ends in the same final answer, save for bare numbers
+    # in the correction, which only a one-part text falls back to.
+    if not any(c.isdigit() for c in correction) or "####" in correction or "boxed" in correction:
+        assert score(first + "\n\nWait.\n" + correction, problem)[1] is expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed{17} then #### 18", "18"),  # GSM8K style: a later #### decides over \boxed
+    ("#### 18 then \\boxed{17}", "17"),
+    ("The answer is 12, i.e. \\boxed{13}", "13"),  # boxed/#### outrank "answer is"
+    ("\\boxed{13}. The answer is 12", "13"),
+    ("#### 5\nThe answer is 6", "5"),
+])
+def test_strong_markers_by_position(text, expected):
+    assert extract_answer(text) == expected

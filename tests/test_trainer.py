@@ -10,7 +10,7 @@ import torch
 
 import fastmgrpo.mgrpo as mgrpo
 import fastmgrpo.trainer as trainer_mod
-from fastmgrpo.config import ConfigError, MGRPOConfig
+from fastmgrpo.config import ConfigError, MGRPOConfig, build_parser
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
 from fastmgrpo.models import build_tiny_model, lm_head
@@ -30,7 +30,7 @@ def make_trainer(tmp_path, problems=None, arch="gemma3", model_seed=None, **over
     return Trainer(cfg, model=model, tokenizer=tok, problems=problems or synthetic_problems(16, seed=1))
 
 
-def hash_reward(text, problem, format_weight=0.0):
+def hash_reward(text, problem, format_weight=0.0, earlier=()):
     """A deterministic, text-dependent reward, so tiny random models get non-zero advantages."""
     ok = zlib.crc32(text.encode()) % 2 == 0
     return float(ok), ok
@@ -346,3 +346,24 @@ def test_sampler_is_correction_is_truncated_ratio_to_the_sampler(tmp_path, monke
         ratios.append(got)
     ratios = torch.cat(ratios)
     assert (ratios == cap).any() and (ratios < cap).any()  # the cap truncates some tokens, not all
+
+
+def test_prompt_shots_prefix_every_prompt_and_leave_the_training_set(tmp_path):
+    problems = synthetic_problems(12, seed=4)
+    tr = make_trainer(tmp_path, problems=problems, prompt_shots=3, seed=5, max_prompt_length=4096)
+    shown = [p.question for p in tr.shots]
+    assert len(set(shown)) == 3 and set(shown) <= {p.question for p in problems}
+    assert [p.question for p in tr.problems] == [p.question for p in problems if p.question not in shown]
+    for p, ids in zip(tr.problems, tr.prompts):
+        text = tr.tokenizer.decode(ids)
+        # The exemplars come first, each with its answer, then the question itself.
+        positions = [text.index(q) for q in shown] + [text.rindex(p.question)]
+        assert positions == sorted(positions)
+        assert all(f"#### {s.answer}" in text for s in tr.shots)
+
+
+def test_loss_aggregation_default_is_the_papers_grpo():
+    assert MGRPOConfig().loss_type == "grpo"
+    assert MGRPOConfig(loss_type="dapo").loss_type == "dapo"
+    help_text = next(a.help for a in build_parser()._actions if a.dest == "loss_type")
+    assert "default: 'grpo'" in help_text and "dapo" in help_text

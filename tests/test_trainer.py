@@ -386,3 +386,9 @@ def test_reference_model_is_kept_in_the_compute_dtype(tmp_path):
     err, err_autocast = (ref - fp32).abs().max().item(), (autocast - fp32).abs().max().item()
     print(f"bf16 reference error {err:.2e}, fp32 weights under bf16 autocast {err_autocast:.2e}")
     assert 0 < err <= 2 * err_autocast + 1e-3  # computes in bf16, no worse than autocast
+
+
+def test_loss_memory_budget_is_checked_with_the_config():
+    with pytest.raises(ConfigError, match="loss_memory_mib"):
+        MGRPOConfig(loss_memory_mib=0)
+    assert trainer_mod.loss_config(MGRPOConfig(loss_memory_mib=3)).memory_budget == 3 * 2**20

@@ -1,7 +1,8 @@
 from setuptools import setup
 
-# `kernels/` is installed as `fastmgrpo.kernels`, never as a bare top-level `kernels`
-# package: Hugging Face ships a package of that name and transformers probes for it.
+# The kernels live in fastmgrpo/kernels, never in a top-level `kernels/` folder: Hugging Face ships
+# a package of that name, transformers (>= 5.2x) imports it, and `python -m ...` run from the repo
+# root would find a top-level folder first.
 setup(
     name="fastmgrpo",
     version="0.1.0",
@@ -10,7 +11,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastmgrpo", "fastmgrpo.kernels", "fastmgrpo.assets"],
-    package_dir={"fastmgrpo": "fastmgrpo", "fastmgrpo.kernels": "kernels"},
     package_data={"fastmgrpo.assets": ["*.jsonl.gz", "LICENSE"]},
     install_requires=[
         "torch>=2.4",

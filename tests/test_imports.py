@@ -3,6 +3,7 @@ none of trl, datasets, liger-kernel, math-verify, gguf), and GSM8K rewards work 
 math-verify. Each check runs in a fresh interpreter so that nothing imported earlier counts."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -38,3 +39,18 @@ def test_gsm8k_rewards_without_math_verify():
                "    raise SystemExit('a LaTeX answer without math-verify must raise')\n")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "math-verify" in out.stdout
+
+
+def test_repo_root_does_not_shadow_huggingface_kernels():
+    """`python -m ...` puts the working directory first on sys.path; transformers imports Hugging
+    Face's `kernels` package whenever it is installed, so no folder of ours may answer to that name
+    from the repo root (a top-level kernels/ did, and broke every import of transformers there)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", "import importlib.util, json\n"
+                          "spec = importlib.util.find_spec('kernels')\n"
+                          "print(json.dumps(None if spec is None else spec.origin))"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    origin = json.loads(out.stdout.splitlines()[-1])
+    ours = origin is not None and root in Path(origin).resolve().parents and "site-packages" not in origin
+    assert not ours, origin

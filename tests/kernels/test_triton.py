@@ -3,7 +3,7 @@
 On a machine without CUDA the kernels run under the Triton interpreter at tiny shapes and are
 compiled ahead of time for sm_90 (the real compiler path); on CUDA they run compiled. The fused
 loss through this backend is checked in test_fused.py. References: float64 full logits
-(kernels/reference.py); for 16-bit inputs err ≤ 2·err(eager in that dtype) + atol.
+(fastmgrpo/kernels/reference.py); for 16-bit inputs err ≤ 2·err(eager in that dtype) + atol.
 """
 import importlib.util
 

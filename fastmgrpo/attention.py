@@ -155,14 +155,19 @@ def _varlen(query, key, value, cu, max_len, scaling, sliding_window) -> torch.Te
     return _VARLEN_ATTN(q, k, v, cu, cu, max_len, max_len, **extra)[None]  # (1, T, Hq, D)
 
 
-AttentionInterface.register(VARLEN, varlen_attention)
-if VARLEN not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-    # Rollout and plain forwards still need SDPA's padding/causal masks.
-    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+@functools.cache
+def register() -> None:
+    """Make `fastmgrpo_varlen` known to transformers (once; importing this module registers nothing)."""
+    AttentionInterface.register(VARLEN, varlen_attention)
+    if VARLEN not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        # Rollout and plain forwards still need SDPA's padding/causal masks.
+        AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
 def use_varlen_attention(model: torch.nn.Module) -> None:
-    """Switch a model running transformers' SDPA to `fastmgrpo_varlen` (same results, packed
-    batches cost Σ Lᵢ² instead of T²). Flash-attention and eager models are left as they are."""
+    """Register `fastmgrpo_varlen` and switch a model running transformers' SDPA to it (same
+    results, packed batches cost Σ Lᵢ² instead of T²). Flash-attention and eager models are left
+    as they are."""
     if model.config._attn_implementation == "sdpa":
+        register()
         model.set_attn_implementation(VARLEN)

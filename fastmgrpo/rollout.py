@@ -329,12 +329,11 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, **k
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(_ATTN, _slot_attention)
-
-
 @contextlib.contextmanager
 def _slot_attention_on(model: torch.nn.Module):
-    """Route the model's attention through `_slot_attention` for the duration."""
+    """Register `_slot_attention` with transformers and route the model's attention through it
+    for the duration."""
+    AttentionInterface.register(_ATTN, _slot_attention)
     cfg = model.config
     old = cfg._attn_implementation
     cfg._attn_implementation = _ATTN

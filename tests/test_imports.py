@@ -54,3 +54,14 @@ def test_repo_root_does_not_shadow_huggingface_kernels():
     origin = json.loads(out.stdout.splitlines()[-1])
     ours = origin is not None and root in Path(origin).resolve().parents and "site-packages" not in origin
     assert not ours, origin
+
+
+def test_importing_registers_nothing_into_transformers():
+    """Attention functions are registered by the call that uses them, not as an import side effect."""
+    out = _run("import json\n"
+               "from transformers import AttentionInterface\n"
+               "before = set(AttentionInterface._global_mapping)\n"
+               "import fastmgrpo.attention, fastmgrpo.trainer, fastmgrpo.eval\n"
+               "print(json.dumps(sorted(set(AttentionInterface._global_mapping) - before)))")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == []

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastmgrpo.attention import VARLEN, use_varlen_attention
+from fastmgrpo.attention import register as register_varlen
 from fastmgrpo.models import build_tiny_model
 from fastmgrpo.packing import microbatches, pack, packed_hidden_states, padded_hidden_states
 from fastmgrpo.types import Episode
@@ -31,6 +32,7 @@ LENGTHS = [(5, 7), (30, 12), (1, 3), (9, 0), (3, 25)]
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
 def test_packed_hidden_states_match_each_sequence_alone(arch, attn):
     model, _ = build_tiny_model(arch=arch, seed=1)
+    register_varlen()
     model.set_attn_implementation(attn)
     eps = _episodes(LENGTHS)
     batch = pack(eps)

@@ -10,6 +10,7 @@ Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5) and TRL's
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,7 @@ import torch
 from . import fused
 from .dispatch import _validate, check_memory_budget, forward_logprobs, resolve_backend
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-_TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")  # Liger rejects sequence-level IS for these
 _LOG_EPS = math.log(1e-8)
 
 
@@ -71,7 +70,7 @@ class GRPOLossConfig:
                 f"importance_sampling_level={self.importance_sampling_level!r} is not one of "
                 f"{list(IMPORTANCE_SAMPLING_LEVELS)}"
             )
-        if self.importance_sampling_level == "sequence" and self.loss_type in _TOKEN_LEVEL_ONLY:
+        if self.importance_sampling_level == "sequence" and LOSS_VARIANTS[self.loss_type].token_level_only:
             raise ValueError(
                 f"importance_sampling_level='sequence' is not supported for loss_type={self.loss_type!r} "
                 "(use 'token')"
@@ -93,8 +92,8 @@ class GRPOLossConfig:
         mcl = self.max_completion_length
         if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0):
             raise ValueError(f"max_completion_length must be a positive int or None, got {mcl!r}")
-        if self.loss_type == "dr_grpo" and mcl is None:
-            raise ValueError("loss_type='dr_grpo' requires max_completion_length")
+        if LOSS_VARIANTS[self.loss_type].needs_max_completion_length and mcl is None:
+            raise ValueError(f"loss_type={self.loss_type!r} requires max_completion_length")
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,18 +205,6 @@ def _vespo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
     return -phi * t.adv * t.logp, torch.zeros_like(coef, dtype=torch.bool)
 
 
-_PER_TOKEN_LOSS = {
-    "grpo": _clipped_surrogate,
-    "bnpo": _clipped_surrogate,
-    "dr_grpo": _clipped_surrogate,
-    "dapo": _clipped_surrogate,
-    "luspo": _clipped_surrogate,
-    "cispo": _cispo,
-    "sapo": _sapo,
-    "vespo": _vespo,
-}
-
-
 # ---- reductions: (per-token values (N,), tokens, norm) -> scalar ----
 
 
@@ -244,16 +231,38 @@ def _reduce_luspo(x, t: _Tokens, n: _Norm):
     return (x * n.luspo_w).sum() / n.num_sequences
 
 
-_REDUCE = {
-    "grpo": _reduce_seq_mean,
-    "sapo": _reduce_seq_mean,
-    "bnpo": _reduce_bnpo,
-    "dr_grpo": _reduce_dr_grpo,
-    "dapo": _reduce_dapo,
-    "cispo": _reduce_dapo,
-    "vespo": _reduce_dapo,
-    "luspo": _reduce_luspo,
+@dataclass(frozen=True)
+class LossVariant:
+    """Everything that tells one loss_type from another, in one registry entry.
+
+    per_token: (tokens, coef, log_ratio, cfg) -> (loss (N,), is_clipped (N,) bool).
+    reduce: (per-token values (N,), tokens, norm) -> () scalar.
+    token_level_only: sequence-level importance sampling is refused (as Liger does).
+    whole_sequences: a token's gradient depends on its whole sequence, so a chunk of the fused
+        pass must hold whole sequences (also the case for any sequence-level IS).
+    folds_is_ratio: the rollout IS ratio enters per_token itself, not as a per-token factor.
+    needs_max_completion_length: the reduction divides by max_completion_length.
+    """
+
+    per_token: Callable
+    reduce: Callable
+    token_level_only: bool = False
+    whole_sequences: bool = False
+    folds_is_ratio: bool = False
+    needs_max_completion_length: bool = False
+
+
+LOSS_VARIANTS = {
+    "grpo": LossVariant(_clipped_surrogate, _reduce_seq_mean),
+    "bnpo": LossVariant(_clipped_surrogate, _reduce_bnpo),
+    "dr_grpo": LossVariant(_clipped_surrogate, _reduce_dr_grpo, needs_max_completion_length=True),
+    "dapo": LossVariant(_clipped_surrogate, _reduce_dapo),
+    "cispo": LossVariant(_cispo, _reduce_dapo, token_level_only=True),
+    "sapo": LossVariant(_sapo, _reduce_seq_mean, token_level_only=True),
+    "luspo": LossVariant(_clipped_surrogate, _reduce_luspo),
+    "vespo": LossVariant(_vespo, _reduce_dapo, token_level_only=True, whole_sequences=True, folds_is_ratio=True),
 }
+LOSS_TYPES = tuple(LOSS_VARIANTS)
 
 
 def _grpo_core(t: _Tokens, n: _Norm, cfg: GRPOLossConfig, entropy: torch.Tensor | None):
@@ -265,15 +274,16 @@ def _grpo_core(t: _Tokens, n: _Norm, cfg: GRPOLossConfig, entropy: torch.Tensor 
     else:
         log_w = log_ratio
     coef = torch.exp(log_w)  # (N,) importance ratio
-    per_token, clipped = _PER_TOKEN_LOSS[cfg.loss_type](t, coef, log_ratio, cfg)
-    if t.vllm is not None and cfg.loss_type != "vespo":
+    variant = LOSS_VARIANTS[cfg.loss_type]
+    per_token, clipped = variant.per_token(t, coef, log_ratio, cfg)
+    if t.vllm is not None and not variant.folds_is_ratio:
         per_token = per_token * t.vllm
     kl = _k3(t.ref if t.ref is not None else t.logp.detach(), t.logp)  # (N,)
     if cfg.use_bias_correction_kl:
         kl = kl * coef
     if cfg.beta != 0.0:
         per_token = per_token + cfg.beta * kl
-    reduce = _REDUCE[cfg.loss_type]
+    reduce = variant.reduce
     loss = reduce(per_token, t, n)
     if entropy is not None and cfg.entropy_coef != 0.0:
         loss = loss - cfg.entropy_coef * reduce(entropy, t, n)
@@ -289,7 +299,7 @@ def _grpo_core(t: _Tokens, n: _Norm, cfg: GRPOLossConfig, entropy: torch.Tensor 
 
 def _needs_whole_sequences(cfg: GRPOLossConfig) -> bool:
     """Losses whose per-token gradient depends on the whole sequence (GSPO's ratio, VESPO's phi)."""
-    return cfg.importance_sampling_level == "sequence" or cfg.loss_type == "vespo"
+    return cfg.importance_sampling_level == "sequence" or LOSS_VARIANTS[cfg.loss_type].whole_sequences
 
 
 def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm: _Norm, cfg: GRPOLossConfig,
@@ -352,19 +362,17 @@ def _positive_count(name, value, default):
 # --------------------------------------------------------------------------------------------
 
 
-def _dapo_normalizer(mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-    """Liger's DAPO normaliser: num_items_in_batch / world_size, else the (all-reduced) token
-    count / world_size; clamped to >= 1."""
+def _dapo_normalizer(mask: torch.Tensor, num_items_in_batch, process_group) -> torch.Tensor:
+    """Liger's DAPO normaliser: num_items_in_batch / world, else the token count summed over
+    `process_group` / world (world = its size; 1 and no communication when it is None); >= 1."""
     dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
+    world = 1 if process_group is None else dist.get_world_size(process_group)
     if num_items_in_batch is not None:
         norm = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device).float()
         return torch.clamp(norm / world, min=1.0)
     norm = mask.sum()
-    if distributed:
-        norm = norm.clone()
-        dist.all_reduce(norm, op=dist.ReduceOp.SUM)
+    if process_group is not None:
+        dist.all_reduce(norm, op=dist.ReduceOp.SUM, group=process_group)
     return torch.clamp(norm / world, min=1.0)
 
 
@@ -424,6 +432,7 @@ def fused_linear_grpo_loss(
     config: GRPOLossConfig,
     use_ref_model: bool = True,
     backend: str | None = None,
+    process_group=None,
 ):
     """Padded GRPO loss with the LM head fused in; same semantics as Liger's GRPO loss.
 
@@ -441,6 +450,9 @@ def fused_linear_grpo_loss(
         vllm_is_ratio: (B,), (B, 1) or (B, T) rollout/trainer IS ratio, or None.
         num_items_in_batch: global completion-token count (dapo/cispo/vespo normaliser), or None.
         config: GRPOLossConfig. use_ref_model: as Liger's. backend: "torch", "triton" or "auto".
+        process_group: a torch.distributed group, or None. dapo/cispo/vespo without
+            num_items_in_batch divide by the completion tokens all-reduced over it, over its size
+            (the one collective here; Liger does it over the whole world). None: local tokens.
 
     Returns:
         loss: () fp32 scalar.
@@ -475,7 +487,7 @@ def fused_linear_grpo_loss(
     n_tok = mask.sum().clamp(min=1.0)
     norm = _Norm(
         tok_w=mask, luspo_w=seq_len[seg] / T, num_sequences=float(B), num_tokens=n_tok,
-        dapo_norm=_dapo_normalizer(mask, num_items_in_batch), max_completion_length=config.max_completion_length,
+        dapo_norm=_dapo_normalizer(mask, num_items_in_batch, process_group), max_completion_length=config.max_completion_length,
         metric_w=mask, metric_den=n_tok,
     )
     loss, m = _fused_grpo(_input.reshape(B * T, H), lin_weight, bias, ids, list(range(0, B * T + 1, T)) if T else
@@ -619,6 +631,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     O(N) elementwise). `chunk_size` (Liger: sequences per chunk, a memory bound) must be a positive
     int and does not change results: chunks come from `memory_budget` (bytes, extra) instead.
     `backend` (extra) picks the backend. Attributes may be changed after construction as in Liger.
+    Like Liger, under an initialised torch.distributed the DAPO-family token normaliser is
+    all-reduced over the world group (fused_linear_grpo_loss's `process_group`).
     """
 
     def __init__(
@@ -689,4 +703,11 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias,
             vllm_is_ratio, num_items_in_batch,
             config=self.config, use_ref_model=self.use_ref_model, backend=self.backend,
+            process_group=_world_group(),
         )
+
+
+def _world_group():
+    """The default process group when torch.distributed is initialised, else None."""
+    dist = torch.distributed
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None

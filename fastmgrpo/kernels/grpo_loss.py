@@ -11,7 +11,7 @@ Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5) and TRL's
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -635,6 +635,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     all-reduced over the world group (fused_linear_grpo_loss's `process_group`).
     """
 
+    # Liger's constructor, argument for argument (the drop-in contract): these names and defaults
+    # repeat GRPOLossConfig's on purpose; `config` maps them back by name.
     def __init__(
         self,
         beta: float = 0.04,
@@ -675,11 +677,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     @property
     def config(self) -> GRPOLossConfig:
         """The current attributes as a validated GRPOLossConfig."""
-        names = ("beta", "epsilon_low", "epsilon_high", "loss_type", "max_completion_length",
-                 "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg", "temperature",
-                 "delta", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-                 "vespo_lambda_neg", "memory_budget")
-        return GRPOLossConfig(**{name: getattr(self, name) for name in names})
+        return GRPOLossConfig(**{f.name: getattr(self, f.name) for f in fields(GRPOLossConfig) if hasattr(self, f.name)})
 
     def forward(
         self,

@@ -679,6 +679,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         """The current attributes as a validated GRPOLossConfig."""
         return GRPOLossConfig(**{f.name: getattr(self, f.name) for f in fields(GRPOLossConfig) if hasattr(self, f.name)})
 
+    # Liger's forward arguments, in Liger's order (the drop-in contract): fused_linear_grpo_loss
+    # takes the same list, which is why the two signatures repeat each other.
     def forward(
         self,
         _input,

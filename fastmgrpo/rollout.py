@@ -290,6 +290,7 @@ class _Decoder:
         self.hi = 0  # host bound on every slot's `col` (eager steps attend over hi + 1 columns)
         self.graphs, self.compile = graphs, compile
         self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, pick, stop) -> captured step
+        self.stops: dict[tuple[int, ...], torch.Tensor] = {}
         # graph-safe RNG: the graphs draw from this generator, re-seeded once per call
         self.generator = torch.Generator(device) if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
@@ -353,7 +354,10 @@ class _Decoder:
         return host[0].astype(np.int64), host[1]
 
     def _stop(self, stop: tuple[int, ...]) -> torch.Tensor:
-        return torch.tensor(stop, dtype=torch.long, device=self.device)  # (n_stop,)
+        """Stop ids on the device (n_stop,), made once: a pageable host copy would sync."""
+        if stop not in self.stops:
+            self.stops[stop] = torch.tensor(stop, dtype=torch.long, device=self.device)
+        return self.stops[stop]
 
     def _logits(self, model, b: int, width: int) -> torch.Tensor:
         """One decode forward of the first b slots over `width` columns -> logits (b, V) fp32."""

@@ -88,7 +88,8 @@ def test_greedy_with_refill_matches_no_cache_loop(tiny, spy, device):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")
         out = rollout.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
-                             pad_id=tok.pad_token_id, batch_size=3, refill_fraction=0.3)
+                             pad_id=tok.pad_token_id, batch_size=3, refill_fraction=0.3,
+                             compile=False)  # compiled: test_compiled_graph_decode_cuda (cold compile)
     assert [c.token_ids for c in out] == want
     assert [c.finished for c in out] == [stop in f for f in free]
     assert all(type(c.finished) is bool and type(c.token_ids[0]) is int for c in out)
@@ -292,3 +293,26 @@ def test_stops_checked_every_k_steps_match_every_step(tiny, monkeypatch, graphs)
         for c, e in zip(out, every):  # other batch compositions: fp32 rounding only
             assert c.logprobs == pytest.approx(e.logprobs, abs=1e-5)
     rollout._DECODERS.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_compiled_graph_decode_cuda():
+    """The real thing: torch.compile'd forward + in-graph sampling captured once, replayed across
+    calls; greedy equals the no-cache loop, seeded sampling repeats, logprobs match."""
+    cpu_model, tok = build_tiny_model(arch="gemma3", seed=0)
+    model = copy.deepcopy(cpu_model).cuda()
+    prompts = [tok.encode(s) for s in TEXTS]
+    kw = dict(max_new_tokens=12, stop_ids=set(), pad_id=tok.pad_token_id, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed|torch.compile of the decode")
+        greedy = rollout.sample(model, prompts, temperature=0.0, **kw)
+        runs = [rollout.sample(model, prompts, temperature=1.0, generator=torch.Generator("cuda").manual_seed(3), **kw)
+                for _ in range(2)]
+    assert [c.token_ids for c in greedy] == [_greedy_no_cache(cpu_model, p, 12) for p in prompts]
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
+    for p, c in zip(prompts, runs[0]):
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
+                                   _full_forward_logprobs(cpu_model, p, c.token_ids, 1.0), atol=1e-3, rtol=0)
+    (dec,) = rollout._DECODERS[model].values()
+    assert dec.graphs and dec.compile and len(dec.steps) <= 3 * 2  # buckets 4, 2, 1 x greedy / sampled
+    rollout.release(model)

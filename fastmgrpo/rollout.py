@@ -191,12 +191,15 @@ def _decoder(model, *, capacity: int, max_len: int, graphs: bool, compile: bool)
     if not graphs:
         return _Decoder(model, capacity=capacity, max_len=max_len, graphs=False, compile=False)
     device = model.get_input_embeddings().weight.device
-    max_len = -(-max_len // _LEN_ROUND) * _LEN_ROUND
     cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    key = (capacity, max_len, next(model.parameters()).dtype, cast, compile)
+    kind = (capacity, next(model.parameters()).dtype, cast, compile)
     kept = _DECODERS.setdefault(model, OrderedDict())
+    # A kept decoder up to a quarter (at least _LEN_ROUND) longer than needed serves the call:
+    # graph steps attend over all its columns, but a new one costs a compilation and captures.
+    fits = [k for k in kept if k[1:] == kind and max_len <= k[0] <= max_len + max(_LEN_ROUND, max_len // 4)]
+    key = min(fits) if fits else (-(-max_len // _LEN_ROUND) * _LEN_ROUND, *kind)
     if key not in kept:
-        kept[key] = _Decoder(model, capacity=capacity, max_len=max_len, graphs=True, compile=compile)
+        kept[key] = _Decoder(model, capacity=capacity, max_len=key[0], graphs=True, compile=compile)
         while len(kept) > _KEPT:
             kept.popitem(last=False)
     kept.move_to_end(key)

@@ -198,6 +198,8 @@ def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
     for p, c in zip(prompts, out):
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(model, p, c.token_ids, 0.0), atol=1e-4, rtol=0)
+    rollout.sample(model, prompts[:2], max_new_tokens=150, **kw)  # too long for it: a second decoder
+    assert len(rollout._DECODERS[model]) == 2 and len(graph_mode["captures"]) > len(dec.steps)
     rollout.release(model)
     assert model not in rollout._DECODERS
 

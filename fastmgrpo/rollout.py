@@ -292,6 +292,7 @@ class _Decoder:
         self.logp = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.hi = 0  # host bound on every slot's `col` (eager steps attend over hi + 1 columns)
         self.graphs, self.compile = graphs, compile
+        self.compiled: Callable[..., torch.Tensor] | None = None  # compiled `_logits`, once it ran
         self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, pick, stop) -> captured step
         self.stops: dict[tuple[int, ...], torch.Tensor] = {}
         # graph-safe RNG: the graphs draw from this generator, re-seeded once per call
@@ -414,7 +415,7 @@ class _Decoder:
         if self.compile and b == self.capacity:
             # Only the full bucket is compiled: it runs most steps, and each further shape would
             # cost a cold compilation of its own for a few tail steps.
-            logits_fn = self._compiled(b)
+            logits_fn = self.compiled or self._compiled(b)
         inside = pick[0] == 0 or _graph_rng()
         device_type = self.device.type
 
@@ -449,6 +450,7 @@ class _Decoder:
         try:
             with _uncached_autocast(self.device.type):
                 fn(self.model(), b, self.max_len)  # compiles now; writes only columns a step rewrites
+            self.compiled = fn
             return fn
         except Exception as e:  # dynamo/inductor raise many types; eager decoding still works
             warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)

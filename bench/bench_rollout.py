@@ -3,24 +3,30 @@
 to exactly NEW tokens: no stop ids for ours, min_new_tokens for generate).
 
 Providers:
-    fastmgrpo       continuous batching over the slot cache (CUDA-graph decode on CUDA)
+    fastmgrpo       continuous batching over the slot cache; on CUDA the decode step (forward +
+                    sampling) is torch.compile'd and replayed from a kept CUDA graph
     hf_static       generate(cache_implementation="static"): compiles the decode step on CUDA
     hf_dynamic      generate() with its default dynamic cache
-Each is timed after one warm-up call (which also compiles / captures).
+Each is timed after one warm-up call (which also compiles / captures; its time is first_call_s).
 CUDA: Gemma 3 270M architecture (random bf16 weights), 64 and 256 sequences × 256 new tokens,
       prompts of 16..128 tokens. CPU (one thread): the tiny test Gemma 3 (V=32768), 32 sequences × 64 tokens, prompts
       of 4..24 tokens.
-extra_info: tokens_per_s; on fastmgrpo also ratio_vs_fastest_generate (filled in once the
-generate providers of the same shape have run in this session).
-FASTMGRPO_BENCH_ROLLOUT="N,NEW;N,NEW" overrides the shapes.
+extra_info: tokens_per_s, first_call_s; on fastmgrpo also ratio_vs_fastest_generate (filled in
+once the generate providers of the same shape have run in this session) and, on CUDA,
+kernels_per_decode_step (GPU kernels one replay of the kept full-batch decode graph launches,
+counted by torch.profiler; the eager Gemma 3 270M step launches about 1,550).
+FASTMGRPO_BENCH_ROLLOUT="N,NEW;N,NEW" overrides the shapes; FASTMGRPO_BENCH_ROLLOUT_COMPILE=0
+captures the decode step uncompiled.
 """
 import os
+import time
 
 import pytest
 import torch
 from benchutil import CUDA, DEVICE, device_name, sync
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
+from fastmgrpo import rollout
 from fastmgrpo.models import build_tiny_model
 from fastmgrpo.rollout import sample
 
@@ -28,6 +34,7 @@ PROVIDERS = ["fastmgrpo", "hf_static", "hf_dynamic"]
 _SHAPES = os.environ.get("FASTMGRPO_BENCH_ROLLOUT", "64,256;256,256" if CUDA else "32,64")
 SHAPES = [tuple(int(x) for x in s.split(",")) for s in _SHAPES.split(";") if s.strip()]
 PROMPT_LEN = (16, 128) if CUDA else (4, 24)
+COMPILE = os.environ.get("FASTMGRPO_BENCH_ROLLOUT_COMPILE", "1") != "0"
 _RESULTS: dict[tuple[int, int], dict[str, object]] = {}  # shape -> provider -> tok/s or extra_info
 
 
@@ -70,7 +77,7 @@ def _target(provider, model, prompts, new):
 
         def run():
             sample(model, prompts, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
-                   batch_size=len(prompts), generator=gen)
+                   batch_size=len(prompts), generator=gen, compile=COMPILE)
             sync()
         return run
     width = max(map(len, prompts))
@@ -99,7 +106,12 @@ def test_rollout(benchmark, model, shape, provider):
     target = _target(provider, model, _prompts(n, model.config.vocab_size), new)
     benchmark.extra_info.update(device=device_name(), provider=provider, sequences=n, new_tokens=new,
                                 prompt_len=list(PROMPT_LEN), dtype=str(model.dtype))
-    benchmark.pedantic(target, rounds=1 if CUDA else 3, warmup_rounds=1, iterations=1)
+    t0 = time.perf_counter()
+    target()  # warm-up: compiles and captures (fastmgrpo), compiles (hf_static on CUDA)
+    benchmark.extra_info["first_call_s"] = round(time.perf_counter() - t0, 2)
+    benchmark.pedantic(target, rounds=1 if CUDA else 3, warmup_rounds=0, iterations=1)
+    if provider == "fastmgrpo" and CUDA:
+        benchmark.extra_info.update(compile=COMPILE, kernels_per_decode_step=_kernels_per_step(model))
     toks = n * new / benchmark.stats.stats.mean
     benchmark.extra_info["tokens_per_s"] = round(toks, 1)
     print(f"\n{provider} {n}x{new}: {toks:.0f} tok/s")  # in the log even if a later provider times out
@@ -110,3 +122,21 @@ def test_rollout(benchmark, model, shape, provider):
     hf = [seen[p] for p in ("hf_static", "hf_dynamic") if p in seen]
     if "info" in seen and hf:
         seen["info"]["ratio_vs_fastest_generate"] = round(seen["fastmgrpo"] / max(hf), 2)
+
+
+def _kernels_per_step(model, replays: int = 8) -> float:
+    """GPU kernels per replay of the full-batch decode step `sample` kept for `model` (all its
+    slots are idle after the call, so replays leave the slot state as it is)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = next(reversed(rollout._DECODERS[model].values()))  # the most recently used decoder
+    step = next(s for key, s in dec.steps.items() if key[0] == dec.capacity)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            step()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    return round(len(kernels) / replays, 1)

@@ -1,17 +1,33 @@
 """Continuous-batching KV-cache sampler: our own decode loop over a Hugging Face causal LM.
 
-A fixed number of slots (batch_size) decode together, one token per step, over a preallocated
-K/V cache per layer of shape (slots, kv_heads, max_len, head_dim). When sequences finish, the
-waiting prompts (sorted by length) are prefilled into the free slots and join the running
-batch, so the batch stays full until the queue runs dry; after that it is compacted whenever
-half of it has finished. On CUDA the decode step is captured once per batch size in a CUDA
-graph and replayed (`cuda_graphs`); elsewhere it runs eagerly.
+A fixed number of slots (batch_size) decode together, one token per step, over preallocated K/V
+buffers per layer of shape (slots, kv_heads, max_len, head_dim). When sequences finish, the
+waiting prompts (sorted by length) are prefilled into the free slots and join the running batch,
+so the batch stays full until the queue runs dry; after that it is compacted into the leading
+rows of the same buffers whenever at most half of it is busy, to the next bucket size (the
+slot count, then powers of two below it).
+
+One decode step is forward + sampling, entirely on the device: the slot state (next id, first
+column, next column, tokens left, live) lives in device tensors that the step itself advances, and
+a slot stops advancing on a stop id or at max_new_tokens. The host copies each step's ids and
+log-probs (non-blocking, into pinned buffers on CUDA) and looks at them once every `check_every`
+steps: that is when stop strings are checked, finished prompts are counted and slots refilled,
+so a step costs no host sync. Tokens a slot generates after its stop (at most check_every - 1,
+only for stop strings) are discarded, so the output equals checking after every step.
+
+On CUDA the step is captured in a CUDA graph (`cuda_graphs`) once per (bucket, sampling
+parameters) and replayed; graphs, K/V buffers and slot state are kept across `sample()` calls
+for the same model and rounded length (`release` drops them), so a trainer captures once per
+shape, not once per call. The full-width step is compiled first (`compile`) so elementwise
+chains fuse. Elsewhere the step runs eagerly, attending only over the columns in use.
 
 Cache layout of one slot: a prompt prefilled in a chunk of width W sits left-padded in columns
 [start, W) (start = W - len); generated tokens follow at W, W+1, ...; the token in column c has
 position c - start. Every forward gets explicit 4-D boolean masks built from (start, col) per
-slot and each layer's sliding window (Gemma 3, Mistral), and attention runs through `_slot_attention`
-(plain SDPA; grouped query heads share their K/V head without copies while decoding).
+slot and each layer's sliding window (Gemma 3, Mistral), and attention runs through
+`_slot_attention` (plain SDPA; grouped query heads share their K/V head without copies while
+decoding). Decode from a 16-bit weight copy (`decode_weights.DecodeWeights`), not from fp32
+weights under autocast: the cache takes the dtype of the keys it is first given.
 """
 
 from __future__ import annotations
@@ -19,7 +35,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import numpy as np
@@ -31,6 +48,10 @@ from fastmgrpo.types import Completion
 
 _ATTN = "fastmgrpo_slots"
 _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward: bounds activations on big refills
+CHECK_EVERY = 8  # decode steps between host looks: one host sync per 8 steps
+_LEN_ROUND = 128  # graph mode: max_len rounded up to this, so calls of similar lengths share graphs
+_KEPT = 2  # decoders (K/V buffers + graphs) kept per model: layer-1 and layer-2 lengths differ
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> _Decoder)
 
 
 def sample(
@@ -49,6 +70,8 @@ def sample(
     cuda_graphs: bool = True,
     refill_fraction: float = 0.125,
     stopper=None,
+    check_every: int = CHECK_EVERY,
+    compile: bool = True,
 ) -> list[Completion]:
     """Sample one completion per prompt.
 
@@ -58,12 +81,18 @@ def sample(
         The returned logprobs are under the temperature-scaled distribution BEFORE truncation.
     stop_ids: a sampled id in this set ends the completion (it is kept in token_ids).
     batch_size: concurrent sequences (cache slots).
-    generator: a torch.Generator on the model's device, for reproducible sampling.
+    generator: a torch.Generator on the model's device, for reproducible sampling (with CUDA
+        graphs it seeds the sampler's own graph-registered generator once per call).
     progress: called with the number of prompts newly done, as they finish (e.g. tqdm.update).
-    cuda_graphs: on CUDA, replay the decode step from a CUDA graph (eager if capture fails).
+    cuda_graphs: on CUDA, replay the decode step from a CUDA graph (eager if capture fails);
+        graphs and K/V buffers are then kept for later calls (see `release`).
     refill_fraction: prefill waiting prompts once this fraction of the slots is free.
     stopper: a `stopping.StopStrings`; a completion whose text reaches one of its strings ends
         (finished) and is cut before the string, token ids and logprobs alike.
+    check_every: decode steps between host looks at the sampled tokens (stop strings, refills);
+        the output does not depend on it.
+    compile: with CUDA graphs, `torch.compile` the full-width decode forward before capturing it
+        (eager, with a warning, if compilation fails).
     Returns Completions with float32-precision logprobs, `finished` True when a stop id or
     string was hit, and `text` left empty (the caller owns the tokenizer).
     """
@@ -71,60 +100,72 @@ def sample(
         raise ValueError("every prompt needs at least one token")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be at least 1, got {check_every}")
     if not prompts or max_new_tokens <= 0:
         return [Completion(token_ids=[], logprobs=[], finished=False) for _ in prompts]
     device = model.get_input_embeddings().weight.device
-    engine = _Engine(
-        model, slots=min(batch_size, len(prompts)), max_len=max(map(len, prompts)) + max_new_tokens,
-        pad_id=pad_id, graphs=cuda_graphs and device.type == "cuda",
-    )
-    pick = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    graphs = cuda_graphs and _graphs_on(device)
+    slots = min(batch_size, len(prompts))
+    dec = _decoder(model, capacity=batch_size if graphs else slots,
+                   max_len=max(map(len, prompts)) + max_new_tokens, graphs=graphs, compile=compile)
+    bucket = _bucket(slots, dec.capacity)
+    gen = dec.begin(bucket, generator, check_every)
+    pick, stop = (temperature, top_p, top_k), tuple(sorted(stop_ids))
+    stop_host = np.array(stop, dtype=np.int64)
     queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
-    refill_min = max(1, int(refill_fraction * engine.slots))
-    log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per forward: prompt, token, logprob
+    refill_min = max(1, int(refill_fraction * slots))
+    req = np.full(dec.capacity, -1)  # prompt index per slot, -1 = free (or done: device may run on)
+    left = np.zeros(dec.capacity, dtype=np.int64)  # tokens each slot may still generate
+    log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per step: prompt, token, logprob
     count = np.zeros(len(prompts), dtype=np.int64)  # tokens generated per prompt
     finished = np.zeros(len(prompts), dtype=bool)
     history: list[list[int]] = [[] for _ in prompts]  # generated ids per prompt, for `stopper` only
 
-    def emit(rows: np.ndarray, logits: torch.Tensor) -> None:
-        """Sample the next token of the sequences in slots `rows` from their logits (n, V)."""
-        ids, logp = _pick(logits, **pick)  # (n,), (n,)
-        if rows.size == engine.slots:
-            engine.ids.copy_(ids)
-        else:
-            engine.ids[torch.from_numpy(rows).to(device)] = ids
-        # One device sync per forward, one copy (ids and flags are exact in float64): the host
-        # needs the tokens and the finished rows.
-        host = torch.stack([ids.double(), logp.double(), torch.isin(ids, stop).double()]).cpu().numpy()  # (3, n)
-        req, hit = engine.req[rows], host[2] > 0
-        log.append((req, host[0].astype(np.int64), host[1]))
-        count[req] += 1
+    def take(rows: np.ndarray, ids: np.ndarray, logp: np.ndarray) -> None:
+        """Record one step's tokens of the busy slots `rows`; free the slots that are done."""
+        r = req[rows]
+        log.append((r, ids, logp))
+        count[r] += 1
+        left[rows] -= 1
+        hit = np.isin(ids, stop_host)
         if stopper is not None:
-            for r, tok in zip(req, host[0].astype(np.int64)):
-                history[r].append(int(tok))
-            hit = hit | np.array([not h and stopper.hit(history[r]) for r, h in zip(req, hit)], dtype=bool)
-        done = hit | (count[req] == max_new_tokens)
-        finished[req[done]] = hit[done]
-        engine.free(rows[done])
+            for p, tok in zip(r, ids):
+                history[p].append(int(tok))
+            hit = hit | np.array([not h and stopper.hit(history[p]) for p, h in zip(r, hit)], dtype=bool)
+        done = hit | (left[rows] == 0)
+        finished[r[done]] = hit[done]
+        req[rows[done]] = -1
         if progress is not None and done.any():
             progress(int(done.sum()))
 
     with torch.inference_mode(), _slot_attention_on(model):
-        while queue or engine.active.size:
-            free = np.flatnonzero(engine.req < 0)
-            busy = engine.slots - free.size
+        while queue or (req >= 0).any():
+            b = dec.bucket
+            free = np.flatnonzero(req[:b] < 0)
+            busy = b - free.size
             if queue and free.size and (free.size >= refill_min or not busy):
                 newcomers = [queue.popleft() for _ in range(min(free.size, len(queue)))]
                 for rows, idx in _chunks(free, newcomers, prompts):
-                    emit(rows, engine.prefill(rows, idx, [prompts[i] for i in idx]))
-            elif not queue and 0 < busy <= engine.slots // 2:
-                engine.compact()
-            rows = engine.active
-            if rows.size:
-                emit(rows, engine.decode(rows))
-    req, ids, logp = (np.concatenate(x) for x in zip(*log))
-    order = np.argsort(req, kind="stable")  # by prompt, each in generation order
+                    req[rows], left[rows] = idx, max_new_tokens
+                    take(rows, *dec.prefill(rows, [prompts[i] for i in idx], pad_id, pick, gen, stop,
+                                            max_new_tokens))
+            elif not queue and busy and _bucket(busy, dec.capacity) < b:
+                keep = np.flatnonzero(req[:b] >= 0)
+                dec.compact(keep, _bucket(busy, dec.capacity))
+                req[: keep.size], left[: keep.size] = req[keep], left[keep]
+                req[keep.size :] = -1
+            busy_rows = np.flatnonzero(req[: dec.bucket] >= 0)
+            if not busy_rows.size:
+                continue
+            ids, logp = dec.decode(min(check_every, int(left[busy_rows].max())), pick, gen, stop)  # (n, b)
+            for k in range(ids.shape[0]):
+                rows = np.flatnonzero(req[: dec.bucket] >= 0)
+                if not rows.size:
+                    break
+                take(rows, ids[k, rows], logp[k, rows])
+    req_, ids, logp = (np.concatenate(x) for x in zip(*log))
+    order = np.argsort(req_, kind="stable")  # by prompt, each in generation order
     cuts = np.cumsum(count)[:-1]
     out = [Completion(token_ids=t.tolist(), logprobs=lp.tolist(), finished=bool(f))
            for t, lp, f in zip(np.split(ids[order], cuts), np.split(logp[order], cuts), finished)]
@@ -132,6 +173,37 @@ def sample(
         k = stopper.keep(c.token_ids)
         c.token_ids, c.logprobs = c.token_ids[:k], c.logprobs[:k]
     return out
+
+
+def release(model: torch.nn.Module) -> None:
+    """Drop the K/V buffers and CUDA graphs that `sample` keeps for `model`."""
+    _DECODERS.pop(model, None)
+
+
+def _bucket(n: int, capacity: int) -> int:
+    """Slot count that holds n busy slots: the next power of two, or all `capacity` slots. Few
+    sizes, so a graph per size is captured once and kept."""
+    return min(capacity, 1 << (n - 1).bit_length())
+
+
+def _decoder(model, *, capacity: int, max_len: int, graphs: bool, compile: bool) -> _Decoder:
+    """The model's kept decoder for this shape (graph mode), else a fresh one."""
+    if not graphs:
+        return _Decoder(model, capacity=capacity, max_len=max_len, graphs=False, compile=False)
+    device = model.get_input_embeddings().weight.device
+    cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    kind = (capacity, next(model.parameters()).dtype, cast, compile)
+    kept = _DECODERS.setdefault(model, OrderedDict())
+    # A kept decoder up to a quarter (at least _LEN_ROUND) longer than needed serves the call:
+    # graph steps attend over all its columns, but a new one costs a compilation and captures.
+    fits = [k for k in kept if k[1:] == kind and max_len <= k[0] <= max_len + max(_LEN_ROUND, max_len // 4)]
+    key = min(fits) if fits else (-(-max_len // _LEN_ROUND) * _LEN_ROUND, *kind)
+    if key not in kept:
+        kept[key] = _Decoder(model, capacity=capacity, max_len=key[0], graphs=True, compile=compile)
+        while len(kept) > _KEPT:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return kept[key]
 
 
 def _chunks(rows: np.ndarray, idx: list[int], prompts: list[list[int]]):
@@ -149,12 +221,12 @@ class _SlotCache:
 
     Duck-types the `update` of transformers' Cache: in prefill (`cols` None) the chunk's keys
     (n, kv_heads, W, head_dim) go to columns [0, W) of slots `rows` and come straight back;
-    in decode each slot's one new key goes to its column `cols[s]`, and the first `width`
-    columns of every slot come back.
+    in decode the first `n` slots take part, each slot's one new key goes to its column
+    `cols[s]`, and the first `width` columns of those slots come back.
     """
 
     def __init__(self, slots: int, max_len: int):
-        self.slots, self.max_len = slots, max_len
+        self.slots, self.max_len, self.n = slots, max_len, slots
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None
@@ -172,23 +244,30 @@ class _SlotCache:
             k[:, :, :width].index_copy_(0, self.rows, key)
             v[:, :, :width].index_copy_(0, self.rows, value)
             return key, value
-        at = self.cols.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])  # (S, Hkv, 1, D)
+        k, v = k[: self.n], v[: self.n]  # views: a graph of n slots reads the same storage
+        at = self.cols.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])  # (n, Hkv, 1, D)
         k.scatter_(2, at, key)
         v.scatter_(2, at, value)
         return k[:, :, : self.width], v[:, :, : self.width]
 
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only the slots `keep` (in that order)."""
+    def compact(self, keep: torch.Tensor) -> None:
+        """Move slots `keep` (in that order) to the leading rows, in place."""
         for d in (self.k, self.v):
-            for i in d:
-                d[i] = d[i].index_select(0, keep)
-        self.slots = keep.numel()
+            for buf in d.values():
+                buf[: keep.numel()] = buf.index_select(0, keep)
 
 
-class _Engine:
-    """Slot bookkeeping (host) around the cache and the model's prefill / decode forwards."""
+class _Decoder:
+    """Device side of the sampler for one model and shape: K/V cache, slot state, decode steps.
 
-    def __init__(self, model: torch.nn.Module, *, slots: int, max_len: int, pad_id: int, graphs: bool):
+    Slot state, per slot on the device: `ids` the token fed next (the last one sampled), `start`
+    its first real column, `col` the column `ids` goes to, `left` tokens it may still sample,
+    `live` whether it is still decoding, `logp` the log-prob of `ids`. A decode step over the
+    first `bucket` slots samples every slot and advances the live ones; a slot stops on a stop
+    id or when `left` reaches 0, so its column never passes max_len - 1.
+    """
+
+    def __init__(self, model, *, capacity: int, max_len: int, graphs: bool, compile: bool):
         cfg = model.config.get_text_config()
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
             raise ValueError(f"{cfg.model_type} soft-caps attention logits; the sampler's SDPA does not")
@@ -201,24 +280,46 @@ class _Engine:
         # one mask per layer type; a single tensor when all layers share it (models without
         # per-type mask mappings accept only a tensor)
         self.windows = {t: cfg.sliding_window if t == "sliding_attention" else None for t in types}
-        self.model, self.pad_id, self.graphs = model, pad_id, graphs
+        self.model = weakref.ref(model)  # kept decoders must not keep their model alive
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name warns until 5.40)
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.device = model.get_input_embeddings().weight.device
-        self.slots, self.cache = slots, _SlotCache(slots, max_len)
-        self.req = np.full(slots, -1)  # prompt index per slot, -1 = free
-        self.start = np.zeros(slots, dtype=np.int64)  # first real column per slot
-        self.col = np.zeros(slots, dtype=np.int64)  # column of the next token fed per slot
-        self.ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)  # (S,) next fed
-        self.graph: _GraphStep | None = None
+        self.device = device = model.get_input_embeddings().weight.device
+        self.capacity, self.max_len, self.bucket = capacity, max_len, capacity
+        self.cache = _SlotCache(capacity, max_len)
+        self.ids, self.start, self.col, self.left = (
+            torch.zeros(capacity, dtype=torch.long, device=device) for _ in range(4))
+        self.live = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.logp = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.hi = 0  # host bound on every slot's `col` (eager steps attend over hi + 1 columns)
+        self.graphs, self.compile = graphs, compile
+        self.compiled: Callable[..., torch.Tensor] | None = None  # compiled `_logits`, once it ran
+        self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, pick, stop) -> captured step
+        self.stops: dict[tuple[int, ...], torch.Tensor] = {}
+        # graph-safe RNG: the graphs draw from this generator, re-seeded once per call
+        self.generator = torch.Generator(device) if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.host_ids = self.host_logp = None  # (check_every, capacity) pinned on CUDA
 
-    @property
-    def active(self) -> np.ndarray:
-        return np.flatnonzero(self.req >= 0)
+    def begin(self, bucket: int, generator: torch.Generator | None, check_every: int):
+        """Start a `sample` call on `bucket` free slots; return the generator to draw from."""
+        self.bucket, self.hi = bucket, 0
+        self.live.zero_()
+        self.col.zero_()
+        self.start.zero_()
+        if self.host_ids is None or self.host_ids.shape[0] < check_every:
+            pin = self.device.type == "cuda"
+            self.host_ids = torch.zeros((check_every, self.capacity), dtype=torch.long, pin_memory=pin)
+            self.host_logp = torch.zeros((check_every, self.capacity), dtype=torch.float32, pin_memory=pin)
+        if self.generator is None:
+            return generator
+        seed = torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
+        self.generator.manual_seed(int(seed))
+        return self.generator
 
-    def free(self, rows: np.ndarray) -> None:
-        self.req[rows], self.start[rows], self.col[rows] = -1, 0, 0
+    def _forward(self, model, ids: torch.Tensor, pos: torch.Tensor, masks) -> torch.Tensor:
+        out = model(input_ids=ids, position_ids=pos, attention_mask=masks, use_cache=True, logits_to_keep=1,
+                    **{self.cache_kw: self.cache})
+        return out.logits[:, -1].float()  # (n, V)
 
     def _masks(self, allowed: torch.Tensor, key_j: torch.Tensor, query_j: torch.Tensor):
         """4-D masks per layer type from `allowed` (n, q, L) and key/query columns broadcastable
@@ -229,85 +330,198 @@ class _Engine:
         }
         return next(iter(masks.values())) if len(masks) == 1 else masks
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, masks) -> torch.Tensor:
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=masks, use_cache=True, logits_to_keep=1,
-                         **{self.cache_kw: self.cache})
-        return out.logits[:, -1].float()  # (n, V)
-
-    def prefill(self, rows: np.ndarray, idx: list[int], seqs: list[list[int]]) -> torch.Tensor:
-        """Prefill prompts `seqs` (indices `idx`) into free slots `rows`; return their next-token
-        logits (n, V)."""
+    def prefill(self, rows: np.ndarray, seqs: list[list[int]], pad_id: int, pick: tuple, gen,
+                stop: tuple[int, ...], max_new: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill prompts `seqs` into free slots `rows` and sample their first tokens; return
+        those tokens (n,) int64 and logprobs (n,) on the host (one sync per prefill)."""
         width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (n, W) left-padded
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (n, W) left-padded
         for r, p in enumerate(seqs):
             ids[r, width - len(p) :] = torch.tensor(p)
-        lead = np.array([width - len(p) for p in seqs])  # (n,) left padding
-        start = torch.from_numpy(lead).to(self.device)  # (n,)
+        start = torch.tensor([width - len(p) for p in seqs], device=self.device)  # (n,) left padding
         j = torch.arange(width, device=self.device)  # (W,)
         pos = (j[None] - start[:, None]).clamp_min(0)  # (n, W)
         # causal over real keys; pad queries see only themselves (an all-masked row is NaN in
         # some SDPA backends, and NaN values would leak through zero attention weights)
         allowed = (j[None, :] <= j[:, None]) & ((j[None, None, :] >= start[:, None, None]) | torch.eye(
             width, dtype=torch.bool, device=self.device))  # (n, W, W)
-        self.cache.rows, self.cache.cols = torch.from_numpy(rows).to(self.device), None
-        logits = self._forward(ids.to(self.device), pos, self._masks(allowed, j[None, None, :], j[None, :, None]))
-        self.req[rows], self.start[rows], self.col[rows] = idx, lead, width
-        return logits
+        at = torch.from_numpy(rows).to(self.device)
+        self.cache.rows, self.cache.cols = at, None
+        logits = self._forward(self.model(), ids.to(self.device), pos,
+                               self._masks(allowed, j[None, None, :], j[None, :, None]))
+        new, logp = _pick(logits, *pick, gen)
+        self.ids[at], self.start[at], self.col[at] = new, start, width
+        self.left[at] = max_new - 1
+        self.live[at] = (self.left[at] > 0) & ~_is_stop(new, self._stop(stop))
+        self.hi = max(self.hi, width)
+        host = torch.stack([new.double(), logp.double()]).cpu().numpy()  # (2, n): ids are exact
+        return host[0].astype(np.int64), host[1]
 
-    def _step(self, ids: torch.Tensor, start: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-        """One decode forward of all slots: ids, start, col (S,) -> logits (S, V)."""
-        self.cache.cols = col
-        j = torch.arange(self.cache.width, device=self.device)[None]  # (1, L)
-        allowed = ((j >= start[:, None]) & (j <= col[:, None]))[:, None]  # (S, 1, L)
-        return self._forward(ids[:, None], (col - start)[:, None], self._masks(allowed, j[:, None], col[:, None, None]))
+    def _stop(self, stop: tuple[int, ...]) -> torch.Tensor:
+        """Stop ids on the device (n_stop,), made once: a pageable host copy would sync."""
+        if stop not in self.stops:
+            self.stops[stop] = torch.tensor(stop, dtype=torch.long, device=self.device)
+        return self.stops[stop]
 
-    def decode(self, rows: np.ndarray) -> torch.Tensor:
-        """Feed every slot its next token; return the logits (len(rows), V) of slots `rows`."""
-        start_col = torch.from_numpy(np.stack([self.start, self.col])).to(self.device)  # (2, S)
-        if self.graphs and self.graph is None:  # graphs attend over all max_len columns (cache.width)
-            try:
-                self.graph = _GraphStep(self._step, (self.ids, start_col[0], start_col[1]), self.pool)
-            except RuntimeError as e:
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=3)
-                self.graphs = False
-        if self.graph is not None:
-            logits = self.graph(self.ids, start_col[0], start_col[1])
-        else:
-            self.cache.width = int(self.col.max()) + 1
-            logits = self._step(self.ids, start_col[0], start_col[1])
-        self.col[rows] += 1
-        return logits[torch.from_numpy(rows).to(self.device)] if rows.size < self.slots else logits
+    def _logits(self, model, b: int, width: int) -> torch.Tensor:
+        """One decode forward of the first b slots over `width` columns -> logits (b, V) fp32."""
+        ids, start, col = self.ids[:b], self.start[:b], self.col[:b]
+        self.cache.n, self.cache.cols, self.cache.width = b, col, width
+        j = torch.arange(width, device=self.device)[None]  # (1, L)
+        allowed = ((j >= start[:, None]) & (j <= col[:, None]))[:, None]  # (b, 1, L)
+        return self._forward(model, ids[:, None], (col - start)[:, None],
+                             self._masks(allowed, j[:, None], col[:, None, None]))
 
-    def compact(self) -> None:
-        """Drop the free slots (the queue is empty): later steps decode a smaller batch."""
-        keep = self.active
-        at = torch.from_numpy(keep).to(self.device)
-        self.cache.select(at)
-        self.ids = self.ids[at]
-        self.req, self.start, self.col = self.req[keep], self.start[keep], self.col[keep]
-        self.slots, self.graph = keep.size, None
+    def _advance(self, b: int, new: torch.Tensor, logp: torch.Tensor, stop: torch.Tensor) -> None:
+        """Take sampled tokens new, logp (b,) into the state of the first b slots (device only)."""
+        live = self.live[:b]
+        step = live.long()
+        self.col[:b] += step
+        self.left[:b] -= step
+        self.ids[:b].copy_(new)
+        self.logp[:b].copy_(logp)
+        live &= ~_is_stop(new, stop) & (self.left[:b] > 0)
+
+    def decode(self, n: int, pick: tuple, gen, stop: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Run n decode steps of the current bucket; return their sampled ids (n, bucket) int64
+        and logprobs (n, bucket) float32 on the host, after one sync."""
+        b, step = self.bucket, self._step(pick, gen, stop)
+        for k in range(n):
+            step()
+            self.hi = min(self.hi + 1, self.max_len - 1)
+            self.host_ids[k, :b].copy_(self.ids[:b], non_blocking=True)
+            self.host_logp[k, :b].copy_(self.logp[:b], non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the one host sync per n steps
+        return self.host_ids[:n, :b].numpy(), self.host_logp[:n, :b].numpy()
+
+    def _step(self, pick: tuple, gen, stop: tuple[int, ...]) -> Callable[[], object]:
+        """The decode step of the current bucket: a kept graph, a new capture, or eager."""
+        b, stop_t = self.bucket, self._stop(stop)
+        if not self.graphs:
+            return lambda: self._advance(b, *_pick(self._logits(self.model(), b, self.hi + 1), *pick, gen), stop_t)
+        key = (b, pick, stop)
+        if key not in self.steps:
+            step = self._capture(b, pick, stop_t)
+            if step is None:
+                return self._step(pick, gen, stop)  # capture failed: self.graphs is now False
+            self.steps[key] = step
+        return self.steps[key]
+
+    def _capture(self, b: int, pick: tuple, stop: torch.Tensor) -> Callable[[], object] | None:
+        """Capture the decode step of b slots over all max_len columns (the graph's shapes are
+        fixed); sampling goes inside unless a drawing generator cannot be registered."""
+        logits_fn = self._logits
+        if self.compile and b == self.capacity:
+            # Only the full bucket is compiled: it runs most steps, and each further shape would
+            # cost a cold compilation of its own for a few tail steps.
+            logits_fn = self.compiled or self._compiled(b)
+        inside = pick[0] == 0 or _graph_rng()
+        device_type = self.device.type
+
+        def run():
+            # autocast must not hand the graph its cache of cast weights (freed when autocast exits)
+            with _uncached_autocast(device_type):
+                logits = logits_fn(self.model(), b, self.max_len)
+                if inside:
+                    self._advance(b, *_pick(logits, *pick, self.generator), stop)
+            return logits
+
+        saved = [t[:b].clone() for t in self._state()]  # the warm-up run advances the state
+        rng = self.generator.get_state()
+        try:
+            graph = _GraphStep(run, self.pool, [self.generator] if inside and pick[0] != 0 else [])
+        except RuntimeError as e:
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=4)
+            self.graphs = False
+            graph = None
+        finally:
+            for t, s in zip(self._state(), saved):
+                t[:b].copy_(s)
+            self.generator.set_state(rng)  # capturing must not change the draws
+        if graph is None or inside:
+            return graph
+        return lambda: self._advance(b, *_pick(graph(), *pick, self.generator), stop)
+
+    def _compiled(self, b: int):
+        """torch.compile'd `_logits`, tried once; `_logits` itself (with a warning) if that fails."""
+        fn = _compile(self._logits)
+        saved = [t[:b].clone() for t in self._state()]
+        try:
+            with _uncached_autocast(self.device.type):
+                fn(self.model(), b, self.max_len)  # compiles now; writes only columns a step rewrites
+            self.compiled = fn
+            return fn
+        except Exception as e:  # dynamo/inductor raise many types; eager decoding still works
+            warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)
+            self.compile = False
+            return self._logits
+        finally:
+            for t, s in zip(self._state(), saved):
+                t[:b].copy_(s)
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return self.ids, self.start, self.col, self.left, self.live, self.logp
+
+    def compact(self, keep: np.ndarray, bucket: int) -> None:
+        """Move busy slots `keep` to rows [0, len(keep)) (the queue is empty); later steps decode
+        the first `bucket` slots only. Rows [len(keep), bucket) become idle."""
+        at, n = torch.from_numpy(keep).to(self.device), keep.size
+        for t in self._state():
+            t[:n] = t[at]
+            t[n:bucket] = 0  # idle: not live, attends to column 0 only
+        self.cache.compact(at)
+        self.bucket = bucket
+
+
+def _graphs_on(device: torch.device) -> bool:
+    """Whether CUDA graphs can run on `device` (tests stand an eager graph in on CPU)."""
+    return device.type == "cuda"
+
+
+def _graph_rng() -> bool:
+    """Whether a CUDA graph can draw from a custom generator (`register_generator_state`, torch
+    >= 2.4); without it sampling runs eagerly after each replay."""
+    return hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
+def _is_stop(ids: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """Whether each id (n,) is in stop (k,): fixed-shape, no host sync (graph-safe)."""
+    return (ids[:, None] == stop[None]).any(-1)
+
+
+def _compile(fn):
+    """Fuse the decode forward's elementwise chains (static shapes: one graph per bucket)."""
+    return torch.compile(fn, dynamic=False, fullgraph=False)
+
+
+def _uncached_autocast(device_type: str):
+    """The enclosing autocast (if any) with its weight-cast cache off."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
 class _GraphStep:
-    """`step` captured in a CUDA graph; calls copy their tensors into its static inputs and replay.
+    """`step` (no arguments; reads and writes static tensors) captured in a CUDA graph; a call
+    replays it and returns the tensor the captured call returned.
 
-    The step must be idempotent for the inputs it is captured with (the warm-up run executes it).
+    generators: custom generators `step` draws from, registered so each replay draws anew.
     """
 
-    def __init__(self, step: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...], pool):
-        self.args = tuple(a.clone() for a in args)
+    def __init__(self, step: Callable[[], torch.Tensor], pool, generators=()):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step(*self.args)  # lazy initialisation (cuBLAS handles, workspaces) outside the capture
+            step()  # lazy initialisation (cuBLAS handles, workspaces) outside the capture
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        for g in generators:
+            self.graph.register_generator_state(g)
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = step(*self.args)
+            self.out = step()
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        for dst, src in zip(self.args, args):
-            dst.copy_(src)
+    def __call__(self) -> torch.Tensor:
         self.graph.replay()
         return self.out
 
@@ -349,27 +563,32 @@ def _pick(
     """Choose the next token per row from fp32 logits (A, V); return ids (A,) and their logprobs
     (A,) under softmax(logits / T) (T = 1 when greedy), before any truncation.
 
-    Device-only and fixed-shape (no host sync, no data-dependent sizes), so it can run inside a
-    captured CUDA graph; the draw depends only on `generator`'s state.
+    Device-only and fixed-shape (no host sync, no data-dependent sizes), so it runs inside the
+    captured decode step; the draw depends only on `generator`'s state. The logprob is
+    z[id] - logsumexp(z) for z = logits / T: one fp32 reduction, no (A, V) log-softmax tensor.
     """
+    z = logits / temperature if temperature not in (0, 1) else logits  # (A, V) fp32
+    lse = torch.logsumexp(z, dim=-1)  # (A,)
     if temperature == 0:
-        logp = torch.log_softmax(logits, dim=-1)  # (A, V)
-        ids = logp.argmax(dim=-1)
-        return ids, logp.gather(1, ids[:, None]).squeeze(1)
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # (A, V) fp32
-    probs = logp.exp()
-    if top_k > 0 and top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # (A, 1)
-        probs = probs.masked_fill(probs < kth, 0.0)
-    if top_p < 1.0:
-        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)  # (A, V)
-        # drop a token when the mass strictly before it already reaches top_p (the first stays)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p * sorted_p.sum(-1, keepdim=True)
-        probs = probs.scatter(1, sorted_i, sorted_p.masked_fill(drop, 0.0))
-    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p (Gumbel-max), with
-    # no cumulative sum whose rounding over 262k terms would need float64. E = -log U from
-    # torch.rand: exponential_() is ~7x slower on CPU. U < 1 keeps E > 0, and truncated tokens
-    # (p = 0) score 0, never NaN.
-    race = probs / torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()  # (A, V)
-    ids = race.argmax(dim=-1)  # (A,)
-    return ids, logp.gather(1, ids[:, None]).squeeze(1)
+        ids = z.argmax(dim=-1)
+    elif (top_k <= 0 or top_k >= z.shape[-1]) and top_p >= 1.0:
+        # Gumbel-max: argmax_i z_i - log E_i with E_i = -log U_i ~ Exp(1) is a draw from
+        # softmax(z), with no cumulative sum whose rounding over 262k terms would need float64.
+        # torch.rand, not exponential_(): ~7x faster on CPU. U = 0 gives -inf, never chosen.
+        u = torch.rand(z.shape, generator=generator, device=z.device)  # (A, V)
+        ids = (z - u.log_().neg_().log_()).argmax(dim=-1)
+    else:
+        probs = (z - lse[:, None]).exp()  # (A, V)
+        if 0 < top_k < probs.shape[-1]:
+            kth = probs.topk(top_k, dim=-1).values[:, -1:]  # (A, 1)
+            probs = probs.masked_fill(probs < kth, 0.0)
+        if top_p < 1.0:
+            sorted_p, sorted_i = probs.sort(dim=-1, descending=True)  # (A, V)
+            # drop a token when the mass strictly before it already reaches top_p (the first stays)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p * sorted_p.sum(-1, keepdim=True)
+            probs = probs.scatter(1, sorted_i, sorted_p.masked_fill(drop, 0.0))
+        # Exponential race: argmax_i p_i / E_i, E_i ~ Exp(1), is a draw from p; truncated
+        # tokens (p = 0) score 0, never NaN (U < 1 keeps E > 0).
+        race = probs / torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()  # (A, V)
+        ids = race.argmax(dim=-1)
+    return ids, z.gather(1, ids[:, None]).squeeze(1) - lse

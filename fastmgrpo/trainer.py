@@ -27,6 +27,7 @@ from .checkpoint import (checkpoint_dir, latest_checkpoint, load_trainer_state, 
                          save_checkpoint)
 from .config import MGRPOConfig
 from .data import load_problems
+from .decode_weights import DecodeWeights
 from .distributed import Dist, full_weights, no_grad_sync, wrap
 from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
 from .mgrpo import collect
@@ -204,6 +205,9 @@ class Trainer:
             # The frozen reference only runs under autocast in the compute dtype: keep it in that
             # dtype (2 bytes a parameter in bf16 instead of 4 for an fp32 copy).
             self.ref_model = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
+        # Sampling reads a compute-dtype copy refreshed in place before each rollout (the model
+        # itself in fp32), so kept CUDA graphs read weights at fixed addresses, never autocast's.
+        self.decode_weights = DecodeWeights(self.model, self.dtype)
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
@@ -282,7 +286,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(rng.getrandbits(63))
         self.model.eval()
         with torch.no_grad(), self._autocast(), full_weights(self.policy):
-            rollout = collect(self.model, self.tokenizer, [self.problems[i] for i in idx],
+            rollout = collect(self.decode_weights.refresh(), self.tokenizer, [self.problems[i] for i in idx],
                               [self.prompts[i] for i in idx], cfg, rng=rng, generator=generator,
                               stop_ids=self.stop_ids, pad_id=self.pad_id, stop_strings=self.stop_strings)
         t_rollout, rollout_peak = time.perf_counter(), peak_memory_gb(self.device, reset=True)
@@ -415,7 +419,7 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         with torch.no_grad(), self._autocast(), full_weights(self.policy):
-            summary, _ = evaluate(self.model, self.tokenizer, self.eval_problems,
+            summary, _ = evaluate(self.decode_weights.refresh(), self.tokenizer, self.eval_problems,
                                   max_new_tokens=cfg.max_completion_length, temperature=0.0, top_p=1.0,
                                   batch_size=cfg.rollout_batch_size, l2_format=cfg.l2_format,
                                   phrase=cfg.guiding_phrases[1 % len(cfg.guiding_phrases)], pass_k=0,

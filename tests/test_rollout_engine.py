@@ -11,6 +11,7 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from fastmgrpo import rollout
 from fastmgrpo.models import build_tiny_model
+from fastmgrpo.stopping import StopStrings
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -57,13 +58,13 @@ def _full_forward_logprobs(model, prompt, completion, temperature):
 def spy(monkeypatch):
     """Records the busy slot count at every prefill."""
     seen = {"prefill_busy": []}
-    prefill = rollout._Engine.prefill
+    prefill = rollout._Decoder.prefill
 
-    def spy_prefill(self, rows, idx, seqs):
-        seen["prefill_busy"].append(len(self.active))
-        return prefill(self, rows, idx, seqs)
+    def spy_prefill(self, rows, *args):
+        seen["prefill_busy"].append(int(self.live[: self.bucket].sum()))
+        return prefill(self, rows, *args)
 
-    monkeypatch.setattr(rollout._Engine, "prefill", spy_prefill)
+    monkeypatch.setattr(rollout._Decoder, "prefill", spy_prefill)
     return seen
 
 
@@ -87,7 +88,8 @@ def test_greedy_with_refill_matches_no_cache_loop(tiny, spy, device):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")
         out = rollout.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
-                             pad_id=tok.pad_token_id, batch_size=3, refill_fraction=0.3)
+                             pad_id=tok.pad_token_id, batch_size=3, refill_fraction=0.3,
+                             compile=False)  # compiled: test_compiled_graph_decode_cuda (cold compile)
     assert [c.token_ids for c in out] == want
     assert [c.finished for c in out] == [stop in f for f in free]
     assert all(type(c.finished) is bool and type(c.token_ids[0]) is int for c in out)
@@ -113,7 +115,9 @@ def test_greedy_independent_of_slots_and_prefill_chunks(tiny, monkeypatch):
 def test_sampled_logprobs_stops_and_lengths(tiny, spy, temperature, top_p, top_k):
     model, tok = tiny
     prompts = [tok.encode(s) for s in TEXTS] * 2
-    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, pad_id=tok.pad_token_id, batch_size=4)
+    # check_every=2: refill points often enough that some come while other rows still decode
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, pad_id=tok.pad_token_id, batch_size=4,
+              check_every=2)
     first = rollout.sample(model, prompts, max_new_tokens=8, stop_ids=set(),
                            generator=torch.Generator().manual_seed(0), **kw)
     drawn = [t for c in first for t in c.token_ids]
@@ -133,53 +137,124 @@ def test_sampled_logprobs_stops_and_lengths(tiny, spy, temperature, top_p, top_k
     assert model.config._attn_implementation == "sdpa"  # restored after sampling
 
 
+def test_rejects_zero_slots(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        rollout.sample(model, [[7]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=0)
+
+
 class _EagerGraph:
-    """CPU stand-in for `rollout._GraphStep`: the same static inputs and reused output buffer,
-    replayed by calling the step (so graph-mode geometry, full-width masks, is tested on CPU)."""
+    """CPU stand-in for `rollout._GraphStep`: the warm-up run at capture (which advances the slot
+    state, as on CUDA) and a call per replay; counts captures."""
 
-    sizes: ClassVar[list[int]] = []
+    captures: ClassVar[list[int]] = []  # registered generators per capture
 
-    def __init__(self, step, args, pool):
-        self.step, self.args, self.out = step, tuple(a.clone() for a in args), None
-        self.sizes.append(self.args[0].numel())
+    def __init__(self, step, pool, generators=()):
+        self.step = step
+        step()
+        self.captures.append(len(generators))
 
-    def __call__(self, *args):
-        for dst, src in zip(self.args, args):
-            dst.copy_(src)
-        fresh = self.step(*self.args)
-        self.out = fresh if self.out is None else self.out.copy_(fresh)
-        return self.out
+    def __call__(self):
+        return self.step()
 
 
-@pytest.fixture
-def graph_mode(monkeypatch):
-    """Run the sampler's CUDA-graph branch on CPU through `_EagerGraph`."""
-    init = rollout._Engine.__init__
-    monkeypatch.setattr(rollout._Engine, "__init__",
-                        lambda self, model, **kw: init(self, model, **{**kw, "graphs": True}))
+@pytest.fixture(params=[True, False], ids=["sample_in_graph", "sample_after_replay"])
+def graph_mode(monkeypatch, request):
+    """Run the sampler's CUDA-graph branch on CPU through `_EagerGraph`, with sampling inside the
+    captured step (torch >= 2.4) or after it; `torch.compile` is a counting pass-through."""
+    monkeypatch.setattr(rollout, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(rollout, "_graph_rng", lambda: request.param)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(rollout, "_GraphStep", _EagerGraph)
-    _EagerGraph.sizes = []
-    return _EagerGraph
+    compiled = []
+    monkeypatch.setattr(rollout, "_compile", lambda fn: compiled.append(fn) or fn)
+    _EagerGraph.captures = []
+    rollout._DECODERS.clear()
+    yield {"captures": _EagerGraph.captures, "compiled": compiled}
+    rollout._DECODERS.clear()
 
 
-def test_graph_mode_full_width_decode_and_recapture(tiny, graph_mode):
+def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
     model, tok = tiny
     prompts = [tok.encode(s) for s in TEXTS]
     free = [_greedy_no_cache(model, p, 20) for p in prompts]
     stop = _stop_with_spread(free)
-    out = rollout.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
-                         pad_id=tok.pad_token_id, batch_size=4)
-    assert [c.token_ids for c in out] == [f[: f.index(stop) + 1] if stop in f else f for f in free]
-    # captured once for 4 slots, then again for each compacted batch size
-    sizes = graph_mode.sizes
-    assert sizes[0] == 4 and len(sizes) >= 2 and sizes == sorted(sizes, reverse=True)
+    want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
+    kw = dict(temperature=0.0, stop_ids={stop}, pad_id=tok.pad_token_id, batch_size=4)
+    out = rollout.sample(model, prompts, max_new_tokens=20, **kw)
+    assert [c.token_ids for c in out] == want
+    (dec,) = rollout._DECODERS[model].values()
+    buckets = [k[0] for k in dec.steps]
+    assert buckets[0] == 4 and len(buckets) >= 2 and set(buckets) <= {4, 2, 1}  # compacted tail
+    assert len(graph_mode["captures"]) == len(buckets) and len(graph_mode["compiled"]) == 1
+    # a second call replays; one with fewer prompts than slots and other max_new_tokens (same
+    # rounded length) shares the decoder and captures only bucket sizes it has not seen
+    assert [c.token_ids for c in rollout.sample(model, prompts, max_new_tokens=20, **kw)] == want
+    assert len(graph_mode["captures"]) == len(buckets)
+    assert [c.token_ids for c in rollout.sample(model, prompts[:3], max_new_tokens=12, **kw)] == [
+        w[:12] for w in want[:3]]
+    assert len(graph_mode["captures"]) == len(dec.steps) <= 3
+    assert list(rollout._DECODERS[model].values()) == [dec] and len(graph_mode["compiled"]) == 1
+    for p, c in zip(prompts, out):
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
+                                   _full_forward_logprobs(model, p, c.token_ids, 0.0), atol=1e-4, rtol=0)
+    rollout.sample(model, prompts[:2], max_new_tokens=150, **kw)  # too long for it: a second decoder
+    assert len(rollout._DECODERS[model]) == 2 and len(graph_mode["captures"]) > len(dec.steps)
+    rollout.release(model)
+    assert model not in rollout._DECODERS
+
+
+def test_graph_mode_sampling_reproducible_and_exact_logprobs(tiny, graph_mode):
+    model, tok = tiny
+    prompts = [tok.encode(s) for s in TEXTS]
+    kw = dict(max_new_tokens=10, temperature=0.8, top_p=0.95, stop_ids=set(), pad_id=tok.pad_token_id,
+              batch_size=3)
+    a = rollout.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # captures
+    b = rollout.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # replays
+    c = rollout.sample(model, prompts, generator=torch.Generator().manual_seed(6), **kw)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    assert set(graph_mode["captures"]) == {1 if rollout._graph_rng() else 0}  # the generator registered
+    for p, x in zip(prompts, a):
+        torch.testing.assert_close(torch.tensor(x.logprobs, dtype=torch.float64),
+                                   _full_forward_logprobs(model, p, x.token_ids, 0.8), atol=1e-4, rtol=0)
+
+
+def test_graph_mode_sampled_distribution_matches_softmax(graph_mode):
+    """Second tokens drawn by the captured step (first ones by prefill) against the model's
+    marginal sum_t1 p(t1 | prompt) p(t2 | prompt, t1), each frequency within 5 binomial sigmas."""
+    model, tok = build_tiny_model(arch="gemma3", seed=1)
+    prompt, n, temperature = tok.encode("7*8 is"), 3000, 0.5
+    out = rollout.sample(model, [prompt] * n, max_new_tokens=2, temperature=temperature, stop_ids=set(),
+                         pad_id=tok.pad_token_id, batch_size=1024, generator=torch.Generator().manual_seed(0))
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double() / temperature, -1)  # (V,)
+        both = torch.cat([torch.tensor([prompt] * vocab), torch.arange(vocab)[:, None]], 1)  # (V, L+1)
+        p2 = p1 @ torch.softmax(model(both).logits[:, -1].double() / temperature, -1)  # (V,)
+    for k, p in ((0, p1), (1, p2)):
+        freq = torch.bincount(torch.tensor([c.token_ids[k] for c in out]), minlength=vocab).double() / n
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), k
+
+
+def test_compile_failure_captures_uncompiled(tiny, graph_mode, monkeypatch):
+    model, tok = tiny
+    prompts = [tok.encode(s) for s in TEXTS[:3]]
+
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("inductor: no C++ compiler")
+        return run
+
+    monkeypatch.setattr(rollout, "_compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        out = rollout.sample(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=3)
+    assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, 6) for p in prompts]
 
 
 def test_graph_capture_failure_falls_back_to_eager(tiny, graph_mode, monkeypatch):
     model, tok = tiny
     prompts = [tok.encode(s) for s in TEXTS[:3]]
-
     tries = []
 
     def fail(*args):
@@ -193,7 +268,53 @@ def test_graph_capture_failure_falls_back_to_eager(tiny, graph_mode, monkeypatch
     assert len(tries) == 1  # no capture retried after the fallback
 
 
-def test_rejects_zero_slots(tiny):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_stops_checked_every_k_steps_match_every_step(tiny, monkeypatch, graphs):
+    """Stop ids and stop strings seen every K steps (tokens past a stop discarded) give exactly
+    the completions of checking after every step, with refills and compaction in between."""
     model, tok = tiny
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        rollout.sample(model, [[7]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=0)
+    if graphs:
+        monkeypatch.setattr(rollout, "_graphs_on", lambda device: True)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+        monkeypatch.setattr(rollout, "_GraphStep", _EagerGraph)
+        monkeypatch.setattr(rollout, "_compile", lambda fn: fn)
+    prompts = [tok.encode(s) for s in TEXTS]
+    free = [_greedy_no_cache(model, p, 20) for p in prompts]
+    stop = _stop_with_spread(free)
+    # a stop string: the text of another token that ends some completions early
+    other = _stop_with_spread([[t for t in f if t != stop] for f in free])
+    stopper = StopStrings(lambda ids: tok.decode(ids, skip_special_tokens=True), [tok.decode([other])])
+    kw = dict(max_new_tokens=20, temperature=0.0, stop_ids={stop}, pad_id=tok.pad_token_id, batch_size=3,
+              refill_fraction=0.3, stopper=stopper)
+    every = rollout.sample(model, prompts, check_every=1, **kw)
+    by_string = [c for c, f in zip(every, free) if c.finished and c.token_ids[-1] != stop]
+    assert by_string and any(not c.finished for c in every)
+    for k in (3, 8):
+        out = rollout.sample(model, prompts, check_every=k, **kw)
+        assert [(c.token_ids, c.finished) for c in out] == [(c.token_ids, c.finished) for c in every], k
+        for c, e in zip(out, every):  # other batch compositions: fp32 rounding only
+            assert c.logprobs == pytest.approx(e.logprobs, abs=1e-5)
+    rollout._DECODERS.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_compiled_graph_decode_cuda():
+    """The real thing: torch.compile'd forward + in-graph sampling captured once, replayed across
+    calls; greedy equals the no-cache loop, seeded sampling repeats, logprobs match."""
+    cpu_model, tok = build_tiny_model(arch="gemma3", seed=0)
+    model = copy.deepcopy(cpu_model).cuda()
+    prompts = [tok.encode(s) for s in TEXTS]
+    kw = dict(max_new_tokens=12, stop_ids=set(), pad_id=tok.pad_token_id, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture failed|torch.compile of the decode")
+        greedy = rollout.sample(model, prompts, temperature=0.0, **kw)
+        runs = [rollout.sample(model, prompts, temperature=1.0, generator=torch.Generator("cuda").manual_seed(3), **kw)
+                for _ in range(2)]
+    assert [c.token_ids for c in greedy] == [_greedy_no_cache(cpu_model, p, 12) for p in prompts]
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
+    for p, c in zip(prompts, runs[0]):
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
+                                   _full_forward_logprobs(cpu_model, p, c.token_ids, 1.0), atol=1e-3, rtol=0)
+    (dec,) = rollout._DECODERS[model].values()
+    assert dec.graphs and dec.compile and len(dec.steps) <= 3 * 2  # buckets 4, 2, 1 x greedy / sampled
+    rollout.release(model)

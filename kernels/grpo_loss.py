@@ -293,13 +293,13 @@ def _needs_whole_sequences(cfg: GRPOLossConfig) -> bool:
 
 
 def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm: _Norm, cfg: GRPOLossConfig,
-                want_entropy: bool, backend, names: dict, keep_logprobs: bool = False):
+                want_entropy: bool, backend, names: dict, keep_logprobs: bool = False, check_values: bool = True):
     """Loss and metrics of the token view through the fused pass (gradients computed in forward).
 
     hidden (N, H), targets (N,) int, seq_starts: host list (B+1,) of sequence row offsets.
     Returns (loss () fp32, {metric: () fp32}, plus "logprobs": (N,) fp32 when keep_logprobs).
     """
-    _validate(hidden, weight, targets, bias, cfg.temperature, names)
+    _validate(hidden, weight, targets, bias, cfg.temperature, names, check_values)
 
     def loss_fn(r0, r1, logp, entropy):
         return _grpo_core(tokens.rows(r0, r1, logp), norm.rows(r0, r1), cfg, entropy)
@@ -490,14 +490,16 @@ def fused_linear_grpo_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def _packed_segments(cu_seqlens, num_rows: int, num_seqs: int):
-    """Validate cu_seqlens (one host sync) and return (seg (M,) int64, lengths (B,) int64, offsets host list)."""
+def _packed_segments(cu_seqlens, num_rows: int, num_seqs: int, host=None):
+    """Validate cu_seqlens and return (seg (M,) int64, lengths (B,) int64, offsets host list).
+    host: the same offsets as a host sequence (else read back: one host sync)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError("cu_seqlens must be an int32/int64 tensor")
     if tuple(cu_seqlens.shape) != (num_seqs + 1,):
         raise ValueError(f"cu_seqlens must have shape ({num_seqs + 1},) (B+1 with B=len(advantages)), "
                          f"got {tuple(cu_seqlens.shape)}")
-    starts = cu_seqlens.tolist()  # host sync: the chunk plan needs the offsets on the host
+    # the chunk plan needs the offsets on the host
+    starts = list(host) if host is not None else cu_seqlens.tolist()
     if starts[0] != 0 or starts[-1] != num_rows or any(b < a for a, b in zip(starts[:-1], starts[1:])):
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at M={num_rows}")
     cu = cu_seqlens.long()
@@ -538,6 +540,8 @@ def packed_grpo_loss(
     return_entropy: bool = False,
     return_logprobs: bool = False,
     backend: str | None = None,
+    cu_seqlens_host=None,
+    check_values: bool = True,
 ):
     """GRPO loss on packed sequences (no padding), LM head fused in.
 
@@ -549,7 +553,8 @@ def packed_grpo_loss(
 
     Args:
         hidden: (M, H) rows of all sequences back to back; row i predicts targets[i].
-        weight: (V, H) LM head (same dtype as hidden). bias: (V,) or None.
+        weight: (V, H) LM head in hidden's dtype, or the fp32 master weight of 16-bit hidden (d_W
+            then accumulates and comes back in fp32). bias: (V,) or None.
         targets: (M,) int token ids in [0, V).
         cu_seqlens: (B+1,) int32 offsets (0, ..., M); empty sequences allowed.
         advantages: (B,) float, one per sequence.
@@ -563,6 +568,9 @@ def packed_grpo_loss(
         return_logprobs: also return every token's current log-prob (metrics["logprobs"], (M,)
             fp32, detached): the old log-probs of later updates, at no extra cost.
         backend: "torch", "triton" or "auto" (see dispatch.resolve_backend).
+        cu_seqlens_host: cu_seqlens as a host list, when the caller has it (saves a host sync).
+        check_values: raise on out-of-range targets / non-finite hidden (one host sync); see
+            token_logprobs.
 
     Returns:
         loss: () fp32 scalar.
@@ -586,7 +594,7 @@ def packed_grpo_loss(
         _check_tensor("seq_weights", seq_weights, (B,))
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when config.beta != 0")
-    seg, lengths, starts = _packed_segments(cu_seqlens, M, B)
+    seg, lengths, starts = _packed_segments(cu_seqlens, M, B, cu_seqlens_host)
     n_seq = _positive_count("num_sequences", num_sequences, B)
     n_tok = _positive_count("num_tokens", num_tokens, max(M, 1))
     vllm, vllm_log_seq = _packed_vllm(vllm_is_ratio, seg, M, B)
@@ -603,7 +611,7 @@ def packed_grpo_loss(
         max_completion_length=config.max_completion_length, metric_w=ones, metric_den=n_tok_t,
     )
     return _fused_grpo(hidden, weight, bias, targets, starts, tokens, norm, config, want_entropy, backend, {},
-                       bool(return_logprobs))
+                       bool(return_logprobs), check_values)
 
 
 # --------------------------------------------------------------------------------------------

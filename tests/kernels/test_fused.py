@@ -178,6 +178,48 @@ def test_fp32_weight_grad_accumulation(backend):
     assert _rel(grads[1], gold[1]) <= 2 * _rel(eager[1], gold[1]) + 1e-3
 
 
+def _saved_16bit_heads(fn, shape):
+    """fn() run under a saved-tensors hook: how many 16-bit tensors of `shape` autograd kept."""
+    kept = []
+
+    def pack(t):
+        if tuple(t.shape) == tuple(shape) and t.dtype in (torch.bfloat16, torch.float16):
+            kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, len(kept)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_master_head_gets_its_gradient_in_fp32(backend):
+    """bf16 hidden with the fp32 master head: d_W lands in the fp32 .grad directly (no 16-bit (V, H)
+    gradient kept for backward, unlike casting the head first), as accurate as the cast path."""
+    V, H = 257, 16
+    d = _problem(17, H, V, torch.bfloat16, True, lengths=[12, 3, 9, 5])
+    cfg = GRPOLossConfig(beta=0.04, loss_type="bnpo", memory_budget=V * 4 * 5)
+    args = (d["targets"].to(DEV), d["cu"].to(DEV), d["adv"].to(DEV), d["old"].to(DEV), d["ref"].to(DEV))
+    _, gold = _reference_loss(d, torch.float64, cfg)
+    _, eager = _reference_loss(d, torch.bfloat16, cfg)
+    grads = {}
+    for path in ("cast", "master"):
+        h = d["hidden"].detach().to(torch.bfloat16).to(DEV).requires_grad_()
+        w, b = (d[k].detach().float().to(DEV).requires_grad_() for k in ("weight", "bias"))
+        head = (w.to(torch.bfloat16), b.to(torch.bfloat16)) if path == "cast" else (w, b)
+        (loss, _), kept = _saved_16bit_heads(lambda: packed_grpo_loss(
+            h, head[0], *args, config=cfg, bias=head[1], num_tokens=NUM_TOKENS, backend=backend), (V, H))
+        loss.backward()
+        assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+        grads[path] = (kept, w.grad.double().cpu(), h.grad.double().cpu())
+    assert grads["cast"][0] == 1 and grads["master"][0] == 0  # the cast path keeps a bf16 d_W
+    bound = 2 * _rel(eager[1], gold[1]) + 1e-3
+    for path, (_, d_w, d_h) in grads.items():
+        assert _rel(d_w, gold[1]) <= bound, path
+        assert _rel(d_h, gold[0]) <= 2 * _rel(eager[0], gold[0]) + 1e-3, path
+    assert _rel(grads["master"][1], gold[1]) <= _rel(grads["cast"][1], gold[1]) * 1.01  # fp32 sum: no worse
+
+
 def test_frozen_head_and_no_grad():
     """Only the inputs that need gradients get them; under no_grad the loss is still computed."""
     V = 50

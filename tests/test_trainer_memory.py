@@ -47,7 +47,7 @@ def test_host_syncs_per_step_do_not_grow_with_micro_batches(tmp_path, monkeypatc
     """One read-back per optimizer update (loss and grad norm together) and one at the end of the
     step (the sampler mismatch), however many micro-batches: metrics stay on the device."""
     counts = {}
-    for budget in (1000, 24):  # one micro-batch per layer, or many
+    for budget in (1000, 16):  # one micro-batch per layer, or about one per sequence
         tr = make_trainer(tmp_path / str(budget), model_seed=2, seed=2, micro_batch_tokens=budget, beta=0.04,
                           num_iterations=num_iterations, max_steps=2)
         fixed_rollout(monkeypatch, len(tr.tokenizer), 12, seed=7)
@@ -56,10 +56,10 @@ def test_host_syncs_per_step_do_not_grow_with_micro_batches(tmp_path, monkeypatc
         monkeypatch.setattr(tr, "_plan", lambda eps: micro_batches.append(len(p := plan(eps))) or p)
         with host_reads() as sites:
             m = tr.step()
-        assert m["loss"] == m["loss"] and not m["skipped"]
+        assert not m["skipped"]
         counts[budget] = (micro_batches[0], sum(sites.values()), dict(sites))
-    (few, syncs_few, _), (many, syncs_many, where) = counts[1000], counts[24]
-    assert many >= few + 4, counts  # the bound is tested where it matters
+    (few, syncs_few, _), (many, syncs_many, where) = counts[1000], counts[16]
+    assert many >= few + 5, counts  # the bound is tested where it matters
     assert syncs_many == syncs_few == num_iterations + 1, where
 
 
@@ -129,8 +129,8 @@ def saved_activation_bytes(model, batch) -> int:
 def test_gradient_checkpointing_keeps_only_layer_inputs_and_the_same_gradients(arch):
     """Checkpointing on the packed varlen path: gradients unchanged, and autograd keeps far less
     (each decoder layer's input instead of its intermediates)."""
-    batch = pack(random_episodes(200, 12))
     out = {}
+    batch = pack(random_episodes(build_tiny_model(seed=4, arch=arch)[0].config.vocab_size, 12))
     for ckpt in (False, True):
         model, _ = build_tiny_model(seed=4, arch=arch)
         use_varlen_attention(model)
@@ -143,4 +143,5 @@ def test_gradient_checkpointing_keeps_only_layer_inputs_and_the_same_gradients(a
     assert g_plain.keys() == g_ckpt.keys() and g_plain
     for n in g_plain:
         torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-5, atol=1e-7, msg=n)
+    print(f"{arch}: autograd keeps {plain} bytes, {ckpt} with checkpointing")
     assert ckpt < 0.5 * plain, (ckpt, plain)

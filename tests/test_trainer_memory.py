@@ -145,3 +145,14 @@ def test_gradient_checkpointing_keeps_only_layer_inputs_and_the_same_gradients(a
         torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-5, atol=1e-7, msg=n)
     print(f"{arch}: autograd keeps {plain} bytes, {ckpt} with checkpointing")
     assert ckpt < 0.5 * plain, (ckpt, plain)
+
+
+def test_checkpointing_default_is_on_for_large_cuda_micro_batches():
+    from fastmgrpo.config import MGRPOConfig, parse_config
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert trainer_mod.checkpointing(MGRPOConfig(micro_batch_tokens=4096), cuda)
+    assert not trainer_mod.checkpointing(MGRPOConfig(micro_batch_tokens=1024), cuda)
+    assert not trainer_mod.checkpointing(MGRPOConfig(micro_batch_tokens=4096), cpu)
+    assert not trainer_mod.checkpointing(parse_config(["--no-gradient-checkpointing"]), cuda)
+    assert trainer_mod.checkpointing(parse_config(["--gradient-checkpointing", "--micro-batch-tokens", "64"]), cpu)

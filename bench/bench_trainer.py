@@ -240,7 +240,7 @@ def test_packed_vs_padded(benchmark, layout):
     def train():
         model.zero_grad(set_to_none=True)
         for mb, batch, ref in zip(mbs, batches, refs):
-            weight = lm_head(model)[0].to(AUTOCAST_DTYPE)
+            weight = lm_head(model)[0]  # fp32 master head, as the trainer passes it (d_W into fp32)
             with _autocast():
                 hidden = (packed_hidden_states(model, batch) if layout == "packed"
                           else padded_hidden_states(model, mb))  # (T, H) in packed row order

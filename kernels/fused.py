@@ -17,7 +17,8 @@ once at the end, which costs V·H·4 bytes (0.67 GB at Gemma 3's 262144 × 640, 
 152064 × 3584) on top of the budget. bench/RESULTS.md has the error of both against float64.
 
 Mixed precision: an fp32 (master) weight with 16-bit hidden states computes the products in the
-hidden states' dtype from a copy of the head that lives only during the forward call, and d_W
+hidden states' dtype from a copy of the head that lives only during the forward call (or from
+``Plan.head``, a 16-bit copy the caller keeps anyway, e.g. the sampler's decode weights), and d_W
 accumulates in fp32 and comes back in fp32, to be added straight into the master `.grad`: no
 16-bit (V, H) gradient is kept for backward and nothing flows back through a cast.
 """
@@ -55,6 +56,7 @@ class Plan:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     fp32_weight_grad: bool = False
     keep_logprobs: bool = False  # also return every row's log-prob (detached)
+    head: torch.Tensor | None = None  # the weight already in hidden's dtype (see compute_head)
 
 
 def chunk_rows(plan: Plan, vocab: int, dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -220,8 +222,8 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: Plan):
         need = ctx.needs_input_grad[:3]
-        loss, metrics, logp, d_h, d_w, d_b = run_chunks(plan, hidden, compute_head(weight, hidden.dtype), bias,
-                                                        need, grad_dtype=weight.dtype)
+        head = plan.head if plan.head is not None else compute_head(weight, hidden.dtype)
+        loss, metrics, logp, d_h, d_w, d_b = run_chunks(plan, hidden, head, bias, need, grad_dtype=weight.dtype)
         ctx.save_for_backward(d_h, d_w, d_b)
         logp = metrics.new_empty(0) if logp is None else logp
         ctx.mark_non_differentiable(metrics, logp)

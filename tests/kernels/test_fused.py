@@ -11,7 +11,7 @@ import pytest
 import torch
 from triton_loader import DEV, load_backend
 
-from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
+from fastmgrpo.kernels import GRPOLossConfig, fused, packed_grpo_loss
 from fastmgrpo.kernels.reference import reference_linear_logprobs
 
 load_backend()
@@ -193,26 +193,33 @@ def _saved_16bit_heads(fn, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp32_master_head_gets_its_gradient_in_fp32(backend):
+def test_fp32_master_head_gets_its_gradient_in_fp32(backend, monkeypatch):
     """bf16 hidden with the fp32 master head: d_W lands in the fp32 .grad directly (no 16-bit (V, H)
-    gradient kept for backward, unlike casting the head first), as accurate as the cast path."""
+    gradient kept for backward, unlike casting the head first), as accurate as the cast path; a
+    16-bit copy the caller already has (weight_16bit) gives the same result without a cast."""
     V, H = 257, 16
     d = _problem(17, H, V, torch.bfloat16, True, lengths=[12, 3, 9, 5])
     cfg = GRPOLossConfig(beta=0.04, loss_type="bnpo", memory_budget=V * 4 * 5)
     args = (d["targets"].to(DEV), d["cu"].to(DEV), d["adv"].to(DEV), d["old"].to(DEV), d["ref"].to(DEV))
     _, gold = _reference_loss(d, torch.float64, cfg)
     _, eager = _reference_loss(d, torch.bfloat16, cfg)
-    grads = {}
-    for path in ("cast", "master"):
+    grads, casts, cast = {}, [], fused.compute_head
+    monkeypatch.setattr(fused, "compute_head", lambda w, dtype: casts.append(w.dtype) or cast(w, dtype))
+    for path in ("cast", "master", "given"):
         h = d["hidden"].detach().to(torch.bfloat16).to(DEV).requires_grad_()
         w, b = (d[k].detach().float().to(DEV).requires_grad_() for k in ("weight", "bias"))
         head = (w.to(torch.bfloat16), b.to(torch.bfloat16)) if path == "cast" else (w, b)
+        given = w.detach().to(torch.bfloat16) if path == "given" else None  # e.g. the sampler's copy
         (loss, _), kept = _saved_16bit_heads(lambda: packed_grpo_loss(
-            h, head[0], *args, config=cfg, bias=head[1], num_tokens=NUM_TOKENS, backend=backend), (V, H))
+            h, head[0], *args, config=cfg, bias=head[1], num_tokens=NUM_TOKENS, backend=backend,
+            weight_16bit=given), (V, H))
         loss.backward()
         assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
         grads[path] = (kept, w.grad.double().cpu(), h.grad.double().cpu())
-    assert grads["cast"][0] == 1 and grads["master"][0] == 0  # the cast path keeps a bf16 d_W
+        assert casts.count(torch.float32) == (path == "master"), path  # the given copy is used as is
+        casts.clear()
+    assert grads["cast"][0] == 1 and grads["master"][0] == grads["given"][0] == 0  # cast: a bf16 d_W kept
+    assert all(torch.equal(a, b) for a, b in zip(grads["given"][1:], grads["master"][1:]))
     bound = 2 * _rel(eager[1], gold[1]) + 1e-3
     for path, (_, d_w, d_h) in grads.items():
         assert _rel(d_w, gold[1]) <= bound, path

@@ -24,7 +24,7 @@
 #   1. PARTS=kernels OUT=... bash bench/gpu_check.sh   kernel tests + benchmarks  (<= ~7.5 min)
 #   2. PARTS=rollout OUT=... bash bench/gpu_check.sh   sampler tests + 2 shapes   (<= ~7.5 min;
 #                                                      static-cache generate compiles > 100 s)
-#   3. PARTS=trainer OUT=... bash bench/gpu_check.sh   trainer step/packed/vocab   (<= ~7.5 min)
+#   3. PARTS=trainer OUT=... bash bench/gpu_check.sh   trainer CUDA tests + step/packed/vocab (<= ~7.5 min)
 #   4. PARTS=trl     OUT=... bash bench/gpu_check.sh   TRL default/fast vs ours    (<= ~7.5 min)
 # Fetch $OUT after each call: a later call may start on a fresh machine. Unset, PARTS means all
 # four (more than one device command: local and CPU use only).
@@ -143,6 +143,8 @@ fi
 # the whole trainer, then TRL side by side: one pytest run per part / provider
 if want trainer; then
   : > "$OUT/plan_trainer.txt"
+  # CUDA-only trainer tests: pinned copies, syncs per step counted by torch.cuda.set_sync_debug_mode
+  part_step trainer trainer_tests 45 "$PY" -m pytest tests/test_trainer_memory.py -q -rs -s -p no:cacheprovider -k cuda
   for part in step packed vocab; do
     part_step trainer "bench_trainer_$part" "${T_TRAINER:-120}" "$PY" -m pytest bench/bench_trainer.py -k "$part" \
       -q -rs -p no:cacheprovider --benchmark-json "$OUT/bench_trainer_${part}.json" \

@@ -156,3 +156,34 @@ def test_checkpointing_default_is_on_for_large_cuda_micro_batches():
     assert not trainer_mod.checkpointing(MGRPOConfig(micro_batch_tokens=4096), cpu)
     assert not trainer_mod.checkpointing(parse_config(["--no-gradient-checkpointing"]), cuda)
     assert trainer_mod.checkpointing(parse_config(["--gradient-checkpointing", "--micro-batch-tokens", "64"]), cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.set_sync_debug_mode needs CUDA")
+def test_cuda_syncs_per_step_do_not_grow_with_micro_batches(tmp_path, monkeypatch):
+    """On the GPU, counted by torch itself: a step's synchronizing calls do not depend on the
+    number of micro-batches. The per-sequence attention fallback (where torch's varlen_attn
+    cannot serve a layer) reads the boundaries once per forward; those reads are counted apart."""
+    import warnings
+
+    import fastmgrpo.attention as attention
+
+    bounds, real_bounds = [], attention._host_bounds
+    monkeypatch.setattr(attention, "_host_bounds", lambda cu: bounds.append(1) or real_bounds(cu))
+    counts = {}
+    for budget in (1000, 16):
+        tr = make_trainer(tmp_path / str(budget), model_seed=2, seed=2, micro_batch_tokens=budget, beta=0.04,
+                          device="cuda", precision="bf16", max_steps=3)
+        fixed_rollout(monkeypatch, len(tr.tokenizer), 12, seed=7)
+        tr.step()  # warm-up: allocator, optimizer state, lazy initialisation
+        bounds.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tr.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        counts[budget] = (syncs - len(bounds), syncs, len(bounds))
+    print("CUDA syncs per step (without fallback reads, all, fallback reads):", counts)
+    assert counts[16][0] == counts[1000][0], counts

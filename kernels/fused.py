@@ -142,11 +142,29 @@ def row_chunks(plan: Plan, hidden, weight, bias):
         yield r0, r1, z, plan.backend.row_stats_(z, plan.targets[r0:r1], plan.with_entropy)
 
 
-def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 16-bit a, b, returned in fp32 (upcast operands where no fp32-output GEMM runs)."""
-    if _fp32_output_gemm(a.device, a.dtype):
-        return torch.mm(a, b).float()
-    return torch.mm(a.float(), b.float())
+@functools.lru_cache(maxsize=None)
+def _fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm(c, a, b, out_dtype=float32, out=c) adds a `dtype` product into an
+    fp32 c in place (and right) on `device`."""
+    try:
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        c = torch.ones(2, 2, device=device)
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return bool((c == 3).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for 16-bit a, b, the product never rounded to 16 bits: in place in one
+    GEMM where the device has fp32-accumulating 16-bit GEMMs (CUDA), else through an fp32
+    product (upcast operands where no fp32-output GEMM runs: CPU tests)."""
+    if _fp32_accumulating_gemm(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif _fp32_output_gemm(a.device, a.dtype):
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.add_(torch.mm(a.float(), b.float()))
 
 
 def compute_head(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,7 +220,7 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
             if d_w.dtype == dz.dtype:
                 d_w.addmm_(dz.T, h)
             else:  # fp32 accumulator for a 16-bit product
-                d_w.add_(_product_fp32(dz.T, h))
+                _add_product_fp32(d_w, dz.T, h)
         if need_b:
             d_b += dz.sum(0, dtype=torch.float32)
     if d_w is not None and d_w.dtype != grad_dtype:

@@ -270,3 +270,20 @@ def test_return_logprobs_are_the_rows_logprobs(backend):
     gold, _ = reference_linear_logprobs(d["hidden"], d["weight"], d["targets"], d["bias"], 0.8)
     assert metrics["logprobs"].shape == gold.shape and metrics["logprobs"].grad_fn is None
     torch.testing.assert_close(metrics["logprobs"].double().cpu(), gold, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp32-accumulating 16-bit GEMMs are CUDA's")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_add_into_fp32_unrounded_on_cuda(dtype):
+    """d_W's fp32 accumulation: acc += a @ b with no 16-bit rounding of the product (the error of
+    an fp32 sum, far below one 16-bit rounding of the product)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    a = torch.randn(300, 64, device="cuda", generator=g).to(dtype)
+    b = torch.randn(64, 200, device="cuda", generator=g).to(dtype)
+    acc = torch.randn(300, 200, device="cuda", generator=g)
+    want = acc.double() + a.double() @ b.double()
+    rounded = acc.double() + (a @ b).double()  # the product rounded to 16 bits first
+    fused._add_product_fp32(acc, a, b)
+    print("in-place addmm:", fused._fp32_accumulating_gemm(acc.device, dtype),
+          "fp32-output mm:", fused._fp32_output_gemm(acc.device, dtype))
+    assert _rel(acc.double(), want) <= 0.05 * _rel(rounded, want)

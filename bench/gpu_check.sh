@@ -4,7 +4,8 @@
 # Every step has its own timeout (SIGINT first, so pytest still writes its report) and writes its
 # own result file under $OUT as soon as it finishes; a step that would not fit in the total
 # budget is not started and is listed in $OUT/not_run.txt (never silently dropped):
-#   env.txt                       GPU, driver, torch / triton / liger versions
+#   env.txt                       GPU, driver, torch / triton / liger / transformers versions and
+#                                 inspect.signature(varlen_attn) (which packed-attention path runs)
 #   plan.txt                      the kernel steps in run order, with their timeouts
 #   not_run.txt                   planned or known steps that did not run or timed out, and why
 #   triton_tests.log / .xml       tests/kernels/test_triton.py on CUDA (compiled kernels)
@@ -12,9 +13,10 @@
 #                                 slow peer (Liger chunked compiling at the largest shape) loses
 #                                 only its own number; ours run first, then peers, Liger chunked last
 #   rollout_tests.log             tests/test_rollout_engine.py on CUDA (CUDA-graph decode vs no-cache)
-#   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (T_ROLL s per shape)
-#   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER s each)
-#   bench_trl_<provider>.json/.log  TRL GRPOTrainer default / fast vs ours (T_TRL s each; needs
+#   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (T_ROLL=150 s per shape)
+#   trainer_tests.log             tests/test_trainer_memory.py on CUDA (pinned copies, syncs per step)
+#   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER=120 s each)
+#   bench_trl_<provider>.json/.log  ours / TRL fast / TRL default (T_TRL=130 s each; TRL needs
 #                                 trl + datasets wheels, else skipped)
 #   bench.json                    all of the above merged (pytest-benchmark JSON)
 # PARTS selects the steps. Make exactly these four device calls, in this order, one part each;
@@ -31,7 +33,7 @@
 # Wheels (liger-kernel, trl, datasets: the machine has none of them) are installed with
 # --target /tmp/site from $WHEELS_DIR, ./.whl, ./wheels or ./shared/wheels if any, e.g.
 #   python3 -m pip download --no-deps liger-kernel==0.8.5 -d .whl   (pure-Python wheel)
-# DRY=1 writes plan.txt and prints the budget and runs nothing (any machine, no GPU needed);
+# DRY=1 writes plan.txt / plan_<part>.txt (steps and timeouts) and runs nothing (any machine);
 # ALLOW_CPU=1 runs without CUDA (tiny SHAPES; bench/test_gpu_check.py does both on CPU);
 # SKIP_INSTALL=1 keeps an existing install (the import check still runs); PLAN_ONLY="p q" plans
 # only those providers.

@@ -13,8 +13,14 @@ over fp32 master weights as in the Trainer; CPU: `build_tiny_model` (hidden 64),
 the tiny character tokenizer (random weights need no real one).
 FASTMGRPO_BENCH_TRAINER="Q,G,H,C" overrides questions per step, group size, layer-2 samples and
 max completion length of the first two tests.
+Rewards in test_trainer_step: random weights never answer right, so every layer-2 group would be
+discarded and an MGRPO step would train layer 1 only. A text-hash reward (right for about half the
+answers, bench only) keeps layer-2 groups as real training does; FASTMGRPO_BENCH_REWARD=real
+scores for real. l2_groups_kept / _discarded are in extra_info.
 extra_info: tokens/s and seconds per phase, peak_mem_gib (extra peak over what was allocated
-before: CUDA max_memory_allocated, CPU VmHWM after resetting it), sizes.
+before: CUDA max_memory_allocated, CPU VmHWM after resetting it), sizes; test_trainer_step also
+state_mem_gib (weights incl. the reference, gradients, AdamW state) and working_mem_gib = train
+peak minus that (activations, logits, temporaries: the number to compare with TRL's).
 """
 import json
 import math
@@ -24,12 +30,15 @@ import subprocess
 import sys
 import time
 
+import zlib
+
 import pytest
 import torch
-from benchutil import CUDA, DEVICE, device_name, peak_memory_bytes, sync, vm_kib
+from benchutil import CUDA, DEVICE, device_name, peak_memory_bytes, state_bytes, sync, vm_kib
 from fastmgrpo.kernels import GRPOLossConfig, fused_linear_grpo_loss, packed_grpo_loss
 from fastmgrpo.kernels.reference import reference_grpo_loss
 
+import fastmgrpo.mgrpo as mgrpo_mod
 import fastmgrpo.trainer as trainer_mod
 from fastmgrpo.attention import use_varlen_attention
 from fastmgrpo.config import MGRPOConfig
@@ -122,8 +131,16 @@ def _gib(nbytes):
 
 # --- Trainer.step phases ----------------------------------------------------------------------
 
+def hash_reward(text, problem, format_weight=0.0, earlier=()):
+    """Bench-only reward: right for about half the texts, so groups have signal under random weights."""
+    ok = zlib.crc32(text.encode()) % 2 == 0
+    return float(ok), ok
+
+
 @pytest.mark.parametrize("layers", [1, 2], ids=["grpo", "mgrpo"])
 def test_trainer_step(benchmark, tmp_path, monkeypatch, layers):
+    if os.environ.get("FASTMGRPO_BENCH_REWARD", "hash") == "hash":
+        monkeypatch.setattr(mgrpo_mod, "score", hash_reward)
     model, tok = bench_model()
     cfg = MGRPOConfig(model="bench", dataset="synthetic", output_dir=str(tmp_path), device=DEVICE.type,
                       layers=layers, beta=0.04, learning_rate=1e-6, max_steps=100, **SIZES)
@@ -155,6 +172,8 @@ def test_trainer_step(benchmark, tmp_path, monkeypatch, layers):
         return sum(m[key] for m in runs) / len(runs)
 
     train_only = mean("train_time") - mean("ref_time")
+    state = state_bytes([trainer.model] + [trainer.ref_model] * (trainer.ref_model is not None), trainer.optimizer)
+    train_peak = max(peaks["train"][1:])
     benchmark.extra_info.update(
         device=device_name(), layers=layers, **SIZES, beta=cfg.beta,
         tokens_generated=mean("tokens_generated"), tokens_trained=mean("tokens_trained"),
@@ -164,7 +183,11 @@ def test_trainer_step(benchmark, tmp_path, monkeypatch, layers):
         train_tokens_per_s=round(mean("tokens_trained") / train_only),
         step_tokens_per_s=round((mean("tokens_generated") + mean("tokens_trained")) / mean("step_time")),
         resident_mem_gib=_gib(peaks["resident"]), rollout_peak_mem_gib=_gib(peaks["rollout"]),
-        train_peak_mem_gib=_gib(max(peaks["train"][1:])),
+        train_peak_mem_gib=_gib(train_peak), state_mem_gib=_gib(state),
+        working_mem_bytes=train_peak - state, working_mem_gib=_gib(train_peak - state),
+        l2_groups_kept=mean("l2_groups_kept") if layers == 2 else None,
+        l2_groups_discarded=mean("l2_groups_discarded") if layers == 2 else None,
+        reward=os.environ.get("FASTMGRPO_BENCH_REWARD", "hash"),
         peak_mem_gib=_gib(max(peaks["rollout"], *peaks["train"][1:])),
     )
 
@@ -217,7 +240,7 @@ def test_packed_vs_padded(benchmark, layout):
     def train():
         model.zero_grad(set_to_none=True)
         for mb, batch, ref in zip(mbs, batches, refs):
-            weight = lm_head(model)[0].to(AUTOCAST_DTYPE)
+            weight = lm_head(model)[0]  # fp32 master head, as the trainer passes it (d_W into fp32)
             with _autocast():
                 hidden = (packed_hidden_states(model, batch) if layout == "packed"
                           else padded_hidden_states(model, mb))  # (T, H) in packed row order

@@ -64,6 +64,8 @@ def run_fastmgrpo(model_dir: str, out_dir: str) -> dict:
     trainer = Trainer(cfg, problems=_problems())
     steps = [trainer.step() for _ in range(STEPS + 1)][1:]
     return {"step_s": [m["step_time"] for m in steps],
+            "state_bytes": state_bytes([trainer.model] + [trainer.ref_model] * (trainer.ref_model is not None),
+                                       trainer.optimizer),
             "completion_tokens": [m["tokens_generated"] for m in steps],
             "rollout_s": [m["rollout_time"] for m in steps], "train_s": [m["train_time"] for m in steps]}
 
@@ -109,7 +111,9 @@ def run_trl(model_dir: str, out_dir: str, fast: bool) -> dict:
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     liger = sorted({type(m).__name__ for m in trainer.model.modules() if "Liger" in type(m).__name__})
+    ref = getattr(trainer, "ref_model", None)
     return {"step_s": times[1:], "completion_tokens": [m * Q * G for m in lengths[1:]],
+            "state_bytes": state_bytes([trainer.model] + [ref] * (ref is not None), trainer.optimizer),
             "trl_options": {k: v for k, v in opts.items() if k != "output_dir"}, "liger_modules": liger}
 
 
@@ -139,18 +143,21 @@ def test_trl_side_by_side(benchmark, model_dir, tmp_path, provider):
     r = benchmark.pedantic(run, rounds=1, iterations=1)
     s_per_step = sum(r["step_s"]) / len(r["step_s"])
     tok_s = sum(r["completion_tokens"]) / sum(r["step_s"])
-    _RESULTS[provider] = {"s_per_step": s_per_step, "tok_s": tok_s, "peak": r["peak_bytes"]}
+    working = r["peak_bytes"] - r["state_bytes"]
+    _RESULTS[provider] = {"s_per_step": s_per_step, "tok_s": tok_s, "peak": r["peak_bytes"], "working": working}
     benchmark.extra_info.update(
         device=device_name(), provider=provider, questions=Q, generations=G, max_completion_length=C,
         beta=BETA, measured_steps=len(r["step_s"]), s_per_step=round(s_per_step, 3),
         completion_tokens_per_s=round(tok_s, 1), peak_mem_bytes=r["peak_bytes"],
-        peak_mem_gib=round(r["peak_bytes"] / 2**30, 3), trl_options=r.get("trl_options"),
+        peak_mem_gib=round(r["peak_bytes"] / 2**30, 3), state_mem_gib=round(r["state_bytes"] / 2**30, 3),
+        working_mem_bytes=working, working_mem_gib=round(working / 2**30, 3), trl_options=r.get("trl_options"),
         liger_modules=r.get("liger_modules"),
     )
     fast = _RESULTS.get("trl_fast")
     if provider == "fastmgrpo" and fast:
         benchmark.extra_info.update(tokens_per_s_vs_trl_fast=round(tok_s / fast["tok_s"], 2),
-                                    peak_mem_vs_trl_fast=round(r["peak_bytes"] / fast["peak"], 2))
+                                    peak_mem_vs_trl_fast=round(r["peak_bytes"] / fast["peak"], 2),
+                                    working_mem_vs_trl_fast=round(working / max(fast["working"], 1), 2))
 
 
 if __name__ == "__main__":  # the fresh process of one provider: PROVIDER MODEL_DIR OUT_DIR

@@ -180,3 +180,20 @@ def measure_against_floor(benchmark, make_target, x, shape, provider) -> float:
         tokens_per_s=round(shape[0] * shape[1] / mean),
     )
     return mean
+
+
+def state_bytes(models, optimizer) -> int:
+    """Bytes a trainer holds before any activation: the weights of every model (each tensor once,
+    tied weights too), one gradient per trainable parameter (in its dtype) and the optimizer's
+    state. Peak minus this is the working memory (activations, logits, temporaries)."""
+    seen, total = set(), 0
+    for model in models:
+        for p in model.parameters():
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size() * (2 if p.requires_grad else 1)
+    for state in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values()
+                     if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return total

@@ -4,7 +4,8 @@
 # Every step has its own timeout (SIGINT first, so pytest still writes its report) and writes its
 # own result file under $OUT as soon as it finishes; a step that would not fit in the total
 # budget is not started and is listed in $OUT/not_run.txt (never silently dropped):
-#   env.txt                       GPU, driver, torch / triton / liger versions
+#   env.txt                       GPU, driver, torch / triton / liger / transformers versions and
+#                                 inspect.signature(varlen_attn) (which packed-attention path runs)
 #   plan.txt                      the kernel steps in run order, with their timeouts
 #   not_run.txt                   planned or known steps that did not run or timed out, and why
 #   triton_tests.log / .xml       tests/kernels/test_triton.py on CUDA (compiled kernels)
@@ -12,19 +13,27 @@
 #                                 slow peer (Liger chunked compiling at the largest shape) loses
 #                                 only its own number; ours run first, then peers, Liger chunked last
 #   rollout_tests.log             tests/test_rollout_engine.py on CUDA (CUDA-graph decode vs no-cache)
-#   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (T_ROLL s per shape)
-#   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER s each)
-#   bench_trl_<provider>.json/.log  TRL GRPOTrainer default / fast vs ours (T_TRL s each; needs
+#   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (T_ROLL=150 s per shape)
+#   trainer_tests.log             tests/test_trainer_memory.py on CUDA (pinned copies, syncs per step)
+#   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER=120 s each)
+#   bench_trl_<provider>.json/.log  ours / TRL fast / TRL default (T_TRL=130 s each; TRL needs
 #                                 trl + datasets wheels, else skipped)
 #   bench.json                    all of the above merged (pytest-benchmark JSON)
-# PARTS selects the steps (default "kernels rollout trainer trl": more than one 10-minute device
-# command). Run it as two calls on the same warm machine:
-#   PARTS="kernels" OUT=... bash bench/gpu_check.sh            (install + at most T_TOTAL=420 s)
-#   PARTS="rollout trainer trl" OUT=... bash bench/gpu_check.sh (~8 min)
+# PARTS selects the steps. Make exactly these four device calls, in this order, one part each;
+# every one fits 8 minutes on a fresh (cold) machine, install and compilation included, because
+# each part stops starting steps once T_PART=420 s of its own are spent (what is left goes to
+# not_run.txt) and each step has its own timeout:
+#   1. PARTS=kernels OUT=... bash bench/gpu_check.sh   kernel tests + benchmarks  (<= ~7.5 min)
+#   2. PARTS=rollout OUT=... bash bench/gpu_check.sh   sampler tests + 2 shapes   (<= ~7.5 min;
+#                                                      static-cache generate compiles > 100 s)
+#   3. PARTS=trainer OUT=... bash bench/gpu_check.sh   trainer CUDA tests + step/packed/vocab (<= ~7.5 min)
+#   4. PARTS=trl     OUT=... bash bench/gpu_check.sh   TRL default/fast vs ours    (<= ~7.5 min)
+# Fetch $OUT after each call: a later call may start on a fresh machine. Unset, PARTS means all
+# four (more than one device command: local and CPU use only).
 # Wheels (liger-kernel, trl, datasets: the machine has none of them) are installed with
 # --target /tmp/site from $WHEELS_DIR, ./.whl, ./wheels or ./shared/wheels if any, e.g.
 #   python3 -m pip download --no-deps liger-kernel==0.8.5 -d .whl   (pure-Python wheel)
-# DRY=1 writes plan.txt and prints the budget and runs nothing (any machine, no GPU needed);
+# DRY=1 writes plan.txt / plan_<part>.txt (steps and timeouts) and runs nothing (any machine);
 # ALLOW_CPU=1 runs without CUDA (tiny SHAPES; bench/test_gpu_check.py does both on CPU);
 # SKIP_INSTALL=1 keeps an existing install (the import check still runs); PLAN_ONLY="p q" plans
 # only those providers.
@@ -35,6 +44,7 @@ mkdir -p "$OUT"
 PY="${PY:-python3}"
 DRY="${DRY:-0}"
 start=$(date +%s)
+T_PART="${T_PART:-420}"
 step() { echo "=== [$(( $(date +%s) - start ))s] $*"; }
 want() { [[ " ${PARTS-kernels rollout trainer trl} " == *" $1 "* ]]; }
 fail() { echo "FATAL: $*" | tee -a "$OUT/env.txt" >&2; exit 1; }
@@ -64,6 +74,9 @@ if [ "$DRY" != 1 ]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
+    "$PY" -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+    # which packed-attention path the trainer can take (fastmgrpo/attention.py reads these keywords)
+    "$PY" -c "import inspect; from fastmgrpo.attention import _torch_varlen as v; f = v(); print('varlen_attn', 'missing' if f is None else f.__module__ + '.varlen_attn' + str(inspect.signature(f)))" 2>&1 | tail -1
     date -u
   } | tee -a "$OUT/env.txt"
 fi
@@ -75,10 +88,9 @@ if want kernels; then
   "$PY" bench/gpu_plan.py "$OUT" $SHAPES > "$OUT/plan.txt" || fail "bench/gpu_plan.py could not plan"
   worst=$(awk '{s += $4} END {print s + 0}' "$OUT/plan.txt")
   step "plan: $(wc -l < "$OUT/plan.txt") benchmark runs, worst case ${worst}s + tests ${T_TESTS}s; budget ${T_TOTAL}s"
-  if [ "$DRY" = 1 ]; then cat "$OUT/plan.txt" "$OUT/not_run.txt"; exit 0; fi
   DEADLINE=$(( start + T_TOTAL ))
 
-  if [ "$T_TESTS" -gt 0 ]; then
+  if [ "$DRY" != 1 ] && [ "$T_TESTS" -gt 0 ]; then
     step "Triton kernel tests on CUDA (timeout ${T_TESTS}s)"
     limited "$T_TESTS" "$PY" -m pytest tests/kernels/test_triton.py tests/kernels/test_fused.py -q -rs -p no:cacheprovider \
       --durations=10 --junitxml="$OUT/triton_tests.xml" 2>&1 | tee "$OUT/triton_tests.log" | tail -25
@@ -99,41 +111,56 @@ if want kernels; then
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
       echo "$suite $provider $shape: timed out after ${t}s" | tee -a "$OUT/not_run.txt"
     fi
-  done < "$OUT/plan.txt"
+  done < <([ "$DRY" = 1 ] || cat "$OUT/plan.txt")
 fi
 
-# the sampler: CUDA tests, then one pytest run per (sequences, new tokens) under its own timeout
+# The other parts: each step "name timeout_s command..." runs unless the part's T_PART budget
+# (counted from the script's start, install included) has too little left; then it is listed in
+# not_run.txt. DRY=1 lists the steps with their timeouts in plan_<part>.txt and runs nothing.
+part_step() {  # part name timeout command...
+  local part=$1 name=$2 t=$3; shift 3
+  if [ "$DRY" = 1 ]; then echo "$name $t" >> "$OUT/plan_$part.txt"; return; fi
+  local left=$(( start + T_PART - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo "$part $name: part budget ${T_PART}s spent" | tee -a "$OUT/not_run.txt"; return; fi
+  t=$(( t < left ? t : left ))
+  step "$part: $name (timeout ${t}s)"
+  limited "$t" "$@" < /dev/null 2>&1 | tee "$OUT/$name.log" | tail -8
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "$part $name: timed out after ${t}s" | tee -a "$OUT/not_run.txt"; fi
+}
+
+# the sampler: CUDA tests, then one pytest run per (sequences, new tokens); the first shape
+# pays static-cache generate's cold compilation (> 100 s)
 if want rollout; then
-T_ROLL="${T_ROLL:-100}"
-step "rollout tests on CUDA (timeout 60s)"
-timeout 60 "$PY" -m pytest tests/test_rollout_engine.py -q -rs -p no:cacheprovider -k cuda 2>&1 \
-  | tee "$OUT/rollout_tests.log" | tail -5
-for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
-  step "benchmark rollout $shape (timeout ${T_ROLL}s)"
-  FASTMGRPO_BENCH_ROLLOUT="$shape" timeout "$T_ROLL" "$PY" -m pytest bench/bench_rollout.py -q -s -rs \
-    -p no:cacheprovider --benchmark-json "$OUT/bench_rollout_${shape//,/x}.json" \
-    --benchmark-columns=mean,min,max,rounds 2>&1 | tee "$OUT/bench_rollout_${shape//,/x}.log" | tail -8
-done
+  : > "$OUT/plan_rollout.txt"
+  part_step rollout rollout_tests 60 "$PY" -m pytest tests/test_rollout_engine.py -q -rs -p no:cacheprovider -k cuda
+  T_ROLL="${T_ROLL:-150}"
+  for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
+    FASTMGRPO_BENCH_ROLLOUT="$shape" part_step rollout "bench_rollout_${shape//,/x}" "$T_ROLL" "$PY" -m pytest \
+      bench/bench_rollout.py -q -s -rs -p no:cacheprovider --benchmark-json "$OUT/bench_rollout_${shape//,/x}.json" \
+      --benchmark-columns=mean,min,max,rounds
+  done
 fi
 
-# the whole trainer and TRL side by side: one pytest run per part / provider, own timeouts
-T_TRAINER="${T_TRAINER:-90}" T_TRL="${T_TRL:-100}"
+# the whole trainer, then TRL side by side: one pytest run per part / provider
 if want trainer; then
+  : > "$OUT/plan_trainer.txt"
+  # CUDA-only trainer tests: pinned copies, syncs per step counted by torch.cuda.set_sync_debug_mode
+  part_step trainer trainer_tests 45 "$PY" -m pytest tests/test_trainer_memory.py -q -rs -s -p no:cacheprovider -k cuda
   for part in step packed vocab; do
-    step "benchmark trainer $part (timeout ${T_TRAINER}s)"
-    timeout "$T_TRAINER" "$PY" -m pytest bench/bench_trainer.py -k "$part" -q -rs -p no:cacheprovider \
-      --benchmark-json "$OUT/bench_trainer_${part}.json" --benchmark-columns=mean,min,max,rounds 2>&1 \
-      | tee "$OUT/bench_trainer_${part}.log" | tail -8
+    part_step trainer "bench_trainer_$part" "${T_TRAINER:-120}" "$PY" -m pytest bench/bench_trainer.py -k "$part" \
+      -q -rs -p no:cacheprovider --benchmark-json "$OUT/bench_trainer_${part}.json" \
+      --benchmark-columns=mean,min,max,rounds
   done
 fi
 if want trl; then
-  for provider in trl_default trl_fast fastmgrpo; do
-    step "benchmark TRL side by side: $provider (timeout ${T_TRL}s)"
-    timeout "$T_TRL" "$PY" -m pytest bench/bench_trl.py -k "$provider" -q -rs -p no:cacheprovider \
-      --benchmark-json "$OUT/bench_trl_${provider}.json" --benchmark-columns=mean,rounds 2>&1 \
-      | tee "$OUT/bench_trl_${provider}.log" | tail -6
+  : > "$OUT/plan_trl.txt"
+  for provider in fastmgrpo trl_fast trl_default; do  # ours first: it needs no trl wheel
+    part_step trl "bench_trl_$provider" "${T_TRL:-130}" "$PY" -m pytest bench/bench_trl.py -k "$provider" -q -rs \
+      -p no:cacheprovider --benchmark-json "$OUT/bench_trl_${provider}.json" --benchmark-columns=mean,rounds
   done
 fi
+if [ "$DRY" = 1 ]; then cat "$OUT"/plan*.txt "$OUT/not_run.txt" 2>/dev/null; exit 0; fi
 
 step "summary"
 "$PY" - "$OUT" <<'EOF'

@@ -12,6 +12,7 @@ GPU_SHAPES = ["8,1024,1536,151936", "8,1024,3584,152064", "16,2048,3584,152064",
 
 
 def _run(tmp_path, **env):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OUT": str(tmp_path), "PARTS": "kernels", "PY": sys.executable, **env}
     out = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -39,3 +40,17 @@ def test_one_cpu_step_writes_its_json(tmp_path):
     (b,) = json.loads((tmp_path / "bench_grpo_loss_fastmgrpo_2x32x32x256.json").read_text())["benchmarks"]
     assert b["extra_info"]["working_mem_bytes"] <= b["extra_info"]["peak_mem_bytes"]
     assert (tmp_path / "bench.json").exists() and "working" in stdout
+
+
+def test_each_device_call_fits_eight_minutes(tmp_path):
+    """The header's device calls (one part each) are all the parts, and each part's steps fit
+    its T_PART budget, which with the kill grace stays under 8 minutes."""
+    header = SCRIPT.read_text().split("set -u")[0]
+    calls = [line.split("PARTS=")[1].split()[0] for line in header.splitlines() if "bash bench/gpu_check.sh" in line
+             and "PARTS=" in line]
+    assert calls == ["kernels", "rollout", "trainer", "trl"]
+    for part in calls[1:]:
+        _run(tmp_path / part, DRY="1", PARTS=part)
+        steps = [line.split() for line in (tmp_path / part / f"plan_{part}.txt").read_text().splitlines()]
+        assert steps and sum(int(t) for _, t in steps) <= 420, (part, steps)
+    assert 420 + 15 < 8 * 60

@@ -145,7 +145,10 @@ class MGRPOConfig:
     micro_batch_tokens: int = _opt(4096, "Token budget of one packed micro-batch (lower it on OOM).")
     precision: str = _opt("auto", "'auto' = bf16 on GPU, fp32 on CPU.", choices=("auto", "fp32", "bf16"))
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | None = _opt(
+        None, "Recompute each decoder layer's activations in backward: autograd keeps only the layer "
+        "inputs (about 17x less activation memory at Gemma 3 270M's shapes) for one more forward "
+        "pass. Default: on for CUDA when --micro-batch-tokens >= 2048, else off.")
     fsdp: bool = _opt(False, "Under torchrun: shard parameters, gradients and optimizer state across "
                       "ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP). "
                       "For models whose training state does not fit one GPU; rollout still "

@@ -14,6 +14,8 @@ tests/test_packing.py checks the result against each sequence run alone.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from fastmgrpo.attention import VARLEN
@@ -45,11 +47,12 @@ def pack(episodes: list[Episode]) -> PackedBatch:
         offset += p + c
     lengths = torch.tensor([e.num_tokens for e in episodes])  # (B,)
     comp_lengths = torch.tensor([len(e.completion_ids) for e in episodes])  # (B,)
+    cu_targets_host = tuple(itertools.accumulate((len(e.completion_ids) for e in episodes), initial=0))
     return PackedBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64),  # (T,)
         position_ids=torch.cat(pos),  # (T,)
         cu_seqlens=_cumsum0(lengths),  # (B+1,)
-        max_seqlen=int(lengths.max()),
+        max_seqlen=max(e.num_tokens for e in episodes),
         target_rows=torch.cat(rows),  # (M,)
         targets=torch.tensor([t for e in episodes for t in e.completion_ids], dtype=torch.int64),  # (M,)
         cu_targets=_cumsum0(comp_lengths),  # (B+1,)
@@ -57,6 +60,7 @@ def pack(episodes: list[Episode]) -> PackedBatch:
         advantages=torch.tensor([e.advantage for e in episodes], dtype=torch.float32),  # (B,)
         weights=torch.tensor([e.weight for e in episodes], dtype=torch.float32),  # (B,)
         layers=torch.tensor([e.layer for e in episodes], dtype=torch.int64),  # (B,)
+        cu_targets_host=cu_targets_host,
     )
 
 
@@ -99,9 +103,12 @@ def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Te
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
                       max_length_k=batch.max_seqlen)
     if impl == VARLEN:
-        # The attention function separates the sequences itself: an all-ones mask turns the
-        # packed detection off, so no (T, T) block-diagonal mask is built only to be ignored.
-        mask = torch.ones_like(batch.input_ids)[None]
+        # The attention function separates the sequences itself: no (T, T) block-diagonal mask
+        # is built only to be ignored. Models with per-layer-type masks (Gemma 3, Qwen) take a
+        # ready {type: mask} mapping, which also skips the masks' host syncs; others get an
+        # all-ones mask, which turns the packed detection off.
+        types = getattr(model.config, "layer_types", None)
+        mask = dict.fromkeys(types) if types else torch.ones_like(batch.input_ids)[None]
     out = decoder(model)(
         input_ids=batch.input_ids[None],  # (1, T)
         position_ids=batch.position_ids[None],  # (1, T) restarting at 0 per sequence

@@ -102,6 +102,21 @@ def lr_lambda(cfg: MGRPOConfig):
     return f
 
 
+# Micro-batches from this many tokens checkpoint by default on CUDA: Gemma 3 270M keeps about
+# 88 KB per token per layer for backward without it, 5 KB with it (tests/test_trainer_memory.py
+# measures both), i.e. ~3 GiB at 2,048 tokens x 18 layers against ~0.35 GiB plus one layer's
+# recompute; smaller micro-batches would leave the GPU idle instead.
+CHECKPOINT_FROM_TOKENS = 2048
+
+
+def checkpointing(cfg: MGRPOConfig, device: torch.device) -> bool:
+    """Whether decoder layers recompute their activations in backward (--gradient-checkpointing,
+    or by default on CUDA for micro-batches of CHECKPOINT_FROM_TOKENS tokens or more)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    return device.type == "cuda" and cfg.micro_batch_tokens >= CHECKPOINT_FROM_TOKENS
+
+
 def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
     """Peak GPU memory allocated since the last reset (reset=True starts a new phase); on CPU the
     process's peak resident memory (it cannot be reset per phase)."""
@@ -132,6 +147,33 @@ def hidden_rows(model, batch, dtype: torch.dtype) -> torch.Tensor:
     return hidden[batch.target_rows].to(dtype)
 
 
+class Stopwatch:
+    """Time summed over `with` blocks, read once at the end: CUDA events on a GPU (no host sync
+    per block; the host returns before the device work is done), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.spans, self.total = device.type == "cuda", [], 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self.spans.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.spans[-1][0].record()
+        else:
+            self.total -= time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.spans[-1][1].record()
+        else:
+            self.total += time.perf_counter()
+
+    def seconds(self) -> float:
+        """The summed time; on CUDA this waits for the last block's events."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+        return self.total + sum(a.elapsed_time(b) for a, b in self.spans) / 1e3
+
+
 class PolicyLoss(torch.nn.Module):
     """The policy's loss on one packed micro-batch, as the forward that DDP / FSDP2 wrap.
 
@@ -147,14 +189,15 @@ class PolicyLoss(torch.nn.Module):
         """old_lp None (the first update on a rollout): the current weights are the old policy,
         so the ratio is exactly 1, and their log-probs come back (detached, (M,) fp32) to be
         frozen for later updates; otherwise old_lp is used and None comes back."""
+        # The fp32 master head goes in as it is: the fused pass computes in hidden's dtype and
+        # adds d_W straight into the fp32 .grad (no 16-bit (V, H) copy kept for backward).
         weight, bias = lm_head(self.model)
-        weight, bias = weight.to(self.dtype), None if bias is None else bias.to(self.dtype)
         hidden = hidden_rows(self.model, batch, self.dtype)  # (M, H)
         logp = None
         if old_lp is None and self.sampler_is_cap is not None:  # the IS ratio is needed before the loss
             with torch.no_grad():
                 logp = token_logprobs(hidden.detach(), weight, batch.targets, temperature=self.loss_cfg.temperature,
-                                      bias=bias, memory_budget=self.loss_cfg.memory_budget)
+                                      bias=bias, memory_budget=self.loss_cfg.memory_budget, check_values=False)
         is_ratio = None
         if self.sampler_is_cap is not None:
             frozen = logp if old_lp is None else old_lp
@@ -162,7 +205,8 @@ class PolicyLoss(torch.nn.Module):
         loss, metrics = packed_grpo_loss(
             hidden, weight, batch.targets, batch.cu_targets, batch.advantages, old_lp, ref_lp,
             config=self.loss_cfg, bias=bias, seq_weights=batch.weights, vllm_is_ratio=is_ratio,
-            return_entropy=True, return_logprobs=old_lp is None and logp is None, **normaliser)
+            return_entropy=True, return_logprobs=old_lp is None and logp is None,
+            cu_seqlens_host=batch.cu_targets_host or None, check_values=False, **normaliser)
         logp = metrics.pop("logprobs", logp)  # the fused pass's own log-probs: no extra LM-head pass
         return loss, metrics, logp
 
@@ -198,7 +242,7 @@ class Trainer:
             model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=self.device)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         use_varlen_attention(self.model)  # packed micro-batches: attention within each sequence
-        if cfg.gradient_checkpointing:
+        if checkpointing(cfg, self.device):
             self.model.gradient_checkpointing_enable()
         self.ref_model = None
         if cfg.beta > 0:
@@ -295,27 +339,31 @@ class Trainer:
         plan = self._plan(episodes)
         caches = [{} for _ in plan]  # per micro-batch: ref and frozen old log-probs
         totals = dict.fromkeys(METRICS, 0.0)
-        side = {"ref_time": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0, "mismatch_tokens": 0}
+        # Metrics stay on the device ((K,) tensors) until one read-back per update (the optimizer
+        # step needs the loss) and one at the end of the step: micro-batches add no host syncs.
+        side = {"ref_time": Stopwatch(self.device), "mismatch": torch.zeros(2, device=self.device),
+                "mismatch_tokens": 0}  # mismatch: (sum, max) of |old - sampler log-prob|
         grad_norms = []
         with contextlib.ExitStack() as held:
             for it in range(cfg.num_iterations):
-                update = dict.fromkeys(METRICS, 0.0)
+                update = torch.zeros(len(METRICS), device=self.device)
                 for i, (mb, cache) in enumerate(zip(plan, caches)):
                     with no_grad_sync(self.policy, skip=i < len(plan) - 1):  # reduce gradients once
                         self._accumulate(mb, cache, update, side)
-                update = dict(zip(METRICS, d.sum([update[k] for k in METRICS])))
                 if it == 0:  # from the first weight change to the step counter: all or nothing
                     held.enter_context(deferred_signals())
-                grad_norms.append(self._optimizer_step(update["loss"]))
-                for k in METRICS:
-                    totals[k] += update[k] / cfg.num_iterations
+                values, grad_norm = self._optimizer_step(update)
+                grad_norms.append(grad_norm)
+                for k, v in zip(METRICS, values):
+                    totals[k] += v / cfg.num_iterations
             self.step_idx += 1
-        mis_sum, mis_tokens = d.sum([side["mismatch_sum"], side["mismatch_tokens"]])
+        mis_sum, mis_max = side["mismatch"].tolist()  # the step's last host sync
+        mis_sum, mis_tokens = d.sum([mis_sum, side["mismatch_tokens"]])
         t_end = time.perf_counter()
         metrics = {
-            "step": self.step_idx, **rollout.stats, **totals, "ref_time": side["ref_time"],
+            "step": self.step_idx, **rollout.stats, **totals, "ref_time": side["ref_time"].seconds(),
             "sampler_logp_diff_mean": mis_sum / max(mis_tokens, 1),
-            "sampler_logp_diff_max": d.max([side["mismatch_max"]])[0],
+            "sampler_logp_diff_max": d.max([mis_max])[0],
             "grad_norm": sum(grad_norms) / len(grad_norms), "lr": self.scheduler.get_last_lr()[0],
             "tokens_trained": float(sum(e.num_tokens for e in episodes)),
             "sequences": float(len(episodes)), "padding_fraction": 0.0,
@@ -359,47 +407,50 @@ class Trainer:
             return None
         with torch.no_grad():
             w, b = lm_head(self.ref_model)
-            return token_logprobs(hidden_rows(self.ref_model, batch, self.dtype), w.to(self.dtype),
-                                  batch.targets, temperature=self.loss_cfg.temperature,
-                                  bias=None if b is None else b.to(self.dtype),
-                                  memory_budget=self.loss_cfg.memory_budget)
+            return token_logprobs(hidden_rows(self.ref_model, batch, self.dtype), w, batch.targets,
+                                  temperature=self.loss_cfg.temperature, bias=b,
+                                  memory_budget=self.loss_cfg.memory_budget, check_values=False)
 
-    def _accumulate(self, entry, cache: dict, update: dict, side: dict) -> None:
+    def _accumulate(self, entry, cache: dict, update: torch.Tensor, side: dict) -> None:
         """Forward + backward of one plan entry (None: the zero-weight probe); gradients add up
-        across micro-batches. `cache` keeps what the inner updates share: the reference
-        log-probs and the old log-probs frozen on the first update."""
+        across micro-batches, and so do the METRICS into `update` ((K,) fp32, on the device; no
+        host sync). `cache` keeps what the inner updates share: the reference log-probs and the
+        old log-probs frozen on the first update."""
         if entry is None:
             loss, _, _ = self.policy(*self._probe, None, PROBE_NORM)
             (loss * 0.0).backward()
             return
         batch, normaliser, share = entry
         if "ref" not in cache:
-            t = time.perf_counter()
-            cache["ref"] = self._ref_logprobs(batch)
-            side["ref_time"] += time.perf_counter() - t
+            with side["ref_time"]:
+                cache["ref"] = self._ref_logprobs(batch)
         loss, m, logp = self.policy(batch, cache["ref"], cache.get("old"), normaliser)
         if logp is not None:
             cache["old"] = logp
             diff = (logp - batch.sampler_logprobs).abs()  # (M,)
             if diff.numel():
-                total, worst = torch.stack([diff.sum(), diff.max()]).tolist()  # one sync per micro-batch
-                side["mismatch_sum"] += total
-                side["mismatch_max"] = max(side["mismatch_max"], worst)
+                mis = side["mismatch"]
+                side["mismatch"] = torch.stack([mis[0] + diff.sum(), torch.maximum(mis[1], diff.max())])
                 side["mismatch_tokens"] += diff.numel()
         # DDP/FSDP2 average gradients over ranks; each rank's loss is its share of the global sum.
         (loss * self.dist.world).backward()
-        # Losses are divided by their layer's global counts: micro-batch values add up.
-        update["loss"] += loss.item()  # sync point, once per micro-batch
-        for k in ("kl", "clip_ratio", "entropy"):
-            if k in m:
-                update[k] += float(m[k]) * share
+        # Losses are divided by their layer's global counts: micro-batch values add up; the
+        # metrics are per-layer token means, weighted by the layer's share of all tokens.
+        zero = loss.new_zeros(())
+        update += torch.stack([loss.detach()] + [m.get(k, zero) * share for k in METRICS[1:]])
 
-    def _optimizer_step(self, loss: float) -> float:
-        """Clip and apply; a NaN/Inf loss or gradient skips the update (counted, then fatal)."""
+    def _optimizer_step(self, update: torch.Tensor) -> tuple[list[float], float]:
+        """Clip and apply; a NaN/Inf loss or gradient skips the update (counted, then fatal).
+
+        update: this rank's (K,) METRICS on the device. Returns (their sums over ranks, grad norm),
+        read back in the update's one host sync."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else 0.0
-        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)  # FSDP2
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else update.new_zeros(())
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP2
+        *values, grad_norm = torch.cat([update, grad_norm.reshape(1).to(update)]).tolist()
+        values = self.dist.sum(values)
+        loss = values[0]
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.bad_steps = 0
@@ -410,7 +461,7 @@ class Trainer:
                                     "lower --learning-rate or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return grad_norm
+        return values, grad_norm
 
     def evaluate(self) -> dict:
         """Self-correction eval (acc@t1, acc@t2, transitions) on the held-out file, greedy."""

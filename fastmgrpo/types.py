@@ -82,6 +82,8 @@ class PackedBatch:
     advantages:   (B,) float32  one per sequence
     weights:      (B,) float32  one per sequence
     ref_logprobs: (M,) float32 or None, filled in when beta > 0
+    cu_targets_host: `cu_targets` as a host tuple (the fused loss plans its chunks on the host:
+                     no device->host read-back)
     """
 
     input_ids: torch.Tensor
@@ -96,13 +98,24 @@ class PackedBatch:
     weights: torch.Tensor
     ref_logprobs: torch.Tensor | None = None
     layers: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    cu_targets_host: tuple[int, ...] = ()
 
     @property
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        moved = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-        }
-        return PackedBatch(**moved)
+        """The batch on `device`. To CUDA, host tensors go through pinned memory and copy without
+        blocking the host (the caching host allocator keeps each pinned buffer until its copy is
+        done), so packing the next micro-batch overlaps the copies."""
+        device = torch.device(device)
+        pin = device.type == "cuda"
+
+        def move(v):
+            if not isinstance(v, torch.Tensor) or v.device == device:
+                return v
+            if pin and v.device.type == "cpu":
+                return (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+            return v.to(device)
+
+        return PackedBatch(**{k: move(v) for k, v in self.__dict__.items()})

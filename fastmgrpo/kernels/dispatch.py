@@ -48,8 +48,9 @@ def resolve_backend(backend, hidden: torch.Tensor):
     return torch_backend
 
 
-def _validate(hidden, weight, targets, bias, temperature, names):
-    """Raise TypeError/ValueError naming the argument (as the caller knows it: `names` maps ours to theirs)."""
+def _validate(hidden, weight, targets, bias, temperature, names, check_values: bool = True):
+    """Raise TypeError/ValueError naming the argument (as the caller knows it: `names` maps ours to theirs).
+    check_values=False skips the value checks (targets in range, hidden finite) and their host sync."""
     hn, wn, tn, bn = (names.get(k, k) for k in ("hidden", "weight", "targets", "bias"))
     for name, t in ((hn, hidden), (wn, weight), (tn, targets)):
         if not isinstance(t, torch.Tensor):
@@ -60,8 +61,9 @@ def _validate(hidden, weight, targets, bias, temperature, names):
         raise ValueError(f"{wn} must be (V, H={hidden.shape[1]}), got shape {tuple(weight.shape)}")
     if not hidden.is_floating_point():
         raise TypeError(f"{hn} must be a floating tensor, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{wn} dtype {weight.dtype} must match {hn} dtype {hidden.dtype}")
+    if weight.dtype != hidden.dtype and not (weight.dtype == torch.float32 and hidden.dtype.itemsize == 2):
+        raise TypeError(f"{wn} dtype {weight.dtype} must match {hn} dtype {hidden.dtype} (or be the "
+                        "fp32 master of 16-bit hidden states)")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"{tn} must be an integer tensor, got {targets.dtype}")
     if targets.shape != hidden.shape[:1]:
@@ -78,7 +80,7 @@ def _validate(hidden, weight, targets, bias, temperature, names):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-    if hidden.shape[0] == 0:
+    if hidden.shape[0] == 0 or not check_values:
         return
     # One host sync (a .tolist()) for both data checks.
     bad_targets, bad_hidden = torch.stack(
@@ -98,7 +100,7 @@ def check_memory_budget(value) -> int:
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_entropy=False, backend=None,
-                   memory_budget=fused.DEFAULT_MEMORY_BUDGET):
+                   memory_budget=fused.DEFAULT_MEMORY_BUDGET, check_values=True):
     """Per-token log-probs (and entropy) of `targets` under softmax((hidden·Wᵀ + b) / T), no gradients.
 
     For old / reference / rollout log-probs; never holds the N×V logits (Triton: one matmul with
@@ -108,10 +110,12 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_e
     mode is on raises, so a missing gradient cannot go unnoticed.
 
     Args:
-        hidden: (..., H) fp32/bf16/fp16, e.g. (N, H) or (B, T, H). weight: (V, H), same dtype.
+        hidden: (..., H) fp32/bf16/fp16, e.g. (N, H) or (B, T, H). weight: (V, H), same dtype or fp32.
         targets: (...) int token ids in [0, V). temperature: float > 0. bias: (V,) or None.
         return_entropy: also return each row's entropy. backend: "torch", "triton" or "auto"
             (default $FASTMGRPO_BACKEND, else Triton for CUDA tensors when importable).
+        check_values: raise on out-of-range targets / non-finite hidden (one host sync); False
+            for inputs valid by construction (a trainer's hot path: NaN still shows in the result).
 
     Returns:
         logp (...) fp32, or (logp, entropy) both (...) fp32 when return_entropy.
@@ -125,17 +129,17 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, bias=None, return_e
         raise ValueError("token_logprobs computes no gradients: call it under torch.no_grad() (old / ref "
                          "log-probs), or train through packed_grpo_loss / fused_linear_grpo_loss")
     logp, entropy = forward_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias,
-                                     temperature, bool(return_entropy), backend, {}, memory_budget)
+                                     temperature, bool(return_entropy), backend, {}, memory_budget, check_values)
     return (logp.reshape(lead), entropy.reshape(lead)) if return_entropy else logp.reshape(lead)
 
 
 @torch.no_grad()
 def forward_logprobs(hidden, weight, targets, bias, temperature, with_entropy, backend, names,
-                     memory_budget=fused.DEFAULT_MEMORY_BUDGET):
+                     memory_budget=fused.DEFAULT_MEMORY_BUDGET, check_values=True):
     """Validated (N,) logp and entropy (or None) of 2-D inputs; errors use the caller's `names`."""
-    _validate(hidden, weight, targets, bias, temperature, names)
+    _validate(hidden, weight, targets, bias, temperature, names, check_values)
     mod = resolve_backend(backend, hidden)
-    targets = targets.long()
+    targets, weight = targets.long(), fused.compute_head(weight, hidden.dtype)
     if mod is not torch_backend:
         return mod.linear_logprob_fwd(hidden.contiguous(), weight.contiguous(),
                                       None if bias is None else bias.contiguous(), targets.contiguous(),

@@ -15,6 +15,12 @@ d_W accumulates across chunks in the weight's dtype (one rounding per chunk, cuB
 each chunk's product in fp32) unless ``fp32_weight_grad``: then in an fp32 (V, H) buffer cast
 once at the end, which costs V·H·4 bytes (0.67 GB at Gemma 3's 262144 × 640, 2.2 GB at Qwen's
 152064 × 3584) on top of the budget. bench/RESULTS.md has the error of both against float64.
+
+Mixed precision: an fp32 (master) weight with 16-bit hidden states computes the products in the
+hidden states' dtype from a copy of the head that lives only during the forward call (or from
+``Plan.head``, a 16-bit copy the caller keeps anyway, e.g. the sampler's decode weights), and d_W
+accumulates in fp32 and comes back in fp32, to be added straight into the master `.grad`: no
+16-bit (V, H) gradient is kept for backward and nothing flows back through a cast.
 """
 
 import functools
@@ -50,6 +56,7 @@ class Plan:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     fp32_weight_grad: bool = False
     keep_logprobs: bool = False  # also return every row's log-prob (detached)
+    head: torch.Tensor | None = None  # the weight already in hidden's dtype (see compute_head)
 
 
 def chunk_rows(plan: Plan, vocab: int, dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -135,25 +142,54 @@ def row_chunks(plan: Plan, hidden, weight, bias):
         yield r0, r1, z, plan.backend.row_stats_(z, plan.targets[r0:r1], plan.with_entropy)
 
 
-def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 16-bit a, b, returned in fp32 (upcast operands where no fp32-output GEMM runs)."""
-    if _fp32_output_gemm(a.device, a.dtype):
-        return torch.mm(a, b).float()
-    return torch.mm(a.float(), b.float())
+@functools.lru_cache(maxsize=None)
+def _fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm(c, a, b, out_dtype=float32, out=c) adds a `dtype` product into an
+    fp32 c in place (and right) on `device`."""
+    try:
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        c = torch.ones(2, 2, device=device)
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return bool((c == 3).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
-def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, bool]):
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for 16-bit a, b, the product never rounded to 16 bits: in place in one
+    GEMM where the device has fp32-accumulating 16-bit GEMMs (CUDA), else through an fp32
+    product (upcast operands where no fp32-output GEMM runs: CPU tests)."""
+    if _fp32_accumulating_gemm(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif _fp32_output_gemm(a.device, a.dtype):
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.add_(torch.mm(a.float(), b.float()))
+
+
+def compute_head(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The head the products use: `weight` itself, or (fp32 master weight, 16-bit `dtype` hidden
+    states) a `dtype` copy that the caller drops when its pass ends."""
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, bool],
+               grad_dtype: torch.dtype | None = None):
     """The chunk loop. Returns (loss () fp32, metrics (K,) fp32, logp (N,) fp32 or None (unless
-    plan.keep_logprobs), d_hidden, d_weight, d_bias) with None for gradients not needed."""
+    plan.keep_logprobs), d_hidden, d_weight, d_bias) with None for gradients not needed.
+
+    weight: the head in hidden's dtype; grad_dtype: d_weight's dtype (the master weight's;
+    default weight's). An fp32 grad_dtype accumulates in fp32 whatever plan.fp32_weight_grad."""
     n, vocab = hidden.shape[0], weight.shape[0]
     need_h, need_w, need_b = need_grads[0], need_grads[1], need_grads[2] and bias is not None
     need_any = need_h or need_w or need_b
     inv_t, dtype = 1.0 / plan.temperature, hidden.dtype
     d_h = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if need_h else None
+    grad_dtype = grad_dtype or weight.dtype
     d_w = None
     if need_w:
         d_w = torch.zeros(weight.shape, device=weight.device,
-                          dtype=torch.float32 if plan.fp32_weight_grad else weight.dtype)
+                          dtype=torch.float32 if plan.fp32_weight_grad else grad_dtype)
     d_b = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if need_b else None
     loss = hidden.new_zeros((), dtype=torch.float32)
     metrics = hidden.new_zeros(len(plan.metric_names), dtype=torch.float32)
@@ -184,17 +220,18 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
             if d_w.dtype == dz.dtype:
                 d_w.addmm_(dz.T, h)
             else:  # fp32 accumulator for a 16-bit product
-                d_w.add_(_product_fp32(dz.T, h))
+                _add_product_fp32(d_w, dz.T, h)
         if need_b:
             d_b += dz.sum(0, dtype=torch.float32)
-    if d_w is not None and d_w.dtype != weight.dtype:
-        d_w = d_w.to(weight.dtype)
+    if d_w is not None and d_w.dtype != grad_dtype:
+        d_w = d_w.to(grad_dtype)
     return loss, metrics, all_logp, d_h, d_w, None if d_b is None else d_b.to(bias.dtype)
 
 
 class FusedLinearLoss(torch.autograd.Function):
     """apply(hidden (N, H), weight (V, H), bias (V,) | None, plan) -> (loss (), metrics (K,),
     logp (N,) fp32, or (0,) unless plan.keep_logprobs), the last two not differentiable.
+    weight: hidden's dtype, or fp32 with 16-bit hidden (its gradient then comes back in fp32).
 
     Gradients of hidden / weight / bias are computed in forward and scaled by grad_output in
     backward (in place: the graph can be back-propagated once).
@@ -203,7 +240,8 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: Plan):
         need = ctx.needs_input_grad[:3]
-        loss, metrics, logp, d_h, d_w, d_b = run_chunks(plan, hidden, weight, bias, need)
+        head = plan.head if plan.head is not None else compute_head(weight, hidden.dtype)
+        loss, metrics, logp, d_h, d_w, d_b = run_chunks(plan, hidden, head, bias, need, grad_dtype=weight.dtype)
         ctx.save_for_backward(d_h, d_w, d_b)
         logp = metrics.new_empty(0) if logp is None else logp
         ctx.mark_non_differentiable(metrics, logp)

@@ -303,13 +303,18 @@ def _needs_whole_sequences(cfg: GRPOLossConfig) -> bool:
 
 
 def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm: _Norm, cfg: GRPOLossConfig,
-                want_entropy: bool, backend, names: dict, keep_logprobs: bool = False):
+                want_entropy: bool, backend, names: dict, keep_logprobs: bool = False, check_values: bool = True,
+                weight_16bit=None):
     """Loss and metrics of the token view through the fused pass (gradients computed in forward).
 
     hidden (N, H), targets (N,) int, seq_starts: host list (B+1,) of sequence row offsets.
     Returns (loss () fp32, {metric: () fp32}, plus "logprobs": (N,) fp32 when keep_logprobs).
     """
-    _validate(hidden, weight, targets, bias, cfg.temperature, names)
+    _validate(hidden, weight, targets, bias, cfg.temperature, names, check_values)
+    if weight_16bit is not None and (weight_16bit.shape != weight.shape or weight_16bit.dtype != hidden.dtype
+                                     or weight.dtype != torch.float32):
+        raise ValueError(f"weight_16bit must be a {tuple(weight.shape)} {hidden.dtype} copy of an fp32 weight, "
+                         f"got {tuple(weight_16bit.shape)} {weight_16bit.dtype} for {weight.dtype}")
 
     def loss_fn(r0, r1, logp, entropy):
         return _grpo_core(tokens.rows(r0, r1, logp), norm.rows(r0, r1), cfg, entropy)
@@ -317,7 +322,7 @@ def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm
     metric_names = ("kl", "clip_ratio", "ratio_mean") + (("entropy",) if want_entropy else ())
     plan = fused.Plan(targets.long(), seq_starts, _needs_whole_sequences(cfg), want_entropy, float(cfg.temperature),
                       loss_fn, metric_names, resolve_backend(backend, hidden), cfg.memory_budget,
-                      cfg.fp32_weight_grad, keep_logprobs)
+                      cfg.fp32_weight_grad, keep_logprobs, None if weight_16bit is None else weight_16bit.detach())
     loss, metrics, logp = fused.FusedLinearLoss.apply(hidden, weight, bias, plan)
     out = dict(zip(metric_names, metrics.unbind()))
     if keep_logprobs:
@@ -502,14 +507,16 @@ def fused_linear_grpo_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def _packed_segments(cu_seqlens, num_rows: int, num_seqs: int):
-    """Validate cu_seqlens (one host sync) and return (seg (M,) int64, lengths (B,) int64, offsets host list)."""
+def _packed_segments(cu_seqlens, num_rows: int, num_seqs: int, host=None):
+    """Validate cu_seqlens and return (seg (M,) int64, lengths (B,) int64, offsets host list).
+    host: the same offsets as a host sequence (else read back: one host sync)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError("cu_seqlens must be an int32/int64 tensor")
     if tuple(cu_seqlens.shape) != (num_seqs + 1,):
         raise ValueError(f"cu_seqlens must have shape ({num_seqs + 1},) (B+1 with B=len(advantages)), "
                          f"got {tuple(cu_seqlens.shape)}")
-    starts = cu_seqlens.tolist()  # host sync: the chunk plan needs the offsets on the host
+    # the chunk plan needs the offsets on the host
+    starts = list(host) if host is not None else cu_seqlens.tolist()
     if starts[0] != 0 or starts[-1] != num_rows or any(b < a for a, b in zip(starts[:-1], starts[1:])):
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at M={num_rows}")
     cu = cu_seqlens.long()
@@ -550,6 +557,9 @@ def packed_grpo_loss(
     return_entropy: bool = False,
     return_logprobs: bool = False,
     backend: str | None = None,
+    cu_seqlens_host=None,
+    check_values: bool = True,
+    weight_16bit=None,
 ):
     """GRPO loss on packed sequences (no padding), LM head fused in.
 
@@ -561,7 +571,8 @@ def packed_grpo_loss(
 
     Args:
         hidden: (M, H) rows of all sequences back to back; row i predicts targets[i].
-        weight: (V, H) LM head (same dtype as hidden). bias: (V,) or None.
+        weight: (V, H) LM head in hidden's dtype, or the fp32 master weight of 16-bit hidden (d_W
+            then accumulates and comes back in fp32). bias: (V,) or None.
         targets: (M,) int token ids in [0, V).
         cu_seqlens: (B+1,) int32 offsets (0, ..., M); empty sequences allowed.
         advantages: (B,) float, one per sequence.
@@ -575,6 +586,12 @@ def packed_grpo_loss(
         return_logprobs: also return every token's current log-prob (metrics["logprobs"], (M,)
             fp32, detached): the old log-probs of later updates, at no extra cost.
         backend: "torch", "triton" or "auto" (see dispatch.resolve_backend).
+        cu_seqlens_host: cu_seqlens as a host list, when the caller has it (saves a host sync).
+        check_values: raise on out-of-range targets / non-finite hidden (one host sync); see
+            token_logprobs.
+        weight_16bit: with an fp32 `weight`, a copy of it in hidden's dtype that the caller keeps
+            anyway (e.g. the sampler's decode weights, equal to `weight`): the products use it
+            instead of casting `weight` for the call (V*H*2 bytes less at the peak).
 
     Returns:
         loss: () fp32 scalar.
@@ -598,7 +615,7 @@ def packed_grpo_loss(
         _check_tensor("seq_weights", seq_weights, (B,))
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when config.beta != 0")
-    seg, lengths, starts = _packed_segments(cu_seqlens, M, B)
+    seg, lengths, starts = _packed_segments(cu_seqlens, M, B, cu_seqlens_host)
     n_seq = _positive_count("num_sequences", num_sequences, B)
     n_tok = _positive_count("num_tokens", num_tokens, max(M, 1))
     vllm, vllm_log_seq = _packed_vllm(vllm_is_ratio, seg, M, B)
@@ -615,7 +632,7 @@ def packed_grpo_loss(
         max_completion_length=config.max_completion_length, metric_w=ones, metric_den=n_tok_t,
     )
     return _fused_grpo(hidden, weight, bias, targets, starts, tokens, norm, config, want_entropy, backend, {},
-                       bool(return_logprobs))
+                       bool(return_logprobs), check_values, weight_16bit)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from triton_loader import DEV, load_backend
 
-from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
+from fastmgrpo.kernels import GRPOLossConfig, fused, packed_grpo_loss
 from fastmgrpo.kernels.reference import reference_linear_logprobs
 
 load_backend()
@@ -178,6 +178,55 @@ def test_fp32_weight_grad_accumulation(backend):
     assert _rel(grads[1], gold[1]) <= 2 * _rel(eager[1], gold[1]) + 1e-3
 
 
+def _saved_16bit_heads(fn, shape):
+    """fn() run under a saved-tensors hook: how many 16-bit tensors of `shape` autograd kept."""
+    kept = []
+
+    def pack(t):
+        if tuple(t.shape) == tuple(shape) and t.dtype in (torch.bfloat16, torch.float16):
+            kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, len(kept)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_master_head_gets_its_gradient_in_fp32(backend, monkeypatch):
+    """bf16 hidden with the fp32 master head: d_W lands in the fp32 .grad directly (no 16-bit (V, H)
+    gradient kept for backward, unlike casting the head first), as accurate as the cast path; a
+    16-bit copy the caller already has (weight_16bit) gives the same result without a cast."""
+    V, H = 257, 16
+    d = _problem(17, H, V, torch.bfloat16, True, lengths=[12, 3, 9, 5])
+    cfg = GRPOLossConfig(beta=0.04, loss_type="bnpo", memory_budget=V * 4 * 5)
+    args = (d["targets"].to(DEV), d["cu"].to(DEV), d["adv"].to(DEV), d["old"].to(DEV), d["ref"].to(DEV))
+    _, gold = _reference_loss(d, torch.float64, cfg)
+    _, eager = _reference_loss(d, torch.bfloat16, cfg)
+    grads, casts, cast = {}, [], fused.compute_head
+    monkeypatch.setattr(fused, "compute_head", lambda w, dtype: casts.append(w.dtype) or cast(w, dtype))
+    for path in ("cast", "master", "given"):
+        h = d["hidden"].detach().to(torch.bfloat16).to(DEV).requires_grad_()
+        w, b = (d[k].detach().float().to(DEV).requires_grad_() for k in ("weight", "bias"))
+        head = (w.to(torch.bfloat16), b.to(torch.bfloat16)) if path == "cast" else (w, b)
+        given = w.detach().to(torch.bfloat16) if path == "given" else None  # e.g. the sampler's copy
+        (loss, _), kept = _saved_16bit_heads(lambda: packed_grpo_loss(
+            h, head[0], *args, config=cfg, bias=head[1], num_tokens=NUM_TOKENS, backend=backend,
+            weight_16bit=given), (V, H))
+        loss.backward()
+        assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+        grads[path] = (kept, w.grad.double().cpu(), h.grad.double().cpu())
+        assert casts.count(torch.float32) == (path == "master"), path  # the given copy is used as is
+        casts.clear()
+    assert grads["cast"][0] == 1 and grads["master"][0] == grads["given"][0] == 0  # cast: a bf16 d_W kept
+    assert all(torch.equal(a, b) for a, b in zip(grads["given"][1:], grads["master"][1:]))
+    bound = 2 * _rel(eager[1], gold[1]) + 1e-3
+    for path, (_, d_w, d_h) in grads.items():
+        assert _rel(d_w, gold[1]) <= bound, path
+        assert _rel(d_h, gold[0]) <= 2 * _rel(eager[0], gold[0]) + 1e-3, path
+    assert _rel(grads["master"][1], gold[1]) <= _rel(grads["cast"][1], gold[1]) * 1.01  # fp32 sum: no worse
+
+
 def test_frozen_head_and_no_grad():
     """Only the inputs that need gradients get them; under no_grad the loss is still computed."""
     V = 50
@@ -221,3 +270,20 @@ def test_return_logprobs_are_the_rows_logprobs(backend):
     gold, _ = reference_linear_logprobs(d["hidden"], d["weight"], d["targets"], d["bias"], 0.8)
     assert metrics["logprobs"].shape == gold.shape and metrics["logprobs"].grad_fn is None
     torch.testing.assert_close(metrics["logprobs"].double().cpu(), gold, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp32-accumulating 16-bit GEMMs are CUDA's")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_add_into_fp32_unrounded_on_cuda(dtype):
+    """d_W's fp32 accumulation: acc += a @ b with no 16-bit rounding of the product (the error of
+    an fp32 sum, far below one 16-bit rounding of the product)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    a = torch.randn(300, 64, device="cuda", generator=g).to(dtype)
+    b = torch.randn(64, 200, device="cuda", generator=g).to(dtype)
+    acc = torch.randn(300, 200, device="cuda", generator=g)
+    want = acc.double() + a.double() @ b.double()
+    rounded = acc.double() + (a @ b).double()  # the product rounded to 16 bits first
+    fused._add_product_fp32(acc, a, b)
+    print("in-place addmm:", fused._fp32_accumulating_gemm(acc.device, dtype),
+          "fp32-output mm:", fused._fp32_output_gemm(acc.device, dtype))
+    assert _rel(acc.double(), want) <= 0.05 * _rel(rounded, want)

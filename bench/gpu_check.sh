@@ -62,8 +62,8 @@ if [ "$DRY" != 1 ]; then
     fi
   done
   [ "${SKIP_INSTALL:-0}" = 1 ] || "$PY" -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -2
-  # fastmgrpo.kernels exists only through setup.py's package_dir: without it nothing below means anything
-  "$PY" -c "import fastmgrpo.kernels as k, os, sys; sys.exit(0 if os.path.realpath(k.__file__).startswith(os.path.realpath('kernels')) else 'fastmgrpo.kernels is not this checkout: ' + k.__file__)" \
+  # an older install elsewhere would be measured instead of this checkout: nothing below would mean anything
+  "$PY" -c "import fastmgrpo.kernels as k, os, sys; sys.exit(0 if os.path.realpath(k.__file__).startswith(os.path.realpath('fastmgrpo/kernels')) else 'fastmgrpo.kernels is not this checkout: ' + k.__file__)" \
     || fail "fastmgrpo.kernels does not import from this checkout (did pip install -e . fail?)"
   if [ "${ALLOW_CPU:-0}" != 1 ]; then
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || fail "torch sees no GPU"

@@ -12,6 +12,12 @@ import zlib
 import pytest
 import torch
 
+from fastmgrpo import env
+
+# transformers >= 5.25 loads every model with use_kernels=True by default and raises without the
+# Hugging Face `kernels` package; tests (and TRL in them) call from_pretrained directly.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
@@ -25,8 +31,7 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    shift = int(os.environ.get("FASTMGRPO_SEED_SHIFT", "0"))
-    seed = (zlib.crc32(request.node.nodeid.encode()) + shift) % 2**31
+    seed = (zlib.crc32(request.node.nodeid.encode()) + env.seed_shift()) % 2**31
     torch.manual_seed(seed)
     random.seed(seed)
     yield seed

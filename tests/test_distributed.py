@@ -25,7 +25,7 @@ import fastmgrpo.trainer as trainer_mod
 from fastmgrpo import train
 from fastmgrpo.config import parse_config
 from fastmgrpo.mgrpo import Rollout
-from fastmgrpo.models import build_tiny_model
+from fastmgrpo.testing import build_tiny_model
 
 SUMMED = ("tokens_generated", "l2_groups_kept", "l2_groups_discarded")
 REAL_COLLECT = mgrpo.collect

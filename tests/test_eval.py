@@ -16,9 +16,10 @@ from fastmgrpo.data import load_problems
 from fastmgrpo.eval import evaluate
 from fastmgrpo.eval import main as eval_main
 from fastmgrpo.metrics import correction_metrics, pass_at_k
-from fastmgrpo.models import build_tiny_model, stop_token_ids
+from fastmgrpo.models import stop_token_ids
 from fastmgrpo.prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
 from fastmgrpo.rollout import sample
+from fastmgrpo.testing import build_tiny_model
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -13,8 +13,9 @@ import fastmgrpo.trainer as trainer_mod
 from fastmgrpo.config import ConfigError, MGRPOConfig, build_parser
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
-from fastmgrpo.models import build_tiny_model, lm_head
+from fastmgrpo.models import lm_head
 from fastmgrpo.packing import pack, packed_hidden_states
+from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.trainer import Trainer, TrainingError
 from fastmgrpo.types import Episode, Problem
 

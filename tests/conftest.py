@@ -17,6 +17,13 @@ from fastmgrpo import env
 # transformers >= 5.25 loads every model with use_kernels=True by default and raises without the
 # Hugging Face `kernels` package; tests (and TRL in them) call from_pretrained directly.
 os.environ.setdefault("USE_HUB_KERNELS", "NO")
+# Subprocesses (CLI runs, torchrun-style ranks) get one intra-op thread too, like this process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes 5 s or more on a 2-core CPU machine (subprocesses, "
+                            "multi-rank runs, whole CLI runs); deselect with -m 'not slow' while iterating")
 
 
 @pytest.fixture(autouse=True, scope="session")

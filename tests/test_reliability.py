@@ -26,6 +26,7 @@ from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.trainer import Trainer, TrainingError
 
 
+@pytest.mark.slow
 def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -36,6 +36,19 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_model_cache(tmp_path_factory):
+    """Converted models go to a fresh folder: no test reads ~/.cache (nor any file outside the
+    repository and its temporary folders)."""
+    saved = os.environ.get("FASTMGRPO_CACHE")
+    os.environ["FASTMGRPO_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FASTMGRPO_CACHE")
+    else:
+        os.environ["FASTMGRPO_CACHE"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     seed = (zlib.crc32(request.node.nodeid.encode()) + env.seed_shift()) % 2**31

@@ -165,7 +165,6 @@ def test_checkpoint_moves_between_one_and_two_ranks(tmp_path, monkeypatch):
 L2_OFF = ["--layers", "2", "--l2-weight", "0"]
 
 
-@pytest.mark.slow
 def test_l2_weight_zero_trains_exactly_like_one_layer(tmp_path, monkeypatch):
     """Each layer has its own normaliser, so a zero-weight layer 2 leaves layer 1's loss and
     gradient untouched (same rollouts: layer 1 samples first, from the same seeded generator)."""

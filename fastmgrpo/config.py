@@ -159,8 +159,9 @@ class MGRPOConfig:
                                        "or two blank lines for a base model without chat template "
                                        "(it would go on with a next question), none for a chat model.")
     prompt_shots: int = _opt(0, "K worked exemplars before every question, drawn (per seed) from the "
-                             "GSM8K training split, never from the evaluated problems (training "
-                             "leaves them out of its data; periodic eval uses the same ones); helps "
+                             "training set (fastmgrpo.eval: the GSM8K training split), never from "
+                             "evaluated problems (training leaves them out of its data; periodic "
+                             "eval uses the same ones); helps "
                              "base models answer in the '#### n' form. Each GSM8K exemplar adds about "
                              "150 tokens: raise max_prompt_length to fit them.")
 

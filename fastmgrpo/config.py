@@ -161,9 +161,9 @@ class MGRPOConfig:
     prompt_shots: int = _opt(0, "K worked exemplars before every question, drawn (per seed) from the "
                              "training set (fastmgrpo.eval: the GSM8K training split), never from "
                              "evaluated problems (training leaves them out of its data; periodic "
-                             "eval uses the same ones); helps "
-                             "base models answer in the '#### n' form. Each GSM8K exemplar adds about "
-                             "150 tokens: raise max_prompt_length to fit them.")
+                             "eval uses the same ones); helps base models answer in the '#### n' "
+                             "form. Each GSM8K exemplar adds about 150 tokens: raise "
+                             "max_prompt_length to fit them.")
 
     # --- runtime --------------------------------------------------------------------------
     micro_batch_tokens: int = _opt(4096, "Token budget of one packed micro-batch (lower it on OOM).")

@@ -27,8 +27,8 @@ from benchutil import CUDA, DEVICE, device_name, sync
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from fastmgrpo import rollout
-from fastmgrpo.models import build_tiny_model
 from fastmgrpo.rollout import sample
+from fastmgrpo.testing import build_tiny_model
 
 PROVIDERS = ["fastmgrpo", "hf_static", "hf_dynamic"]
 _SHAPES = os.environ.get("FASTMGRPO_BENCH_ROLLOUT", "64,256;256,256" if CUDA else "32,64")

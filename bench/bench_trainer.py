@@ -43,13 +43,14 @@ import fastmgrpo.trainer as trainer_mod
 from fastmgrpo.attention import use_varlen_attention
 from fastmgrpo.config import MGRPOConfig
 from fastmgrpo.data import synthetic_problems
-from fastmgrpo.models import build_tiny_model, build_tiny_tokenizer, decoder, lm_head
+from fastmgrpo.models import decoder, lm_head
 from fastmgrpo.packing import (
     microbatches,
     pack,
     packed_hidden_states,
     padded_hidden_states,
 )
+from fastmgrpo.testing import build_tiny_model, build_tiny_tokenizer
 from fastmgrpo.trainer import Trainer
 from fastmgrpo.types import Episode
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from fastmgrpo.config import MGRPOConfig
-from fastmgrpo.models import build_tiny_model
+from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.train import run
 from fastmgrpo.trainer import Trainer
 from fastmgrpo.types import Problem

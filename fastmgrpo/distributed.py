@@ -8,13 +8,14 @@ the policy under DDP or FSDP2 and `full_weights` lets ranks run different number
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+from . import env
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,11 @@ class Dist:
     def from_env(cls, device: torch.device) -> tuple[Dist, torch.device]:
         """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (nccl on CUDA, gloo
         on CPU) and return it with this rank's device (cuda:LOCAL_RANK). One process: no-op."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = env.world_size()
         if world == 1:
             return cls(device), device
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            device = torch.device("cuda", env.local_rank())
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

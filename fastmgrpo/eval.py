@@ -9,28 +9,27 @@ checking as training. `evaluate` is the library entry point the trainer calls on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, check_writable_file
+from .config import PASS_K_TEMPERATURE, ConfigError, EvalConfig, add_options, parse_options
 from .data import DatasetError, load_problems
 from .metrics import correction_metrics, pass_at_k
-from .models import ModelError, compute_dtype, load_model, resolve_device, stop_token_ids
-from .prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt, select_shots, stop_strings
+from .models import ModelError, compute_dtype, load_model, padding_id, resolve_device, stop_token_ids
+from .prompts import (GUIDING_PHRASES, RANDOM_PHRASE, eval_phrase, layer1_prompt, layer2_prompt, select_shots,
+                      stop_strings)
 from .rewards import final_answer, score
 from .stopping import generate
 from .types import Completion, Problem
 
-DEFAULT_PHRASE = GUIDING_PHRASES[1]  # "Wait, let me double-check that."
-RANDOM_PHRASE = "random"  # --phrase random: one phrase per attempt, drawn from the paper's pool
-PASS_K_TEMPERATURE = 0.7  # the paper's evaluation temperature
+DEFAULT_PHRASE = eval_phrase()
 SHOTS_FROM = "gsm8k"  # few-shot exemplars come from the training split, never from eval data
 
 
@@ -105,9 +104,8 @@ def evaluate(
     t0 = time.perf_counter()
     device = model.get_input_embeddings().weight.device
     stop_ids = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     sampling = dict(max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, stop_ids=stop_ids,
-                    pad_id=pad_id, batch_size=batch_size, stop_strings=stop,
+                    pad_id=padding_id(tokenizer, stop_ids), batch_size=batch_size, stop_strings=stop,
                     generator=torch.Generator(device=device).manual_seed(seed))
 
     unique_prompts = [layer1_prompt(tokenizer, p, shots) for p in problems]
@@ -175,119 +173,25 @@ def format_table(summary: dict) -> str:
     return "\n".join(f"{label:<{width}}  {value:>8}" for label, value in rows)
 
 
-def _phrase(value: str) -> str:
-    """--phrase: an index into GUIDING_PHRASES, 'random', or the literal phrase text."""
-    if value == RANDOM_PHRASE:
-        return value
-    if value.isdigit():
-        index = int(value)
-        if index >= len(GUIDING_PHRASES):
-            raise argparse.ArgumentTypeError(f"phrase index {index} not in 0..{len(GUIDING_PHRASES) - 1}")
-        return GUIDING_PHRASES[index]
-    if not value.strip():
-        raise argparse.ArgumentTypeError("phrase must not be empty")
-    return value
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m fastmgrpo.eval` argument parser."""
-    phrases = "; ".join(f"{i}: {p!r}" for i, p in enumerate(GUIDING_PHRASES)).replace("%", "%%")
-    p = argparse.ArgumentParser(
+    """The `python -m fastmgrpo.eval` argument parser: one flag per `EvalConfig` field."""
+    return add_options(argparse.ArgumentParser(
         prog="python -m fastmgrpo.eval",
         description="Measure a model's first-attempt accuracy, its accuracy after one "
         "self-correction round, and the transition rates (SCoRe metrics), with MGRPO's prompts.",
-    )
-    p.add_argument("--model", default="default",
-                   help="Hugging Face model directory, a checkpoint directory written by "
-                   "fastmgrpo.train, a .gguf file, or 'default' (embedded Gemma 3 270M). "
-                   "(default: %(default)s)")
-    p.add_argument("--dataset", default="gsm8k:heldout",
-                   help="Problems: 'gsm8k:heldout' (500 problems of the embedded GSM8K train split "
-                   "that `fastmgrpo.train --dataset gsm8k` never trains on), 'gsm8k:test' (GSM8K's "
-                   "1,319 test problems, the split papers report), 'gsm8k', 'gsm8k:all', "
-                   "'synthetic[:N]', or a .jsonl/.jsonl.gz file in GSM8K or MATH style. "
-                   "(default: %(default)s)")
-    p.add_argument("--limit", type=_positive, default=50,
-                   help="Evaluate the first N problems of the dataset. (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=64,
-                   help="Sequences decoded together; lower it on out-of-memory. (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=_positive, default=256,
-                   help="Maximum tokens per attempt. (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="Sampling temperature of both attempts; 0 = greedy (papers: 0.7 with "
-                   "--samples). (default: %(default)s)")
-    p.add_argument("--samples", type=_positive, default=1,
-                   help="Attempts (t1 and its correction) per problem, at --temperature > 0; every "
-                   "rate is the mean over all attempts. (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="Nucleus sampling threshold when temperature > 0; 1 = off. (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0,
-                   help="Top-k sampling when temperature > 0; 0 = off. (default: %(default)s)")
-    p.add_argument("--l2-format", choices=("continue", "turn"), default="continue",
-                   help="Correction prompt: 'continue' appends the phrase inside the answer's turn "
-                   "(paper), 'turn' asks in a new user turn (SCoRe). Match training. Either way t2 is "
-                   "judged with t1 as one answer: a correction that states no final answer "
-                   "('#### n', \\boxed{}, 'the answer is n') keeps t1's. "
-                   "(default: %(default)s)")
-    p.add_argument("--phrase", type=_phrase, default=DEFAULT_PHRASE,
-                   help=f"Guiding phrase of the correction prompt: an index into the paper's pool "
-                   f"({phrases}), 'random' (one drawn from the pool per attempt, per --seed, as in "
-                   f"training), or any text. (default: 1)")
-    p.add_argument("--stop", nargs="+", metavar="TEXT",
-                   help="Stop strings: an attempt ends at the first one, which is cut from it; "
-                   "'none' = off. (default: a new 'Question:' line or two blank lines for a base "
-                   "model without chat template, none for a chat model)")
-    p.add_argument("--prompt-shots", type=int, default=0, metavar="K",
-                   help=f"Worked exemplars before each question, drawn (per --seed) from the "
-                   f"{SHOTS_FROM!r} training split, never from the evaluated problems; helps base "
-                   f"models answer in the '#### n' form. (default: %(default)s)")
-    p.add_argument("--pass-k", type=int, default=0,
-                   help="Also draw K first-attempt samples per problem at --pass-k-temperature and "
-                   "report pass@1 and pass@K; 0 = off. (default: %(default)s)")
-    p.add_argument("--pass-k-temperature", type=float, default=PASS_K_TEMPERATURE,
-                   help="Sampling temperature of the pass@k samples (paper's eval temperature). "
-                   "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="Seed of the sampling generator and of synthetic problems. (default: %(default)s)")
-    p.add_argument("--device", default="auto",
-                   help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'. "
-                   "(default: %(default)s)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="Weights dtype: 'auto' = bf16 on GPU, fp32 on CPU. (default: %(default)s)")
-    p.add_argument("--output", type=Path,
-                   help="Write one JSON record per attempt here (JSONL): question, gold answer, phrase, both "
-                   "attempts' text, extracted answers and verdicts.")
-    p.add_argument("--json", type=Path,
-                   help="Write the summary (metrics and settings) here as JSON.")
-    p.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
-    return p
+    ), EvalConfig)
 
 
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("temperature", "top_p", "pass_k_temperature"):
-        if not math.isfinite(getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number")
-    if args.temperature < 0 or args.pass_k_temperature <= 0:
-        parser.error("--temperature must be >= 0 and --pass-k-temperature > 0")
-    if not 0 < args.top_p <= 1 or args.top_k < 0 or args.pass_k < 0 or args.prompt_shots < 0:
-        parser.error("--top-p must be in (0, 1], --top-k, --pass-k and --prompt-shots >= 0")
-    if args.samples > 1 and args.temperature == 0:
-        parser.error("--samples > 1 needs --temperature > 0: greedy attempts are all the same")
-    if args.device != "auto":
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            parser.error(f"--device {args.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+def parse_eval_config(argv: list[str] | None = None) -> EvalConfig:
+    """argv -> EvalConfig; an unusable option exits with status 2 and a message naming it."""
+    parser = build_parser()
+    try:
+        return EvalConfig(**parse_options(parser, argv))
+    except ConfigError as e:
+        parser.error(str(e))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: EvalConfig) -> None:
     """Load, evaluate, print the table and write the --output / --json files."""
     device = resolve_device(args.device)
     dtype = compute_dtype(args.precision, device)
@@ -302,13 +206,13 @@ def run(args: argparse.Namespace) -> None:
         shots = select_shots(pool, args.prompt_shots, args.seed, exclude={p.question for p in problems})
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     stop = stop_strings(tokenizer, args.stop)
-    settings = {k: v for k, v in vars(args).items() if k not in ("output", "json", "no_progress")}
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output", "json", "progress")}
     settings.update(stop=list(stop), shot_uids=[s.uid for s in shots])
     summary, records = evaluate(
         model, tokenizer, problems, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, l2_format=args.l2_format,
         phrase=args.phrase, pass_k=args.pass_k, pass_k_temperature=args.pass_k_temperature,
-        seed=args.seed, progress=not args.no_progress, samples=args.samples, stop=stop, shots=shots,
+        seed=args.seed, progress=args.progress, samples=args.samples, stop=stop, shots=shots,
     )
     result = {"settings": {**settings, "device": str(device), "precision": precision}, "metrics": summary}
     print(f"model {args.model}  dataset {args.dataset}  ({len(problems)} problems)")
@@ -324,9 +228,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for unusable input, 3 for CUDA OOM)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check(parser, args)
+    args = parse_eval_config(argv)
     try:
         run(args)
     except (DatasetError, ModelError, CheckpointError, OSError) as e:  # bad model/dataset/output

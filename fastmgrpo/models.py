@@ -1,5 +1,5 @@
-"""Model and tokenizer loading: the embedded default (Gemma 3 270M GGUF), local HF dirs, GGUF
-files, and tiny random-initialised models for tests.
+"""Model and tokenizer loading: the embedded default (Gemma 3 270M GGUF), local HF dirs and GGUF
+files (tiny random-initialised models for tests live in `fastmgrpo.testing`).
 
 A GGUF file is de-quantised once by transformers (slow: ~40 s for 270M) and the result is
 cached as a plain Hugging Face directory (safetensors + config + tokenizer) under
@@ -11,41 +11,19 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import string
 import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Gemma3TextConfig,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from . import env
 
 DEFAULT_CACHE_NAME = "gemma3-270m"
-
-# Gemma 3 turn format, used by the tiny test tokenizer. (The default 270M checkpoint is the base
-# model: it does not follow this format, so it gets no chat template.) A system message is
-# folded into the first user turn, as Gemma's own template does.
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% set ns = namespace(prefix='') %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns.prefix = message['content'] + '\n\n' %}"
-    "{% else %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + ns.prefix + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% set ns.prefix = '' %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+# Every from_pretrained here passes use_kernels=False: transformers >= 5.25 defaults it to True and
+# then refuses to load without the Hugging Face `kernels` package; fastmgrpo brings its own.
 
 _STOP_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
-_TINY_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
 class ModelError(ValueError):
@@ -81,11 +59,6 @@ def _check_gguf(path: Path) -> None:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"{path}: not a GGUF file (no GGUF header)")
-
-
-def cache_root() -> Path:
-    """Directory holding converted models: `$FASTMGRPO_CACHE` or `~/.cache/fastmgrpo`."""
-    return Path(os.environ.get("FASTMGRPO_CACHE", Path.home() / ".cache" / "fastmgrpo"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,7 +123,7 @@ def load_model(
         raise ModelError(f"{hf_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
     check_tokenizer(tokenizer, hf_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, use_kernels=False,
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # broken config / weights
         raise ModelError(f"{hf_dir}: cannot load the model ({type(e).__name__}: {e})") from e
@@ -171,17 +144,18 @@ def _default_attn(device: str | torch.device) -> str:
 
 
 def _converted_gguf(gguf: Path, name: str) -> Path:
-    """De-quantise `gguf` into a cached HF directory `cache_root()/name` (once) and return it.
+    """De-quantise `gguf` into a cached HF directory `env.cache_dir()/name` (once) and return it.
 
     The directory is written to a temp dir and moved into place with os.replace, so a crash or
     a concurrent converter never leaves a half-written cache behind.
     """
-    out = cache_root() / name
+    out = env.cache_dir() / name
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 use_kernels=False)
     # The de-quantised weights are plain tensors, but transformers still marks the model as
     # quantized, which makes save_pretrained refuse ("not serializable").
     model.hf_quantizer = None
@@ -206,7 +180,7 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
 @torch.no_grad()
 def _check_same_logits(model: torch.nn.Module, saved: Path) -> None:
     ids = (torch.arange(2, 34) % model.get_input_embeddings().num_embeddings).unsqueeze(0)  # (1, 32)
-    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32, use_kernels=False).eval()
     if not torch.equal(model.eval()(ids).logits, reloaded(ids).logits):
         raise RuntimeError(f"converted model in {saved} does not reproduce the GGUF model's logits")
 
@@ -218,6 +192,11 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerFast) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def padding_id(tokenizer: PreTrainedTokenizerFast, stop_ids: set[int]) -> int:
+    """Id that fills padded positions: the tokenizer's pad token, else the smallest stop id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
 
 
 def _check_plain_logits(model: torch.nn.Module) -> None:
@@ -250,63 +229,3 @@ def decoder(model: torch.nn.Module) -> torch.nn.Module:
     """
     _check_plain_logits(model)
     return model.get_decoder()
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level offline tokenizer over printable ASCII, with a Gemma-style chat template.
-
-    Ids: <pad>=0 <eos>=1 <bos>=2 <unk>=3 <start_of_turn>=4 <end_of_turn>=5, then one id per
-    printable ASCII character (letters, digits, punctuation, space, \\n, \\t, \\r, \\v, \\f).
-    Encoding/decoding of ASCII text is lossless; no bos is added by `encode`.
-    """
-    chars = list(dict.fromkeys(string.printable))
-    vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS + chars)}
-    # BPE without merges over characters: each character is its own token; Fuse joins them back.
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens(_TINY_SPECIALS)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-    )
-    tok.chat_template = GEMMA3_CHAT_TEMPLATE
-    return tok
-
-
-def build_tiny_model(
-    *, vocab_size: int | None = None, seed: int = 0, arch: str = "gemma3"
-) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """A tiny random-initialised causal LM (hidden 64, 2 layers, 4 heads, 2 kv heads, fp32, eval).
-
-    vocab_size: embedding rows (default: the tokenizer's size; larger values add unused rows).
-    arch: "gemma3" (layer 0 sliding window 16, layer 1 full attention, tied embeddings) or
-        "llama" (untied head). Deterministic given `seed`; saves/loads with save_pretrained.
-    """
-    tokenizer = build_tiny_tokenizer()
-    vocab_size = vocab_size or len(tokenizer)
-    if vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
-    common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if arch == "gemma3":
-        config = Gemma3TextConfig(
-            **common, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=16, final_logit_softcapping=None, tie_word_embeddings=True,
-        )
-    elif arch == "llama":
-        config = LlamaConfig(**common, tie_word_embeddings=False)
-    else:
-        raise ValueError(f"unknown arch {arch!r}; expected 'gemma3' or 'llama'")
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval(), tokenizer

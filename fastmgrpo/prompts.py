@@ -23,6 +23,7 @@ GUIDING_PHRASES = (
     "Another thought: maybe I can",
     "But wait, let me just make sure I didn't miss anything in the original problem.",
 )
+RANDOM_PHRASE = "random"  # a phrase spec: one phrase per attempt, drawn from the pool
 
 INSTRUCTION = "Solve the problem step by step, then give the final answer as {final}."
 REVIEW_INSTRUCTION = "Review your previous answer. {phrase} Then give the final answer as {final}."
@@ -141,6 +142,12 @@ def layer2_prompt(
     if fmt == "turn":
         return prefix + _turn_suffix(tokenizer, problem, phrase)
     raise ValueError(f"unknown layer-2 prompt format {fmt!r}: expected 'continue' or 'turn'")
+
+
+def eval_phrase(pool: Sequence[str] = GUIDING_PHRASES) -> str:
+    """The guiding phrase of greedy evaluation: the pool's second ("Wait, let me double-check
+    that." in the paper's pool), or its only one."""
+    return pool[1 % len(pool)]
 
 
 def sample_phrase(rng: random.Random, pool: Sequence[str] = GUIDING_PHRASES) -> str:

@@ -31,9 +31,9 @@ from .decode_weights import DecodeWeights
 from .distributed import Dist, full_weights, no_grad_sync, wrap
 from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
 from .mgrpo import collect
-from .models import compute_dtype, decoder, lm_head, load_model, resolve_device, stop_token_ids
+from .models import compute_dtype, decoder, lm_head, load_model, padding_id, resolve_device, stop_token_ids
 from .packing import microbatches, pack, packed_hidden_states
-from .prompts import layer1_prompt, select_shots, stop_strings
+from .prompts import eval_phrase, layer1_prompt, select_shots, stop_strings
 from .types import Episode
 
 
@@ -254,7 +254,7 @@ class Trainer:
         self.decode_weights = DecodeWeights(self.model, self.dtype)
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_strings = stop_strings(tokenizer, cfg.stop)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        self.pad_id = padding_id(tokenizer, self.stop_ids)
         self.problems, self.prompts, self.data_stats = self._load_data(problems)
         if checkpoint is not None:
             self._load_weights(checkpoint)  # before wrapping: FSDP2 shards what the model holds
@@ -473,7 +473,7 @@ class Trainer:
             summary, _ = evaluate(self.decode_weights.refresh(), self.tokenizer, self.eval_problems,
                                   max_new_tokens=cfg.max_completion_length, temperature=0.0, top_p=1.0,
                                   batch_size=cfg.rollout_batch_size, l2_format=cfg.l2_format,
-                                  phrase=cfg.guiding_phrases[1 % len(cfg.guiding_phrases)], pass_k=0,
+                                  phrase=eval_phrase(cfg.guiding_phrases), pass_k=0,
                                   seed=cfg.seed, stop=self.stop_strings, shots=self.shots)
         return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
 

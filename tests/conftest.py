@@ -12,6 +12,19 @@ import zlib
 import pytest
 import torch
 
+from fastmgrpo import env
+
+# transformers >= 5.25 loads every model with use_kernels=True by default and raises without the
+# Hugging Face `kernels` package; tests (and TRL in them) call from_pretrained directly.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+# Subprocesses (CLI runs, torchrun-style ranks) get one intra-op thread too, like this process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes 5 s or more on a 2-core CPU machine (subprocesses, "
+                            "multi-rank runs, whole CLI runs); deselect with -m 'not slow' while iterating")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
@@ -23,10 +36,22 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_model_cache(tmp_path_factory):
+    """Converted models go to a fresh folder: no test reads ~/.cache (nor any file outside the
+    repository and its temporary folders)."""
+    saved = os.environ.get("FASTMGRPO_CACHE")
+    os.environ["FASTMGRPO_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FASTMGRPO_CACHE")
+    else:
+        os.environ["FASTMGRPO_CACHE"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
-    shift = int(os.environ.get("FASTMGRPO_SEED_SHIFT", "0"))
-    seed = (zlib.crc32(request.node.nodeid.encode()) + shift) % 2**31
+    seed = (zlib.crc32(request.node.nodeid.encode()) + env.seed_shift()) % 2**31
     torch.manual_seed(seed)
     random.seed(seed)
     yield seed

@@ -3,7 +3,7 @@
 import torch
 
 from fastmgrpo.decode_weights import DecodeWeights
-from fastmgrpo.models import build_tiny_model
+from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.rollout import sample
 
 

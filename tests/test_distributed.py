@@ -25,7 +25,7 @@ import fastmgrpo.trainer as trainer_mod
 from fastmgrpo import train
 from fastmgrpo.config import parse_config
 from fastmgrpo.mgrpo import Rollout
-from fastmgrpo.models import build_tiny_model
+from fastmgrpo.testing import build_tiny_model
 
 SUMMED = ("tokens_generated", "l2_groups_kept", "l2_groups_discarded")
 REAL_COLLECT = mgrpo.collect
@@ -138,6 +138,7 @@ def assert_same_run(out: Path, ref: Path, steps: int, only=None) -> None:
         assert not torch.equal(a[k], init[k]), f"{k} did not train"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, monkeypatch, fsdp):
     argv = base_argv(tmp_path, **{"max-steps": 2})
@@ -147,6 +148,7 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch, fsdp):
     assert_same_run(tmp_path / "two", tmp_path / "one", steps=2)
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_one_and_two_ranks(tmp_path, monkeypatch):
     """1 process (step 1) -> 2 FSDP2 ranks (step 2) -> 1 process (step 3) == 3 steps in one go."""
     monkeypatch.setattr(mgrpo, "score", hash_reward)
@@ -179,6 +181,7 @@ def test_l2_weight_zero_trains_exactly_like_one_layer(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_l2_weight_zero_on_two_ranks_matches_one_layer_on_one(tmp_path, monkeypatch):
     """Per-layer counts are global: two ranks with a zero-weight layer 2 == one GRPO process."""
     torch.manual_seed(12)  # the tiny model

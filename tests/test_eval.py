@@ -16,9 +16,10 @@ from fastmgrpo.data import load_problems
 from fastmgrpo.eval import evaluate
 from fastmgrpo.eval import main as eval_main
 from fastmgrpo.metrics import correction_metrics, pass_at_k
-from fastmgrpo.models import build_tiny_model, stop_token_ids
+from fastmgrpo.models import stop_token_ids
 from fastmgrpo.prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
 from fastmgrpo.rollout import sample
+from fastmgrpo.testing import build_tiny_model
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -175,6 +176,7 @@ def test_evaluate_records_and_summary_on_a_tiny_model(monkeypatch):
     assert summary["pass@2"] == pytest.approx(sum(c > 0 for c in want_k) / 4)
 
 
+@pytest.mark.slow
 def test_cli_writes_consistent_summary_and_records(tmp_path):
     model, tok = _digit_model()
     model.save_pretrained(tmp_path / "model")
@@ -292,20 +294,18 @@ def test_evaluate_k_samples_and_random_phrases_are_means_over_attempts(monkeypat
         {key: summary[key] for key in summary if key != "seconds"}
 
 
-def test_cli_records_the_protocol_in_the_summary(tmp_path):
+def test_cli_records_the_protocol_in_the_summary(tmp_path, capsys):
+    # in-process (the `-m` entry point is run by test_cli_writes_consistent_summary_and_records)
     model, tok = _digit_model()
     model.save_pretrained(tmp_path / "model")
     tok.chat_template = None  # a base model: plain prompts, default stop strings, shots
     tok.save_pretrained(tmp_path / "model")
     out_json, out_records = tmp_path / "summary.json", tmp_path / "rec.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastmgrpo.eval", "--model", str(tmp_path / "model"),
-         "--dataset", "synthetic:3", "--max-new-tokens", "4", "--device", "cpu", "--no-progress",
-         "--temperature", "0.7", "--samples", "2", "--phrase", "random", "--seed", "11",
-         "--prompt-shots", "2", "--json", str(out_json), "--output", str(out_records)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    status = eval_main(["--model", str(tmp_path / "model"), "--dataset", "synthetic:3", "--max-new-tokens", "4",
+                        "--device", "cpu", "--no-progress", "--temperature", "0.7", "--samples", "2",
+                        "--phrase", "random", "--seed", "11", "--prompt-shots", "2",
+                        "--json", str(out_json), "--output", str(out_records)])
+    assert status == 0, capsys.readouterr().err
     settings = json.loads(out_json.read_text())["settings"]
     assert (settings["temperature"], settings["samples"], settings["phrase"], settings["seed"]) == \
         (0.7, 2, "random", 11)
@@ -316,6 +316,6 @@ def test_cli_records_the_protocol_in_the_summary(tmp_path):
     assert all(u in train and train[u].question not in heldout for u in settings["shot_uids"])
     records = [json.loads(line) for line in out_records.read_text().splitlines()]
     assert len(records) == 6 and all("Question:" not in r["t1_text"] for r in records)
-    bad = subprocess.run([sys.executable, "-m", "fastmgrpo.eval", "--samples", "2"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--temperature" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        eval_main(["--samples", "2"])
+    assert bad.value.code == 2 and "--temperature" in capsys.readouterr().err

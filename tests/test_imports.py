@@ -7,6 +7,8 @@ from pathlib import Path
 import subprocess
 import sys
 
+import pytest
+
 OPTIONAL = ["trl", "datasets", "liger_kernel", "math_verify", "latex2sympy2_extended", "antlr4", "gguf"]
 
 
@@ -14,6 +16,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_entry_points_import_no_optional_dependency():
     out = _run("import json, sys\n"
                "import fastmgrpo.train, fastmgrpo.eval, fastmgrpo.trainer\n"

@@ -7,8 +7,9 @@ import torch
 
 import fastmgrpo.mgrpo as mgrpo
 from fastmgrpo.config import MGRPOConfig
-from fastmgrpo.models import build_tiny_tokenizer, stop_token_ids
+from fastmgrpo.models import stop_token_ids
 from fastmgrpo.prompts import GUIDING_PHRASES, layer1_prompt
+from fastmgrpo.testing import build_tiny_tokenizer
 from fastmgrpo.types import Completion, Problem
 
 

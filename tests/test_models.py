@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fastmgrpo.models import build_tiny_model, decoder, lm_head, load_model, stop_token_ids
+from fastmgrpo.models import decoder, lm_head, load_model, stop_token_ids
+from fastmgrpo.testing import build_tiny_model
 
 
 MATH = "Q: Tom has 3 boxes of 12 pens, gives away 5.\nHow many?\n3 * 12 = 36; 36 - 5 = 31\n#### 31"

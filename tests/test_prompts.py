@@ -1,6 +1,5 @@
+import hashlib
 import random
-import re
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -8,6 +7,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerFast
 
 from fastmgrpo.prompts import (
     GUIDING_PHRASES,
+    eval_phrase,
     layer1_prompt,
     layer2_prompt,
     sample_phrase,
@@ -72,11 +72,16 @@ def stop_ids(tokenizer) -> set[int]:
 
 
 def test_phrases_verbatim_from_design():
-    design = Path(__file__).resolve().parents[2] / "shared" / "DESIGN.md"
-    if not design.exists():
-        pytest.skip("DESIGN.md not beside the repository")
-    quoted = re.findall(r'^\d\. "(.*)"$', design.read_text(encoding="utf-8"), re.MULTILINE)
-    assert list(GUIDING_PHRASES) == quoted and len(quoted) == 7
+    # sha256 of the seven phrases quoted in DESIGN.md (from the paper), newline-joined: pins
+    # every character without reading a file outside the repository
+    digest = hashlib.sha256("\n".join(GUIDING_PHRASES).encode()).hexdigest()
+    assert len(GUIDING_PHRASES) == 7
+    assert digest == "29a20ab716d011f5213056524724e4db8331fa3e17ba6847c8cb41957369e5e5"
+
+
+def test_eval_phrase_is_the_pools_second_or_its_only_one():
+    assert eval_phrase() == "Wait, let me double-check that."
+    assert eval_phrase(["a", "b", "c"]) == "b" and eval_phrase(["only"]) == "only"
 
 
 def test_sample_phrase_is_seeded_and_covers_pool():

@@ -21,10 +21,12 @@ import fastmgrpo.train as train_cli
 from fastmgrpo.checkpoint import latest_checkpoint, load_trainer_state
 from fastmgrpo.config import ConfigError, parse_config
 from fastmgrpo.data import synthetic_problems
-from fastmgrpo.models import ModelError, build_tiny_model, check_tokenizer, load_model
+from fastmgrpo.models import ModelError, check_tokenizer, load_model
+from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.trainer import Trainer, TrainingError
 
 
+@pytest.mark.slow
 def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 

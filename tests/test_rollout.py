@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fastmgrpo.models import build_tiny_model
 from fastmgrpo.rollout import _pick, sample
+from fastmgrpo.testing import build_tiny_model
 
 @pytest.fixture(scope="module")
 def tiny():

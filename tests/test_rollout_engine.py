@@ -10,8 +10,8 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from fastmgrpo import rollout
-from fastmgrpo.models import build_tiny_model
 from fastmgrpo.stopping import StopStrings
+from fastmgrpo.testing import build_tiny_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 

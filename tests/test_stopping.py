@@ -8,9 +8,10 @@ import torch
 import fastmgrpo.mgrpo as mgrpo
 from fastmgrpo import rollout
 from fastmgrpo.config import MGRPOConfig
-from fastmgrpo.models import build_tiny_model, stop_token_ids
+from fastmgrpo.models import stop_token_ids
 from fastmgrpo.prompts import PLAIN_STOP_STRINGS, layer1_prompt, stop_strings
 from fastmgrpo.stopping import StopStrings, generate
+from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.types import Problem
 
 

@@ -9,7 +9,7 @@ from test_trainer import fixed_rollout, make_trainer, random_episodes
 
 import fastmgrpo.trainer as trainer_mod
 from fastmgrpo.attention import use_varlen_attention
-from fastmgrpo.models import build_tiny_model
+from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.packing import pack, packed_hidden_states
 
 # Calls that read a tensor back to the host. On CPU none of them waits for a device, so they are

@@ -194,12 +194,15 @@ def test_micro_batches_with_global_counts_sum_to_full_batch(loss_type):
         gx.append(out[2])
         gw = gw + out[3]
     assert torch.isfinite(full[0]) and torch.isfinite(full[2]).all()
-    torch.testing.assert_close(losses, full[0], atol=1e-6, rtol=1e-5)
+    # float32 rounding: the worst |sum of parts - full| over seeds 0-149 of every loss type was
+    # 2.4e-6 for the loss (vespo; the sum cancels to ~1e-3 from terms ~1), 4.8e-7 for the
+    # metrics, 4.0e-7 for d_x and 7.2e-7 for d_W; the tolerances are about 4x those
+    torch.testing.assert_close(losses, full[0], atol=1e-5, rtol=1e-5)
     assert metrics.keys() == full[1].keys() == {"kl", "clip_ratio", "ratio_mean", "entropy"}
     for k in metrics:
-        torch.testing.assert_close(metrics[k], full[1][k], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(torch.cat(gx), full[2], atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(gw, full[3], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(metrics[k], full[1][k], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(gx), full[2], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(gw, full[3], atol=3e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -56,6 +56,7 @@ def _measure(kind: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_fused_peak_memory_below_quarter_of_eager():
     fused, eager = _measure("fused"), _measure("eager")
     print(f"fused +{fused['peak_increase_kib'] / 1024:.0f} MiB, eager +{eager['peak_increase_kib'] / 1024:.0f} MiB")

@@ -14,7 +14,7 @@ pytest.importorskip("trl", reason="trl is not installed")
 pytest.importorskip("datasets", reason="datasets is not installed (TRL needs a datasets.Dataset)")
 
 from fastmgrpo.kernels import FusedLinearGRPOLoss, use_in_trl  # noqa: E402
-from fastmgrpo.models import build_tiny_model  # noqa: E402
+from fastmgrpo.testing import build_tiny_model  # noqa: E402
 
 # measured: max |Δw − Δw_ref| / max |Δw_ref| over tensors vs TRL's own loss: 2.6e-6 (dapo), 1.4e-5 (grpo)
 GRAD_RTOL = 1e-4

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from fastmgrpo import eval as eval_cli
-from fastmgrpo.config import ConfigError, EvalConfig, MGRPOConfig, build_parser, parse_config
+from fastmgrpo.config import ConfigError, EvalConfig, MGRPOConfig, _field_type, build_parser, parse_config
 
 PARSERS = [(MGRPOConfig, build_parser), (EvalConfig, eval_cli.build_parser)]
 # EvalConfig fields declared with same_as(...): the training option each one shares
@@ -132,8 +132,8 @@ def _random_config(rng: random.Random) -> MGRPOConfig:
         default, choices = _default(f), f.metadata["choices"]
         if choices:
             values[f.name] = rng.choice([c for c in choices if c != default])
-        elif isinstance(default, bool):
-            values[f.name] = not default if f.name != "overwrite" else default  # not with resume
+        elif _field_type(MGRPOConfig, f) is bool:  # None (an automatic default) included
+            values[f.name] = default if f.name == "overwrite" else default is not True  # not with resume
         elif isinstance(default, int):
             values[f.name] = default + rng.randint(1, 5)
         elif isinstance(default, float) or f.name in ("delta", "sampler_is_cap"):

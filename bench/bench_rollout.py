@@ -1,4 +1,4 @@
-"""Rollout throughput: generated tokens/s of `fastmgrpo.rollout.sample` vs transformers'
+"""Sampler throughput: generated tokens/s of `fastmgrpo.sampler.sample` vs transformers'
 `model.generate` on the same model, prompts and lengths (sampling at T=1, every sequence forced
 to exactly NEW tokens: no stop ids for ours, min_new_tokens for generate).
 
@@ -26,8 +26,8 @@ import torch
 from benchutil import CUDA, DEVICE, device_name, sync
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-from fastmgrpo import rollout
-from fastmgrpo.rollout import sample
+from fastmgrpo import sampler
+from fastmgrpo.sampler import sample
 from fastmgrpo.testing import build_tiny_model
 
 PROVIDERS = ["fastmgrpo", "hf_static", "hf_dynamic"]
@@ -130,7 +130,7 @@ def _kernels_per_step(model, replays: int = 8) -> float:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    dec = next(reversed(rollout._DECODERS[model].values()))  # the most recently used decoder
+    dec = next(reversed(sampler._DECODERS[model].values()))  # the most recently used decoder
     step = next(s for key, s in dec.steps.items() if key[0] == dec.capacity)
     sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

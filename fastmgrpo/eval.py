@@ -80,7 +80,7 @@ def evaluate(
     states no final answer keeps t1's), in both formats.
 
     Args:
-        temperature: 0 = greedy (default); top_p / top_k as in `rollout.sample`.
+        temperature: 0 = greedy (default); top_p / top_k as in `sampler.sample`.
         pass_k: if > 0, also draw `pass_k` layer-1 samples per problem at `pass_k_temperature`
             and report pass@1 and pass@k (unbiased estimator over those samples).
         phrase: the guiding phrase, or RANDOM_PHRASE for one drawn per attempt (seeded).

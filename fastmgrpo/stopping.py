@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .rollout import sample
+from .sampler import sample
 from .types import Completion
 
 
@@ -45,7 +45,7 @@ class StopStrings:
 
 def generate(model, tokenizer, prompts: list[list[int]], *, stop_strings: Sequence[str] = (),
              **sampling) -> list[Completion]:
-    """`rollout.sample` with `stop_strings` applied and each completion's text decoded."""
+    """`sampler.sample` with `stop_strings` applied and each completion's text decoded."""
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 

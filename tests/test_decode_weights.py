@@ -4,7 +4,7 @@ import torch
 
 from fastmgrpo.decode_weights import DecodeWeights
 from fastmgrpo.testing import build_tiny_model
-from fastmgrpo.rollout import sample
+from fastmgrpo.sampler import sample
 
 
 def _greedy(model, tok):

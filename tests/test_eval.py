@@ -18,7 +18,7 @@ from fastmgrpo.eval import main as eval_main
 from fastmgrpo.metrics import correction_metrics, pass_at_k
 from fastmgrpo.models import stop_token_ids
 from fastmgrpo.prompts import GUIDING_PHRASES, layer1_prompt, layer2_prompt
-from fastmgrpo.rollout import sample
+from fastmgrpo.sampler import sample
 from fastmgrpo.testing import build_tiny_model
 
 
@@ -223,7 +223,7 @@ def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, capsys):
 
 
 class _Scripted:
-    """Stands in for rollout.sample: layer-1 prompts get "#### <a>", layer-2 prompts the next
+    """Stands in for sampler.sample: layer-1 prompts get "#### <a>", layer-2 prompts the next
     scripted correction; records every prompt."""
 
     def __init__(self, tok, first, corrections):

@@ -14,7 +14,7 @@ from fastmgrpo.types import Completion, Problem
 
 
 class ScriptedPolicy:
-    """Stands in for rollout.sample: answers each prompt with a chosen number."""
+    """Stands in for sampler.sample: answers each prompt with a chosen number."""
 
     def __init__(self, tokenizer, answers):
         self.tokenizer, self.answers, self.calls = tokenizer, list(answers), []
@@ -106,7 +106,7 @@ def test_collect_plain_grpo_has_no_layer2(monkeypatch):
 
 
 class TextPolicy:
-    """Stands in for rollout.sample: answers prompt k with texts[k]; `finished[k]` False marks a
+    """Stands in for sampler.sample: answers prompt k with texts[k]; `finished[k]` False marks a
     completion cut at the token limit (no EOS)."""
 
     def __init__(self, tokenizer, texts, finished):

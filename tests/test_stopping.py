@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastmgrpo.mgrpo as mgrpo
-from fastmgrpo import rollout
+from fastmgrpo import sampler
 from fastmgrpo.config import MGRPOConfig
 from fastmgrpo.models import stop_token_ids
 from fastmgrpo.prompts import PLAIN_STOP_STRINGS, layer1_prompt, stop_strings
@@ -58,7 +58,7 @@ def test_collect_applies_the_stop_strings_to_both_layers(monkeypatch):
 
     def spy(model, prompts, **kw):
         seen.append(kw["stopper"].strings)
-        return rollout.sample(model, prompts, **kw)
+        return sampler.sample(model, prompts, **kw)
 
     monkeypatch.setattr("fastmgrpo.stopping.sample", spy)
     problems = [Problem("What is 3?", "3", "synthetic")]

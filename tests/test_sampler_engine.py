@@ -1,4 +1,4 @@
-"""Continuous batching in `rollout.sample`: slot refill, tail compaction, chunked prefill and the
+"""Continuous batching in `sampler.sample`: slot refill, tail compaction, chunked prefill and the
 CUDA-graph decode step, each checked against an independent no-cache forward."""
 
 import copy
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from fastmgrpo import rollout
+from fastmgrpo import sampler
 from fastmgrpo.stopping import StopStrings
 from fastmgrpo.testing import build_tiny_model
 
@@ -58,13 +58,13 @@ def _full_forward_logprobs(model, prompt, completion, temperature):
 def spy(monkeypatch):
     """Records the busy slot count at every prefill."""
     seen = {"prefill_busy": []}
-    prefill = rollout._Decoder.prefill
+    prefill = sampler._Decoder.prefill
 
     def spy_prefill(self, rows, *args):
         seen["prefill_busy"].append(int(self.live[: self.bucket].sum()))
         return prefill(self, rows, *args)
 
-    monkeypatch.setattr(rollout._Decoder, "prefill", spy_prefill)
+    monkeypatch.setattr(sampler._Decoder, "prefill", spy_prefill)
     return seen
 
 
@@ -87,7 +87,7 @@ def test_greedy_with_refill_matches_no_cache_loop(tiny, spy, device):
     want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed")
-        out = rollout.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
+        out = sampler.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
                              pad_id=tok.pad_token_id, batch_size=3, refill_fraction=0.3,
                              compile=False)  # compiled: test_compiled_graph_decode_cuda (cold compile)
     assert [c.token_ids for c in out] == want
@@ -103,9 +103,9 @@ def test_greedy_independent_of_slots_and_prefill_chunks(tiny, monkeypatch):
     model, tok = tiny
     prompts = [tok.encode(s) for s in TEXTS]
     want = [_greedy_no_cache(model, p, 12) for p in prompts]
-    monkeypatch.setattr(rollout, "_PREFILL_TOKENS", 40)  # several prefill forwards per refill
+    monkeypatch.setattr(sampler, "_PREFILL_TOKENS", 40)  # several prefill forwards per refill
     for batch_size in (1, 2, 8, 64):
-        out = rollout.sample(model, prompts, max_new_tokens=12, temperature=0.0, stop_ids=set(),
+        out = sampler.sample(model, prompts, max_new_tokens=12, temperature=0.0, stop_ids=set(),
                              pad_id=tok.pad_token_id, batch_size=batch_size)
         assert [c.token_ids for c in out] == want, batch_size
         assert not any(c.finished for c in out)
@@ -118,11 +118,11 @@ def test_sampled_logprobs_stops_and_lengths(tiny, spy, temperature, top_p, top_k
     # check_every=2: refill points often enough that some come while other rows still decode
     kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, pad_id=tok.pad_token_id, batch_size=4,
               check_every=2)
-    first = rollout.sample(model, prompts, max_new_tokens=8, stop_ids=set(),
+    first = sampler.sample(model, prompts, max_new_tokens=8, stop_ids=set(),
                            generator=torch.Generator().manual_seed(0), **kw)
     drawn = [t for c in first for t in c.token_ids]
     stop = {max(set(drawn), key=drawn.count)}  # a frequent token: rows stop at different steps
-    out = rollout.sample(model, prompts, max_new_tokens=16, stop_ids=stop,
+    out = sampler.sample(model, prompts, max_new_tokens=16, stop_ids=stop,
                          generator=torch.Generator().manual_seed(1), **kw)
     assert any(busy > 0 for busy in spy["prefill_busy"])
     assert {len(c.token_ids) for c in out if c.finished} - {16}, "no sequence stopped early"
@@ -140,11 +140,11 @@ def test_sampled_logprobs_stops_and_lengths(tiny, spy, temperature, top_p, top_k
 def test_rejects_zero_slots(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        rollout.sample(model, [[7]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=0)
+        sampler.sample(model, [[7]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=0)
 
 
 class _EagerGraph:
-    """CPU stand-in for `rollout._GraphStep`: the warm-up run at capture (which advances the slot
+    """CPU stand-in for `sampler._GraphStep`: the warm-up run at capture (which advances the slot
     state, as on CUDA) and a call per replay; counts captures."""
 
     captures: ClassVar[list[int]] = []  # registered generators per capture
@@ -162,16 +162,16 @@ class _EagerGraph:
 def graph_mode(monkeypatch, request):
     """Run the sampler's CUDA-graph branch on CPU through `_EagerGraph`, with sampling inside the
     captured step (torch >= 2.4) or after it; `torch.compile` is a counting pass-through."""
-    monkeypatch.setattr(rollout, "_graphs_on", lambda device: True)
-    monkeypatch.setattr(rollout, "_graph_rng", lambda: request.param)
+    monkeypatch.setattr(sampler, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(sampler, "_graph_rng", lambda: request.param)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(rollout, "_GraphStep", _EagerGraph)
+    monkeypatch.setattr(sampler, "_GraphStep", _EagerGraph)
     compiled = []
-    monkeypatch.setattr(rollout, "_compile", lambda fn: compiled.append(fn) or fn)
+    monkeypatch.setattr(sampler, "_compile", lambda fn: compiled.append(fn) or fn)
     _EagerGraph.captures = []
-    rollout._DECODERS.clear()
+    sampler._DECODERS.clear()
     yield {"captures": _EagerGraph.captures, "compiled": compiled}
-    rollout._DECODERS.clear()
+    sampler._DECODERS.clear()
 
 
 def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
@@ -181,27 +181,27 @@ def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
     stop = _stop_with_spread(free)
     want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
     kw = dict(temperature=0.0, stop_ids={stop}, pad_id=tok.pad_token_id, batch_size=4)
-    out = rollout.sample(model, prompts, max_new_tokens=20, **kw)
+    out = sampler.sample(model, prompts, max_new_tokens=20, **kw)
     assert [c.token_ids for c in out] == want
-    (dec,) = rollout._DECODERS[model].values()
+    (dec,) = sampler._DECODERS[model].values()
     buckets = [k[0] for k in dec.steps]
     assert buckets[0] == 4 and len(buckets) >= 2 and set(buckets) <= {4, 2, 1}  # compacted tail
     assert len(graph_mode["captures"]) == len(buckets) and len(graph_mode["compiled"]) == 1
     # a second call replays; one with fewer prompts than slots and other max_new_tokens (same
     # rounded length) shares the decoder and captures only bucket sizes it has not seen
-    assert [c.token_ids for c in rollout.sample(model, prompts, max_new_tokens=20, **kw)] == want
+    assert [c.token_ids for c in sampler.sample(model, prompts, max_new_tokens=20, **kw)] == want
     assert len(graph_mode["captures"]) == len(buckets)
-    assert [c.token_ids for c in rollout.sample(model, prompts[:3], max_new_tokens=12, **kw)] == [
+    assert [c.token_ids for c in sampler.sample(model, prompts[:3], max_new_tokens=12, **kw)] == [
         w[:12] for w in want[:3]]
     assert len(graph_mode["captures"]) == len(dec.steps) <= 3
-    assert list(rollout._DECODERS[model].values()) == [dec] and len(graph_mode["compiled"]) == 1
+    assert list(sampler._DECODERS[model].values()) == [dec] and len(graph_mode["compiled"]) == 1
     for p, c in zip(prompts, out):
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(model, p, c.token_ids, 0.0), atol=1e-4, rtol=0)
-    rollout.sample(model, prompts[:2], max_new_tokens=150, **kw)  # too long for it: a second decoder
-    assert len(rollout._DECODERS[model]) == 2 and len(graph_mode["captures"]) > len(dec.steps)
-    rollout.release(model)
-    assert model not in rollout._DECODERS
+    sampler.sample(model, prompts[:2], max_new_tokens=150, **kw)  # too long for it: a second decoder
+    assert len(sampler._DECODERS[model]) == 2 and len(graph_mode["captures"]) > len(dec.steps)
+    sampler.release(model)
+    assert model not in sampler._DECODERS
 
 
 def test_graph_mode_sampling_reproducible_and_exact_logprobs(tiny, graph_mode):
@@ -209,12 +209,12 @@ def test_graph_mode_sampling_reproducible_and_exact_logprobs(tiny, graph_mode):
     prompts = [tok.encode(s) for s in TEXTS]
     kw = dict(max_new_tokens=10, temperature=0.8, top_p=0.95, stop_ids=set(), pad_id=tok.pad_token_id,
               batch_size=3)
-    a = rollout.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # captures
-    b = rollout.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # replays
-    c = rollout.sample(model, prompts, generator=torch.Generator().manual_seed(6), **kw)
+    a = sampler.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # captures
+    b = sampler.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # replays
+    c = sampler.sample(model, prompts, generator=torch.Generator().manual_seed(6), **kw)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
-    assert set(graph_mode["captures"]) == {1 if rollout._graph_rng() else 0}  # the generator registered
+    assert set(graph_mode["captures"]) == {1 if sampler._graph_rng() else 0}  # the generator registered
     for p, x in zip(prompts, a):
         torch.testing.assert_close(torch.tensor(x.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(model, p, x.token_ids, 0.8), atol=1e-4, rtol=0)
@@ -225,7 +225,7 @@ def test_graph_mode_sampled_distribution_matches_softmax(graph_mode):
     marginal sum_t1 p(t1 | prompt) p(t2 | prompt, t1), each frequency within 5 binomial sigmas."""
     model, tok = build_tiny_model(arch="gemma3", seed=1)
     prompt, n, temperature = tok.encode("7*8 is"), 3000, 0.5
-    out = rollout.sample(model, [prompt] * n, max_new_tokens=2, temperature=temperature, stop_ids=set(),
+    out = sampler.sample(model, [prompt] * n, max_new_tokens=2, temperature=temperature, stop_ids=set(),
                          pad_id=tok.pad_token_id, batch_size=1024, generator=torch.Generator().manual_seed(0))
     vocab = model.config.vocab_size
     with torch.no_grad():
@@ -246,9 +246,9 @@ def test_compile_failure_captures_uncompiled(tiny, graph_mode, monkeypatch):
             raise RuntimeError("inductor: no C++ compiler")
         return run
 
-    monkeypatch.setattr(rollout, "_compile", broken)
+    monkeypatch.setattr(sampler, "_compile", broken)
     with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
-        out = rollout.sample(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=3)
+        out = sampler.sample(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=3)
     assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, 6) for p in prompts]
 
 
@@ -261,9 +261,9 @@ def test_graph_capture_failure_falls_back_to_eager(tiny, graph_mode, monkeypatch
         tries.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(rollout, "_GraphStep", fail)
+    monkeypatch.setattr(sampler, "_GraphStep", fail)
     with pytest.warns(UserWarning, match="CUDA graph capture failed"):
-        out = rollout.sample(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=2)
+        out = sampler.sample(model, prompts, max_new_tokens=6, temperature=0.0, stop_ids=set(), pad_id=0, batch_size=2)
     assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, 6) for p in prompts]
     assert len(tries) == 1  # no capture retried after the fallback
 
@@ -274,10 +274,10 @@ def test_stops_checked_every_k_steps_match_every_step(tiny, monkeypatch, graphs)
     the completions of checking after every step, with refills and compaction in between."""
     model, tok = tiny
     if graphs:
-        monkeypatch.setattr(rollout, "_graphs_on", lambda device: True)
+        monkeypatch.setattr(sampler, "_graphs_on", lambda device: True)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-        monkeypatch.setattr(rollout, "_GraphStep", _EagerGraph)
-        monkeypatch.setattr(rollout, "_compile", lambda fn: fn)
+        monkeypatch.setattr(sampler, "_GraphStep", _EagerGraph)
+        monkeypatch.setattr(sampler, "_compile", lambda fn: fn)
     prompts = [tok.encode(s) for s in TEXTS]
     free = [_greedy_no_cache(model, p, 20) for p in prompts]
     stop = _stop_with_spread(free)
@@ -286,15 +286,15 @@ def test_stops_checked_every_k_steps_match_every_step(tiny, monkeypatch, graphs)
     stopper = StopStrings(lambda ids: tok.decode(ids, skip_special_tokens=True), [tok.decode([other])])
     kw = dict(max_new_tokens=20, temperature=0.0, stop_ids={stop}, pad_id=tok.pad_token_id, batch_size=3,
               refill_fraction=0.3, stopper=stopper)
-    every = rollout.sample(model, prompts, check_every=1, **kw)
+    every = sampler.sample(model, prompts, check_every=1, **kw)
     by_string = [c for c, f in zip(every, free) if c.finished and c.token_ids[-1] != stop]
     assert by_string and any(not c.finished for c in every)
     for k in (3, 8):
-        out = rollout.sample(model, prompts, check_every=k, **kw)
+        out = sampler.sample(model, prompts, check_every=k, **kw)
         assert [(c.token_ids, c.finished) for c in out] == [(c.token_ids, c.finished) for c in every], k
         for c, e in zip(out, every):  # other batch compositions: fp32 rounding only
             assert c.logprobs == pytest.approx(e.logprobs, abs=1e-5)
-    rollout._DECODERS.clear()
+    sampler._DECODERS.clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -307,14 +307,14 @@ def test_compiled_graph_decode_cuda():
     kw = dict(max_new_tokens=12, stop_ids=set(), pad_id=tok.pad_token_id, batch_size=4)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="CUDA graph capture failed|torch.compile of the decode")
-        greedy = rollout.sample(model, prompts, temperature=0.0, **kw)
-        runs = [rollout.sample(model, prompts, temperature=1.0, generator=torch.Generator("cuda").manual_seed(3), **kw)
+        greedy = sampler.sample(model, prompts, temperature=0.0, **kw)
+        runs = [sampler.sample(model, prompts, temperature=1.0, generator=torch.Generator("cuda").manual_seed(3), **kw)
                 for _ in range(2)]
     assert [c.token_ids for c in greedy] == [_greedy_no_cache(cpu_model, p, 12) for p in prompts]
     assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
     for p, c in zip(prompts, runs[0]):
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(cpu_model, p, c.token_ids, 1.0), atol=1e-3, rtol=0)
-    (dec,) = rollout._DECODERS[model].values()
+    (dec,) = sampler._DECODERS[model].values()
     assert dec.graphs and dec.compile and len(dec.steps) <= 3 * 2  # buckets 4, 2, 1 x greedy / sampled
-    rollout.release(model)
+    sampler.release(model)

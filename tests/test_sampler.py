@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastmgrpo.rollout import _pick, sample
+from fastmgrpo.sampler import _pick, sample
 from fastmgrpo.testing import build_tiny_model
 
 @pytest.fixture(scope="module")

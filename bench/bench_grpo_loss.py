@@ -18,7 +18,7 @@ working_mem_bytes (that minus the returned gradients' bytes), ratio_vs_matmul_fl
 import pytest
 import torch
 
-from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
+from benchutil import CUDA, DEVICE, DTYPE, cases, matmul_floor_target, run_case, sync
 from benchutil import providers, torch_linear_cross_entropy
 
 PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "eager", "liger_chunked",
@@ -135,12 +135,9 @@ def _make_target(provider, x):
     raise ValueError(provider)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-H{}-V{}".format(*s))
+@cases(PROVIDERS)
 def test_grpo_loss_fwd_bwd(benchmark, shape, provider):
     B, L, H, V = shape
     x = _setup(shape)
-    benchmark.group = "grpo_loss B{} L{} H{} V{} {}".format(B, L, H, V, str(DTYPE)[6:])
-    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider,
-                                B=B, L=L, H=H, V=V)
-    measure_against_floor(benchmark, lambda: _make_target(provider, x), x, shape, provider)
+    run_case(benchmark, "grpo_loss B{} L{} H{} V{}".format(B, L, H, V), lambda: _make_target(provider, x), x,
+             shape, provider, B=B, L=L, H=H, V=V)

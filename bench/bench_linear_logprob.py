@@ -15,7 +15,7 @@ matmuls, so `ratio_vs_one_matmul` = 3 × `ratio_vs_matmul_floor` is the number t
 import pytest
 import torch
 
-from benchutil import CUDA, DEVICE, DTYPE, SHAPES, device_name, matmul_floor_target, measure_against_floor, sync
+from benchutil import CUDA, DEVICE, DTYPE, cases, matmul_floor_target, run_case, sync
 from benchutil import providers, torch_linear_cross_entropy
 
 PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "eager", "torch_lce", "matmul_floor"])
@@ -30,51 +30,39 @@ def _setup(shape):
     return dict(hidden=hidden, weight=weight, targets=targets)
 
 
+def _no_grad_step(fn, *args, **kwargs):
+    """A benchmark target: fn(*args, **kwargs) under no_grad, then a device sync."""
+    def step():
+        with torch.no_grad():
+            fn(*args, **kwargs)
+        sync()
+    return step
+
+
 def _target(provider, x):
     h, w, t = x["hidden"], x["weight"], x["targets"]
     if provider.startswith("fastmgrpo"):
         if provider == "fastmgrpo_torch" and not CUDA:
             pytest.skip("on CPU `fastmgrpo` is the torch backend already")
         from fastmgrpo.kernels import token_logprobs
-        backend = "torch" if provider == "fastmgrpo_torch" else None
-
-        def step():
-            with torch.no_grad():
-                token_logprobs(h, w, t, backend=backend)
-            sync()
-        return step
-
+        return _no_grad_step(token_logprobs, h, w, t, backend="torch" if provider == "fastmgrpo_torch" else None)
     if provider == "eager":
         from fastmgrpo.kernels.reference import reference_linear_logprobs
-
-        def step():
-            with torch.no_grad():
-                reference_linear_logprobs(h, w, t)
-            sync()
-        return step
-
+        return _no_grad_step(reference_linear_logprobs, h, w, t)
     if provider == "torch_lce":
-        nll = torch_linear_cross_entropy()
-
-        def step():
-            with torch.no_grad():
-                nll(h, w, t)
-            sync()
-        return step
+        return _no_grad_step(torch_linear_cross_entropy(), h, w, t)
 
     if provider == "matmul_floor":
         return matmul_floor_target(h, w)
     raise ValueError(provider)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-H{}-V{}".format(*s))
+@cases(PROVIDERS)
 def test_linear_logprob(benchmark, shape, provider):
     B, L, H, V = shape
     x = _setup(shape)
-    benchmark.group = "logprobs_fwd N{} H{} V{} {}".format(B * L, H, V, str(DTYPE)[6:])
-    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider, N=B * L, H=H, V=V)
-    mean = measure_against_floor(benchmark, lambda: _target(provider, x), x, shape, provider)
+    mean = run_case(benchmark, "logprobs_fwd N{} H{} V{}".format(B * L, H, V), lambda: _target(provider, x), x,
+                    shape, provider, N=B * L, H=H, V=V)
     benchmark.extra_info.update(
         ratio_vs_one_matmul=round(3 * benchmark.extra_info["ratio_vs_matmul_floor"], 3),
         useful_tflops=round(2 * B * L * H * V / mean / 1e12, 2),

@@ -34,7 +34,7 @@ import zlib
 
 import pytest
 import torch
-from benchutil import CUDA, DEVICE, device_name, peak_memory_bytes, state_bytes, sync, vm_kib
+from benchutil import CUDA, DEVICE, device_name, held_models, peak_memory_bytes, state_bytes, sync, vm_kib
 from fastmgrpo.kernels import GRPOLossConfig, fused_linear_grpo_loss, packed_grpo_loss
 from fastmgrpo.kernels.reference import reference_grpo_loss
 
@@ -44,13 +44,9 @@ from fastmgrpo.attention import use_varlen_attention
 from fastmgrpo.config import MGRPOConfig
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.models import decoder, lm_head
-from fastmgrpo.packing import (
-    microbatches,
-    pack,
-    packed_hidden_states,
-    padded_hidden_states,
-)
-from fastmgrpo.testing import build_tiny_model, build_tiny_tokenizer
+from fastmgrpo.packing import microbatches, pack
+from fastmgrpo.policy import packed_hidden_states
+from fastmgrpo.testing import build_tiny_model, build_tiny_tokenizer, padded_hidden_states
 from fastmgrpo.trainer import Trainer
 from fastmgrpo.types import Episode
 
@@ -173,7 +169,7 @@ def test_trainer_step(benchmark, tmp_path, monkeypatch, layers):
         return sum(m[key] for m in runs) / len(runs)
 
     train_only = mean("train_time") - mean("ref_time")
-    state = state_bytes([trainer.model] + [trainer.ref_model] * (trainer.ref_model is not None), trainer.optimizer)
+    state = state_bytes(held_models(trainer), trainer.optimizer)
     train_peak = max(peaks["train"][1:])
     benchmark.extra_info.update(
         device=device_name(), layers=layers, **SIZES, beta=cfg.beta,

@@ -26,7 +26,7 @@ import time
 
 import pytest
 import torch
-from benchutil import CUDA, device_name, vm_kib
+from benchutil import CUDA, device_name, held_models, state_bytes, vm_kib
 
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.prompts import layer1_prompt
@@ -64,8 +64,7 @@ def run_fastmgrpo(model_dir: str, out_dir: str) -> dict:
     trainer = Trainer(cfg, problems=_problems())
     steps = [trainer.step() for _ in range(STEPS + 1)][1:]
     return {"step_s": [m["step_time"] for m in steps],
-            "state_bytes": state_bytes([trainer.model] + [trainer.ref_model] * (trainer.ref_model is not None),
-                                       trainer.optimizer),
+            "state_bytes": state_bytes(held_models(trainer), trainer.optimizer),
             "completion_tokens": [m["tokens_generated"] for m in steps],
             "rollout_s": [m["rollout_time"] for m in steps], "train_s": [m["train_time"] for m in steps]}
 

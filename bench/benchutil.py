@@ -150,6 +150,22 @@ def matmul_floor_target(hidden: torch.Tensor, weight: torch.Tensor):
 _FLOOR_S: dict = {}  # (B, L, H, V) -> seconds of the three-matmul floor
 
 
+def cases(providers: list[str]):
+    """Parametrize a benchmark over `providers` x SHAPES (ids B-L-H-V), in that order."""
+    def wrap(fn):
+        fn = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-H{}-V{}".format(*s))(fn)
+        return pytest.mark.parametrize("provider", providers)(fn)
+    return wrap
+
+
+def run_case(benchmark, group: str, make_target, x, shape, provider, **info) -> float:
+    """One benchmark case: `group` (the dtype appended), device / dtype / provider and `info` in
+    extra_info, timed by `measure_against_floor`. Returns the mean time in seconds."""
+    benchmark.group = f"{group} {str(DTYPE)[6:]}"
+    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), provider=provider, **info)
+    return measure_against_floor(benchmark, make_target, x, shape, provider)
+
+
 def measure_against_floor(benchmark, make_target, x, shape, provider) -> float:
     """Time `make_target()` with pytest-benchmark beside the three-matmul floor of the same shape
     (measured once per shape and process); record in `benchmark.extra_info` the total extra peak
@@ -180,6 +196,13 @@ def measure_against_floor(benchmark, make_target, x, shape, provider) -> float:
         tokens_per_s=round(shape[0] * shape[1] / mean),
     )
     return mean
+
+
+def held_models(trainer) -> list:
+    """The models a fastmgrpo Trainer keeps: the policy, its decode copy (the policy itself in
+    fp32) and the frozen reference (when beta > 0)."""
+    ref = trainer.policy.ref_model
+    return [trainer.model, trainer.decode_weights.model] + ([ref] if ref is not None else [])
 
 
 def state_bytes(models, optimizer) -> int:

@@ -25,6 +25,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 # What a run leaves in its output directory (and --overwrite deletes); nothing else is touched.
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "checkpoints", "tensorboard")
@@ -200,3 +202,73 @@ def load_trainer_state(path: str | Path) -> tuple[dict, dict]:
     tensors = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     return tensors, state
+
+
+# Options that may differ between a checkpoint and the run resuming it: where and how it runs,
+# how long, and what it logs. Any other difference changes the run (--allow-config-change).
+RESUMABLE_CHANGES = frozenset({
+    "resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "save_every",
+    "keep_checkpoints", "eval_dataset", "eval_every", "eval_limit", "tensorboard", "max_bad_steps",
+    "device", "precision", "micro_batch_tokens", "rollout_batch_size", "gradient_checkpointing",
+    "fsdp", "strict_data",
+})
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """'key: old -> new' for every run-changing option where the config `now` differs from `saved`."""
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & saved.keys())
+            if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+
+
+def checkpoint_to_resume(output_dir: str | Path, config: dict, allow_config_change: bool) -> Path:
+    """The checkpoint --resume continues from, its config checked against this run's `config`
+    (a `to_dict()`); raises CheckpointError when there is none or the run would change."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        raise CheckpointError(f"--resume: no complete checkpoint in {Path(output_dir) / 'checkpoints'}")
+    saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("config", {})
+    changes = config_changes(saved, config)
+    if changes and not allow_config_change:
+        raise CheckpointError(f"--resume from {path}: options differ from the checkpoint's run "
+                              f"({'; '.join(changes)}); pass --allow-config-change to accept them")
+    return path
+
+
+def gather_state(model, optimizer, scheduler) -> tuple[dict, dict]:
+    """(weights, tensors) to save: the full model and optimizer state gathered from every rank
+    (FSDP2 shards included; call it on every rank), the scheduler state and the torch RNG. Tied
+    weights (gathered into separate copies) come back once, under the model's own name."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    named = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in named}
+    tensors = {"optimizer": get_optimizer_state_dict(model, optimizer, options=full),
+               "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+    return weights, tensors
+
+
+def load_weights(model, path: Path, device: torch.device) -> None:
+    """Load a checkpoint's model.safetensors into `model` (before FSDP2 shards it)."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path / "model.safetensors"), device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot load model.safetensors ({e})") from e
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise CheckpointError(f"{path}: checkpoint does not match the model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_state(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore the optimizer (sharded again under FSDP2), scheduler and torch RNG of a checkpoint;
+    return its JSON state (step, bad_steps, config)."""
+    try:
+        tensors, state = load_trainer_state(path)
+        set_optimizer_state_dict(model, optimizer, tensors["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["torch_rng"])
+    except Exception as e:  # noqa: BLE001 - torch.load / state-dict errors come in many types
+        raise CheckpointError(f"{path}: cannot load the trainer state ({type(e).__name__}: {e})") from e
+    return state

@@ -19,6 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from .kernels import GRPOLossConfig
+from .kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from .prompts import GUIDING_PHRASES, RANDOM_PHRASE, eval_phrase
 
 PASS_K_TEMPERATURE = 0.7  # the paper's evaluation temperature
@@ -104,14 +108,14 @@ class MGRPOConfig:
                           "over sequences: the GRPO objective the MGRPO paper builds on), dapo (one "
                           "token mean over the global batch: long answers weigh more), bnpo, dr_grpo, "
                           "cispo, sapo, luspo, vespo.",
-                          choices=("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"))
+                          choices=LOSS_TYPES)
     beta: float = _opt(0.001, "KL coefficient (k3 estimator) against the initial model (paper: 0.001). "
                        "0 keeps no reference model.")
     epsilon_low: float = _opt(0.2, "Lower clip range of the importance ratio.")
     epsilon_high: float = _opt(0.2, "Upper clip range (DAPO recommends 0.28).")
     delta: typing.Optional[float] = _opt(None, "Two-sided clip upper bound (INTELLECT-2); unset = off.")
     importance_sampling_level: str = _opt("token", "'token' (GRPO) or 'sequence' (GSPO).",
-                                          choices=("token", "sequence"))
+                                          choices=IMPORTANCE_SAMPLING_LEVELS)
     use_bias_correction_kl: bool = _opt(False, "Multiply the KL term by the importance ratio "
                                         "(DeepSeek-V3.2).")
     entropy_coef: float = _opt(0.0, "Entropy bonus coefficient (0 = off).")
@@ -201,11 +205,22 @@ class MGRPOConfig:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
         if self.sampler_is_cap is not None and not self.sampler_is_cap > 0:
             raise ConfigError(f"sampler_is_cap must be > 0 when set, got {self.sampler_is_cap}")
-        if self.beta < 0 or self.learning_rate <= 0:
-            raise ConfigError("beta must be >= 0 and learning_rate > 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        try:  # the loss options obey the loss's own rules, written once in GRPOLossConfig
+            self.loss_config()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: "
                               "pass one of them")
+
+    def loss_config(self) -> GRPOLossConfig:
+        """The fused loss's options: every GRPOLossConfig field this config has by the same name,
+        plus the budget in bytes and the loss temperature (1 when sampling is greedy)."""
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(GRPOLossConfig) if hasattr(self, f.name)}
+        return GRPOLossConfig(**{**same, "temperature": self.temperature or 1.0,
+                                 "memory_budget": self.loss_memory_mib * 2**20})
 
     def to_dict(self) -> dict:
         """Every option by name: JSON-ready (config.json, checkpoints); `from_dict` reads it back."""
@@ -289,8 +304,6 @@ class EvalConfig:
         if self.samples > 1 and self.temperature == 0:
             raise ConfigError("--samples > 1 needs --temperature > 0: greedy attempts are all the same")
         if self.device != "auto":
-            import torch  # only here: the rest of this module reads no tensors
-
             try:
                 torch.device(self.device)
             except RuntimeError:

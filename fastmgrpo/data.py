@@ -191,3 +191,15 @@ def split_holdout(
     held = set(random.Random(seed).sample(range(len(problems)), n))
     rest = [p for i, p in enumerate(problems) if i not in held]
     return rest, [p for i, p in enumerate(problems) if i in held]
+
+
+def step_questions(step: int, num_problems: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the questions of training step `step`: consecutive slices of a fresh seeded
+    permutation per epoch, so resuming needs only the step number."""
+    out = []
+    for k in range(step * per_step, step * per_step + per_step):
+        epoch, pos = divmod(k, num_problems)
+        perm = list(range(num_problems))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[pos])
+    return out

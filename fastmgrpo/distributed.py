@@ -2,7 +2,8 @@
 
 `Dist` is the whole process-group surface the trainer uses (rank, world size, reductions,
 barrier); with WORLD_SIZE unset it is a single process and every call is a no-op. `wrap` puts
-the policy under DDP or FSDP2 and `full_weights` lets ranks run different numbers of forwards.
+the policy under DDP or FSDP2, `full_weights` lets ranks run different numbers of forwards, and
+`Probe` / `equalise` give every rank the same number of micro-batches.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from . import env
+from .metrics import Metric
+from .packing import pack
+from .types import Episode
 
 
 @dataclass(frozen=True)
@@ -59,19 +63,22 @@ class Dist:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
-    def reduce_metrics(self, metrics: dict, sums: set[str], maxes: set[str]) -> dict:
-        """Global step metrics: float `sums` added over ranks, `maxes` (times, memory) the
-        slowest rank's, every other float averaged (rates over equal-sized local batches).
-        Other values (the step, flags) are the same on every rank and kept."""
-        if self.world == 1:
-            return metrics
-        keys = sorted(k for k, v in metrics.items() if isinstance(v, float))
-        add = [k for k in keys if k not in maxes]
-        top = [k for k in keys if k in maxes]
-        out = dict(metrics)
-        for k, v in zip(add, self.sum([float(metrics[k]) for k in add])):
-            out[k] = v if k in sums else v / self.world
-        out.update(zip(top, self.max([float(metrics[k]) for k in top])))
+    def reduce_metrics(self, metrics: dict) -> dict:
+        """Global step metrics: every float must be a `metrics.Metric` and is combined by its
+        type (Sum added over ranks, Mean averaged, Max the largest, Same kept); other values
+        (the step, flags) are equal on every rank and kept. Returns plain floats."""
+        untyped = [k for k, v in metrics.items() if isinstance(v, float) and not isinstance(v, Metric)]
+        if untyped:
+            raise TypeError(f"step metrics {untyped} must say how ranks combine them: wrap them in "
+                            "metrics.Sum, Mean, Max or Same where they are produced")
+        by_op = {op: sorted(k for k, v in metrics.items() if getattr(v, "op", None) == op)
+                 for op in ("sum", "mean", "max")}
+        out = {k: float(v) if isinstance(v, Metric) else v for k, v in metrics.items()}
+        if self.world > 1:
+            summed = self.sum([out[k] for k in by_op["sum"] + by_op["mean"]])
+            out.update(zip(by_op["sum"], summed))
+            out.update((k, v / self.world) for k, v in zip(by_op["mean"], summed[len(by_op["sum"]):]))
+            out.update(zip(by_op["max"], self.max([out[k] for k in by_op["max"]])))
         return out
 
     def barrier(self) -> None:
@@ -128,3 +135,32 @@ def full_weights(wrapped: torch.nn.Module):
         wrapped.set_reshard_after_forward(False, recurse=False)  # the root keeps its default
         for m in units:
             m.reshard()
+
+
+class Probe:
+    """A one-token, zero-weight micro-batch through the wrapped loss `module`.
+
+    It pads a rank's micro-batches to the most any rank has (`equalise`: FSDP2 gathers weights in
+    every forward and DDP reduces in every backward, so the counts must agree), and, run once
+    here, makes `module` FSDP2's root (FSDP2 takes the first module to run forward as its root;
+    rollout would otherwise run the layers first).
+    """
+
+    NORM = {"num_sequences": 1, "num_tokens": 1}
+
+    def __init__(self, module: torch.nn.Module, pad_id: int, device: torch.device, with_ref: bool):
+        self.module = module
+        episode = Episode([pad_id], [pad_id], [0.0], 0.0, False, layer=1, group=0)
+        self.args = (pack([episode]).to(device), torch.zeros(1, device=device) if with_ref else None)
+        with torch.no_grad(), full_weights(module):  # which also leaves every unit sharded
+            module(*self.args, None, self.NORM)
+
+    def backward(self) -> None:
+        """Forward and backward of the probe: zero gradients, the collectives every rank makes."""
+        loss, _, _ = self.module(*self.args, None, self.NORM)
+        (loss * 0.0).backward()
+
+
+def equalise(plan: list, d: Dist) -> list:
+    """`plan` padded with None (probe micro-batches) to the most micro-batches any rank has."""
+    return plan + [None] * (int(d.max([len(plan)])[0]) - len(plan))

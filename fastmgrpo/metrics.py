@@ -1,13 +1,89 @@
-"""Self-correction metrics (SCoRe definitions) and the unbiased pass@k estimator.
+"""Step metrics and how ranks combine them; self-correction metrics; pass@k; timers and memory.
 
-Pure functions of per-problem outcomes; used by `fastmgrpo.eval` and by the trainer on each
-step's batch.
+Every float a training step reports is typed where it is produced: `Sum` (counts, added over
+ranks), `Mean` (rates over equal-sized local batches, averaged), `Max` (times and memory, the
+slowest rank's) or `Same` (already global). `distributed.Dist.reduce_metrics` refuses an untyped
+float, so a new metric cannot be combined the wrong way by default. The self-correction metrics
+(SCoRe definitions) and the unbiased pass@k estimator are pure functions of per-problem
+outcomes, used by `fastmgrpo.eval` and by the trainer on each step's batch.
 """
 
 from __future__ import annotations
 
+import resource
+import time
 from collections.abc import Sequence
 from math import prod
+
+import torch
+
+
+class Metric(float):
+    """A step metric: a float that says how ranks combine it (`op`)."""
+
+    op = ""
+
+
+class Sum(Metric):
+    """Added over ranks (tokens, sequences, groups)."""
+
+    op = "sum"
+
+
+class Mean(Metric):
+    """Averaged over ranks (rates over equal-sized local batches)."""
+
+    op = "mean"
+
+
+class Max(Metric):
+    """The largest rank's (times, memory)."""
+
+    op = "max"
+
+
+class Same(Metric):
+    """Already global, equal on every rank (reduced losses, grad norm, learning rate)."""
+
+    op = "same"
+
+
+class Stopwatch:
+    """Time summed over `with` blocks, read once at the end: CUDA events on a GPU (no host sync
+    per block; the host returns before the device work is done), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.spans, self.total = device.type == "cuda", [], 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self.spans.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.spans[-1][0].record()
+        else:
+            self.total -= time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.spans[-1][1].record()
+        else:
+            self.total += time.perf_counter()
+
+    def seconds(self) -> float:
+        """The summed time; on CUDA this waits for the last block's events."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+        return self.total + sum(a.elapsed_time(b) for a, b in self.spans) / 1e3
+
+
+def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
+    """Peak GPU memory allocated since the last reset (reset=True starts a new phase); on CPU the
+    process's peak resident memory (it cannot be reset per phase)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def correction_metrics(t1_correct: Sequence[bool], t2_correct: Sequence[bool]) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from .advantages import group_advantages, layer2_keep_mask, shaped_layer2_rewards
 from .config import MGRPOConfig
-from .metrics import correction_metrics
+from .metrics import Mean, Sum, correction_metrics
 from .prompts import layer2_prompt
 from .rewards import score
 from .stopping import generate
@@ -25,7 +25,8 @@ from .types import Completion, Episode, Problem
 
 @dataclass
 class Rollout:
-    """Episodes that enter the loss (discarded layer-2 groups already removed) and step stats."""
+    """Episodes that enter the loss (discarded layer-2 groups already removed) and step stats,
+    each typed by how ranks combine it (metrics.Sum / Mean)."""
 
     episodes: list[Episode]
     stats: dict[str, float]
@@ -53,8 +54,8 @@ def _sample(model, prompts: list[list[int]], n: int, cfg: MGRPOConfig, ctx: dict
 def _length_stats(completions: list[Completion], layer: int) -> dict[str, float]:
     """Fraction of completions cut at the token limit and mean completion tokens of one layer."""
     n = max(len(completions), 1)
-    return {f"truncated_l{layer}": sum(not c.finished for c in completions) / n,
-            f"completion_len_l{layer}": sum(len(c.token_ids) for c in completions) / n}
+    return {f"truncated_l{layer}": Mean(sum(not c.finished for c in completions) / n),
+            f"completion_len_l{layer}": Mean(sum(len(c.token_ids) for c in completions) / n)}
 
 
 def _scores(completions: list[Completion], problems: list[Problem], cfg: MGRPOConfig, earlier=None):
@@ -108,9 +109,9 @@ def collect(
         for k in range(len(l1))
     ]
     stats = {
-        "reward_l1": r1.mean().item(),
-        "acc_l1": c1.float().mean().item(),
-        "tokens_generated": float(sum(len(c.token_ids) for c in l1)),
+        "reward_l1": Mean(r1.mean().item()),
+        "acc_l1": Mean(c1.float().mean().item()),
+        "tokens_generated": Sum(sum(len(c.token_ids) for c in l1)),
         **_length_stats(l1, 1),
     }
     if cfg.layers == 1:
@@ -148,13 +149,13 @@ def collect(
         )
     sc = correction_metrics(c1.repeat_interleave(H).tolist(), c2.reshape(-1).tolist())
     stats.update(
-        reward_l2=r2.mean().item(),
-        acc_after_correction=sc["acc_t2"],
-        delta_i_to_c=sc["delta_i_to_c"],
-        delta_c_to_i=sc["delta_c_to_i"],
-        l2_groups_kept=float(keep.sum().item()),
-        l2_groups_discarded=float((~keep).sum().item()),
-        tokens_generated=stats["tokens_generated"] + sum(len(c.token_ids) for c in l2),
+        reward_l2=Mean(r2.mean().item()),
+        acc_after_correction=Mean(sc["acc_t2"]),
+        delta_i_to_c=Mean(sc["delta_i_to_c"]),
+        delta_c_to_i=Mean(sc["delta_c_to_i"]),
+        l2_groups_kept=Sum(keep.sum().item()),
+        l2_groups_discarded=Sum((~keep).sum().item()),
+        tokens_generated=Sum(stats["tokens_generated"] + sum(len(c.token_ids) for c in l2)),
         **_length_stats(l2, 2),
     )
     return Rollout(episodes, stats)

@@ -1,15 +1,6 @@
-"""Varlen packing of episodes: no padding, attention restricted to each sequence.
-
-Attention isolation in `packed_hidden_states` comes from the position ids alone: they restart
-at 0 for every sequence and the attention mask is None, so transformers (5.x, masking_utils)
-detects the packed layout and
-  - with sdpa/eager (CPU, or CUDA without flash-attn) builds a block-diagonal causal mask in
-    which causality and sliding windows are measured in per-sequence positions;
-  - with flash_attention_2 runs the varlen kernel; we pass cu_seqlens/max_seqlen ourselves so
-    it need not derive them from the position ids (a device sync);
-  - with `fastmgrpo_varlen` (attention.py; what the trainer switches SDPA models to) attends
-    within each sequence, so attention costs sum(L_i^2) rather than T^2.
-tests/test_packing.py checks the result against each sequence run alone.
+"""Varlen packing of episodes into micro-batches: no padding, position ids restarting at 0 for
+every sequence (what `policy.packed_hidden_states` runs through the model, each sequence
+attending only to itself; tests/test_packing.py checks it against each sequence alone).
 """
 
 from __future__ import annotations
@@ -18,8 +9,6 @@ import itertools
 
 import torch
 
-from fastmgrpo.attention import VARLEN
-from fastmgrpo.models import decoder
 from fastmgrpo.types import Episode, PackedBatch
 
 
@@ -87,48 +76,3 @@ def microbatches(episodes: list[Episode], token_budget: int) -> list[list[Episod
             bins.append([e])
             free.append(token_budget - e.num_tokens)
     return bins
-
-
-def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Final (normed) hidden states of every packed token, each sequence attending only to itself.
-
-    batch: a PackedBatch on the model's device. Returns (T, H) in the model's compute dtype,
-    row t being the state after token t (select `batch.target_rows` for the loss).
-    Differentiable (runs under the caller's grad mode).
-    """
-    impl = model.config._attn_implementation
-    kwargs, mask = {}, None  # mask None is what enables transformers' packed-sequence detection
-    if impl.startswith("flash_attention") or impl == VARLEN:
-        cu = batch.cu_seqlens.to(torch.int32)
-        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
-                      max_length_k=batch.max_seqlen)
-    if impl == VARLEN:
-        # The attention function separates the sequences itself: no (T, T) block-diagonal mask
-        # is built only to be ignored. Models with per-layer-type masks (Gemma 3, Qwen) take a
-        # ready {type: mask} mapping, which also skips the masks' host syncs; others get an
-        # all-ones mask, which turns the packed detection off.
-        types = getattr(model.config, "layer_types", None)
-        mask = dict.fromkeys(types) if types else torch.ones_like(batch.input_ids)[None]
-    out = decoder(model)(
-        input_ids=batch.input_ids[None],  # (1, T)
-        position_ids=batch.position_ids[None],  # (1, T) restarting at 0 per sequence
-        attention_mask=mask,
-        use_cache=False,  # a cache would disable packed detection too
-        **kwargs,
-    )
-    return out.last_hidden_state[0]  # (T, H)
-
-
-def padded_hidden_states(model: torch.nn.Module, episodes: list[Episode]) -> torch.Tensor:
-    """Reference for `packed_hidden_states`: the same (T, H) rows computed from a right-padded
-    (B, max_len) batch with an attention mask, padding rows dropped."""
-    device = model.get_input_embeddings().weight.device
-    lengths = [e.num_tokens for e in episodes]
-    width = max(lengths)
-    ids = torch.zeros((len(episodes), width), dtype=torch.int64)  # (B, L)
-    mask = torch.zeros((len(episodes), width), dtype=torch.int64)  # (B, L)
-    for r, e in enumerate(episodes):
-        ids[r, : lengths[r]] = torch.tensor(e.prompt_ids + e.completion_ids)
-        mask[r, : lengths[r]] = 1
-    out = decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    return out.last_hidden_state[mask.to(device).bool()]  # (T, H) row-major = packed order

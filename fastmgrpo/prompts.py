@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Mapping, Sequence
 
+from fastmgrpo.data import DatasetError
 from fastmgrpo.types import Problem
 
 # The guiding phrases of the MGRPO paper (arXiv 2506.04746), verbatim.
@@ -153,3 +154,29 @@ def eval_phrase(pool: Sequence[str] = GUIDING_PHRASES) -> str:
 def sample_phrase(rng: random.Random, pool: Sequence[str] = GUIDING_PHRASES) -> str:
     """One guiding phrase drawn uniformly from `pool`."""
     return rng.choice(pool)
+
+
+def training_prompts(tokenizer, problems: Sequence[Problem], shots: Sequence[Problem], max_length: int,
+                     overflow: str) -> tuple[list[Problem], list[list[int]], dict]:
+    """Layer-1 prompt ids of the training problems, exemplars left out (a question must not be
+    trained on with its answer shown). A prompt over `max_length` tokens is dropped (`overflow`
+    'skip') or keeps its last max_length tokens ('truncate').
+
+    Returns (kept problems, their prompt ids, {problems, prompts_skipped, prompts_truncated});
+    raises DatasetError when no problem is left.
+    """
+    shown = {s.question for s in shots}
+    kept, prompts, truncated, skipped = [], [], 0, 0
+    for p in (p for p in problems if p.question not in shown):
+        ids = layer1_prompt(tokenizer, p, shots)
+        if len(ids) > max_length:
+            if overflow == "skip":
+                skipped += 1
+                continue
+            ids, truncated = ids[-max_length:], truncated + 1
+        kept.append(p)
+        prompts.append(ids)
+    if not kept:
+        raise DatasetError(f"no usable problems: {len(problems)} loaded, {len(shown)} used as exemplars, "
+                           f"{skipped} prompts longer than max_prompt_length={max_length}")
+    return kept, prompts, {"problems": len(kept), "prompts_skipped": skipped, "prompts_truncated": truncated}

@@ -1,7 +1,8 @@
 """Tiny random-initialised models and an offline tokenizer, built from a config in code.
 
 Tests and CPU benchmarks use them instead of downloaded weights: a character-level tokenizer
-with a Gemma-style chat template, and 2-layer Gemma 3 / Llama models (hidden 64).
+with a Gemma-style chat template, and 2-layer Gemma 3 / Llama models (hidden 64). Also the
+padded reference of `policy.packed_hidden_states` (its tests' reference, the benchmarks' peer).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import string
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from fastmgrpo.models import decoder
+from fastmgrpo.types import Episode
 
 # Gemma 3 turn format of the tiny tokenizer. (The default 270M checkpoint is the base model: it
 # does not follow this format, so it gets no chat template.) A system message is
@@ -90,3 +94,18 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+def padded_hidden_states(model: torch.nn.Module, episodes: list[Episode]) -> torch.Tensor:
+    """Reference for `policy.packed_hidden_states`: the same (T, H) rows computed from a right-padded
+    (B, max_len) batch with an attention mask, padding rows dropped."""
+    device = model.get_input_embeddings().weight.device
+    lengths = [e.num_tokens for e in episodes]
+    width = max(lengths)
+    ids = torch.zeros((len(episodes), width), dtype=torch.int64)  # (B, L)
+    mask = torch.zeros((len(episodes), width), dtype=torch.int64)  # (B, L)
+    for r, e in enumerate(episodes):
+        ids[r, : lengths[r]] = torch.tensor(e.prompt_ids + e.completion_ids)
+        mask[r, : lengths[r]] = 1
+    out = decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    return out.last_hidden_state[mask.to(device).bool()]  # (T, H) row-major = packed order

@@ -24,6 +24,7 @@ import fastmgrpo.mgrpo as mgrpo
 import fastmgrpo.trainer as trainer_mod
 from fastmgrpo import train
 from fastmgrpo.config import parse_config
+from fastmgrpo.metrics import Sum
 from fastmgrpo.mgrpo import Rollout
 from fastmgrpo.testing import build_tiny_model
 
@@ -64,7 +65,9 @@ def replaying(folder: Path, steps: set[int], layers=(1, 2)):
         ranks = [pickle.loads((folder / f"r{r}-{len(replayed)}.pkl").read_bytes()) for r in (0, 1)]
         replayed.append(None)
         assert [uids for uids, _ in ranks] == [[p.uid for p in problems[r::2]] for r in (0, 1)]
-        stats = {k: sum(ro.stats[k] for _, ro in ranks) / (1 if k in SUMMED else 2) for k in ranks[0][1].stats}
+        first = ranks[0][1].stats
+        assert {k for k, v in first.items() if isinstance(v, Sum)} == set(SUMMED) & first.keys()  # typed as counts
+        stats = {k: type(v)(sum(ro.stats[k] for _, ro in ranks) / (1 if k in SUMMED else 2)) for k, v in first.items()}
         return Rollout([e for _, ro in ranks for e in ro.episodes if e.layer in layers], stats)
 
     return collect

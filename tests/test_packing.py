@@ -5,8 +5,9 @@ import torch
 
 from fastmgrpo.attention import VARLEN, use_varlen_attention
 from fastmgrpo.attention import register as register_varlen
-from fastmgrpo.packing import microbatches, pack, packed_hidden_states, padded_hidden_states
-from fastmgrpo.testing import build_tiny_model
+from fastmgrpo.packing import microbatches, pack
+from fastmgrpo.policy import packed_hidden_states
+from fastmgrpo.testing import build_tiny_model, padded_hidden_states
 from fastmgrpo.types import Episode
 
 def _episodes(lengths, vocab=100, seed=0):

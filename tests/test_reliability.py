@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 import fastmgrpo.checkpoint as checkpoint_mod
 import fastmgrpo.eval as eval_cli
 import fastmgrpo.train as train_cli
-from fastmgrpo.checkpoint import latest_checkpoint, load_trainer_state
+from fastmgrpo.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state
 from fastmgrpo.config import ConfigError, parse_config
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.models import ModelError, check_tokenizer, load_model
@@ -204,13 +204,13 @@ def test_resume_skips_a_damaged_latest_and_names_bad_checkpoints(tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         assert _trainer(tmp_path, resume=True).step_idx == 1
     torch.save({"something": torch.zeros(1)}, good / "trainer_state.pt")  # whole, but not ours
-    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=str(good)):
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=str(good)):
         _trainer(tmp_path, resume=True)
 
 
 def test_resume_with_a_run_changing_option_is_refused(tmp_path):
     _trainer(tmp_path).save()
-    with pytest.raises(TrainingError, match="group_size: 2 -> 3.*--allow-config-change"):
+    with pytest.raises(CheckpointError, match="group_size: 2 -> 3.*--allow-config-change"):
         _trainer(tmp_path, resume=True, group_size=3, max_steps=9)
     assert _trainer(tmp_path, resume=True, max_steps=9, save_every=2).step_idx == 0  # runtime options
     assert _trainer(tmp_path, resume=True, group_size=3, allow_config_change=True).cfg.group_size == 3
@@ -290,4 +290,6 @@ def test_config_numbers_yaml_exponents_and_negative_values(tmp_path):
     (tmp_path / "d.yaml").write_text("learning_rate: fast\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         parse_config(["--config", str(tmp_path / "d.yaml")])
-    assert math.isclose(parse_config(["--epsilon-low=-1e-1"]).epsilon_low, -0.1)
+    assert math.isclose(parse_config(["--entropy-coef=-1e-1"]).entropy_coef, -0.1)
+    with pytest.raises(ConfigError, match="epsilon_low must be >= 0"):  # the loss's own rule, at parse time
+        parse_config(["--epsilon-low=-1e-1"])

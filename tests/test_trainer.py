@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import fastmgrpo.mgrpo as mgrpo
+import fastmgrpo.policy as policy_mod
 import fastmgrpo.trainer as trainer_mod
 from fastmgrpo.config import ConfigError, MGRPOConfig, build_parser
 from fastmgrpo.data import synthetic_problems
-from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss
+from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
 from fastmgrpo.models import lm_head
-from fastmgrpo.packing import pack, packed_hidden_states
+from fastmgrpo.packing import pack
+from fastmgrpo.policy import packed_hidden_states
 from fastmgrpo.testing import build_tiny_model
 from fastmgrpo.trainer import Trainer, TrainingError
 from fastmgrpo.types import Episode, Problem
@@ -50,7 +52,6 @@ def test_step_changes_every_parameter_tensor(tmp_path, monkeypatch, layers):
     assert unchanged == []
     assert (m.get("reward_l2") is not None) == (layers == 2)
     assert m["tokens_trained"] > m["tokens_generated"] > 0
-    assert m["padding_fraction"] == 0.0
 
 
 def random_episodes(vocab, n):
@@ -168,13 +169,13 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_nan_steps_are_skipped_then_fatal(tmp_path, monkeypatch):
     monkeypatch.setattr(mgrpo, "score", hash_reward)
     tr = make_trainer(tmp_path, max_bad_steps=2)
-    real = trainer_mod.packed_grpo_loss
+    real = policy_mod.packed_grpo_loss
 
     def nan_loss(*a, **k):
         loss, m = real(*a, **k)
         return loss * float("nan"), m
 
-    monkeypatch.setattr(trainer_mod, "packed_grpo_loss", nan_loss)
+    monkeypatch.setattr(policy_mod, "packed_grpo_loss", nan_loss)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     m = tr.step()
     assert m["skipped"] is True
@@ -203,7 +204,7 @@ def test_cli_end_to_end_writes_metrics_and_loadable_checkpoint(tmp_path):
     assert [m["step"] for m in lines] == [1, 2]
     for key in ("loss", "reward_l1", "reward_l2", "acc_l1", "acc_after_correction", "delta_i_to_c",
                 "delta_c_to_i", "l2_groups_kept", "l2_groups_discarded", "kl", "clip_ratio", "entropy",
-                "grad_norm", "lr", "tokens_generated", "tokens_trained", "padding_fraction",
+                "grad_norm", "lr", "tokens_generated", "tokens_trained",
                 "step_time", "peak_memory_gb"):
         assert key in lines[0], key
     summary = json.loads((out / "summary.json").read_text())
@@ -243,7 +244,7 @@ def fixed_rollout(monkeypatch, vocab, n, seed, weights=None):
 def recorded_losses(monkeypatch):
     """Calls of packed_grpo_loss made by the trainer: (keyword arguments plus `old` and `seqs`,
     the completion ids of each packed sequence; metrics)."""
-    calls, real = [], trainer_mod.packed_grpo_loss
+    calls, real = [], policy_mod.packed_grpo_loss
 
     def spy(hidden, weight, targets, cu, adv, old=None, ref=None, **kw):
         loss, m = real(hidden, weight, targets, cu, adv, old, ref, **kw)
@@ -252,7 +253,7 @@ def recorded_losses(monkeypatch):
         calls.append(({"old": old, "seqs": seqs, **kw}, {k: v.clone() for k, v in m.items()}))
         return loss, m
 
-    monkeypatch.setattr(trainer_mod, "packed_grpo_loss", spy)
+    monkeypatch.setattr(policy_mod, "packed_grpo_loss", spy)
     return calls
 
 
@@ -378,16 +379,16 @@ def test_reference_model_is_kept_in_the_compute_dtype(tmp_path):
     """bf16 precision: the frozen reference is a bf16 copy (half the bytes of an fp32 one), and its
     log-probs stay within bf16 rounding of the fp32 policy it was copied from."""
     tr = make_trainer(tmp_path, precision="bf16", beta=0.04, model_seed=3, seed=4)
-    assert {p.dtype for p in tr.ref_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tr.policy.ref_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in tr.model.parameters()} == {torch.float32}
     random.seed(5)
-    batch = trainer_mod.pack(random_episodes(tr.model.config.vocab_size, 4))
-    ref = tr._ref_logprobs(batch)
+    batch = pack(random_episodes(tr.model.config.vocab_size, 4))
+    ref = policy_mod.reference_logprobs(tr.policy.ref_model, batch, tr.policy.loss_cfg, tr.dtype)
     with torch.no_grad():
-        w, _ = trainer_mod.lm_head(tr.model)
-        fp32 = trainer_mod.token_logprobs(trainer_mod.hidden_rows(tr.model, batch, torch.float32), w, batch.targets)
-        autocast = trainer_mod.token_logprobs(trainer_mod.hidden_rows(tr.model, batch, torch.bfloat16),
-                                              w.to(torch.bfloat16), batch.targets)  # fp32 weights, bf16 compute
+        w, _ = lm_head(tr.model)
+        fp32 = token_logprobs(policy_mod.hidden_rows(tr.model, batch, torch.float32), w, batch.targets)
+        autocast = token_logprobs(policy_mod.hidden_rows(tr.model, batch, torch.bfloat16),
+                                  w.to(torch.bfloat16), batch.targets)  # fp32 weights, bf16 compute
     err, err_autocast = (ref - fp32).abs().max().item(), (autocast - fp32).abs().max().item()
     print(f"bf16 reference error {err:.2e}, fp32 weights under bf16 autocast {err_autocast:.2e}")
     assert 0 < err <= 2 * err_autocast + 1e-3  # computes in bf16, no worse than autocast
@@ -396,4 +397,4 @@ def test_reference_model_is_kept_in_the_compute_dtype(tmp_path):
 def test_loss_memory_budget_is_checked_with_the_config():
     with pytest.raises(ConfigError, match="loss_memory_mib"):
         MGRPOConfig(loss_memory_mib=0)
-    assert trainer_mod.loss_config(MGRPOConfig(loss_memory_mib=3)).memory_budget == 3 * 2**20
+    assert MGRPOConfig(loss_memory_mib=3).loss_config().memory_budget == 3 * 2**20

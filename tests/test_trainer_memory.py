@@ -7,10 +7,12 @@ import pytest
 import torch
 from test_trainer import fixed_rollout, make_trainer, random_episodes
 
+import fastmgrpo.policy as policy_mod
 import fastmgrpo.trainer as trainer_mod
 from fastmgrpo.attention import use_varlen_attention
 from fastmgrpo.testing import build_tiny_model
-from fastmgrpo.packing import pack, packed_hidden_states
+from fastmgrpo.packing import pack
+from fastmgrpo.policy import packed_hidden_states
 
 # Calls that read a tensor back to the host. On CPU none of them waits for a device, so they are
 # counted where they are called: every one would be a sync on CUDA, except the optimizer's CPU
@@ -52,8 +54,8 @@ def test_host_syncs_per_step_do_not_grow_with_micro_batches(tmp_path, monkeypatc
                           num_iterations=num_iterations, max_steps=2)
         fixed_rollout(monkeypatch, len(tr.tokenizer), 12, seed=7)
         micro_batches = []
-        plan = tr._plan
-        monkeypatch.setattr(tr, "_plan", lambda eps: micro_batches.append(len(p := plan(eps))) or p)
+        plan = tr.policy.plan
+        monkeypatch.setattr(tr.policy, "plan", lambda *a: micro_batches.append(len(p := plan(*a))) or p)
         with host_reads() as sites:
             m = tr.step()
         assert not m["skipped"]
@@ -66,7 +68,7 @@ def test_host_syncs_per_step_do_not_grow_with_micro_batches(tmp_path, monkeypatc
 def test_metrics_equal_the_per_micro_batch_values(tmp_path, monkeypatch):
     """The device-side sums give the same loss and metrics as adding each micro-batch's values."""
     seen = []
-    real = trainer_mod.packed_grpo_loss
+    real = policy_mod.packed_grpo_loss
 
     def spy(*args, **kwargs):
         loss, m = real(*args, **kwargs)
@@ -75,7 +77,7 @@ def test_metrics_equal_the_per_micro_batch_values(tmp_path, monkeypatch):
 
     tr = make_trainer(tmp_path, model_seed=3, seed=3, micro_batch_tokens=24, beta=0.04)
     eps = fixed_rollout(monkeypatch, len(tr.tokenizer), 10, seed=8)
-    monkeypatch.setattr(trainer_mod, "packed_grpo_loss", spy)
+    monkeypatch.setattr(policy_mod, "packed_grpo_loss", spy)
     m = tr.step()
     calls = [c for c in seen if c[2]["num_tokens"] > 1]  # not the probe
     total = {layer: sum(len(e.completion_ids) for e in eps if e.layer == layer) for layer in (1, 2)}

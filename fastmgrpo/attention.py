@@ -4,7 +4,7 @@ Without flash-attn, transformers runs a packed row (sequences back to back, posi
 restarting at 0) through SDPA with one block-diagonal (T, T) mask: attention costs T² for the
 whole micro-batch instead of Σ Lᵢ² — at a 4,096-token budget and ~300-token sequences that is
 more than the rest of the forward pass. This attention function takes the sequence boundaries
-(`cu_seq_lens_q`, which `packing.packed_hidden_states` passes) and attends within each sequence:
+(`cu_seq_lens_q`, which `policy.packed_hidden_states` passes) and attends within each sequence:
 PyTorch's varlen kernel on CUDA for 16-bit compute, whichever of scale/window/GQA arguments the
 installed torch has (K/V heads copied where it lacks GQA; sliding-window layers fall back where it
 lacks windows), else one SDPA call per sequence with the boundaries synced to the host once per

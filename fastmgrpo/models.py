@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from . import env
 
 DEFAULT_CACHE_NAME = "gemma3-270m"
-# Every from_pretrained here passes use_kernels=False: transformers >= 5.25 defaults it to True and
-# then refuses to load without the Hugging Face `kernels` package; fastmgrpo brings its own.
+# Every from_pretrained here passes use_kernels=False: transformers >= 5.25 defaults it to True,
+# swapping in layers from the Hugging Face kernel hub (a download; an error where the `kernels`
+# package is missing). Runs here are offline and keep the model's own layers.
 
 _STOP_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 

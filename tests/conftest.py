@@ -14,8 +14,8 @@ import torch
 
 from fastmgrpo import env
 
-# transformers >= 5.25 loads every model with use_kernels=True by default and raises without the
-# Hugging Face `kernels` package; tests (and TRL in them) call from_pretrained directly.
+# transformers >= 5.25 loads every model with use_kernels=True by default (hub kernels: a download,
+# an error without the `kernels` package); tests (and TRL in them) call from_pretrained directly.
 os.environ.setdefault("USE_HUB_KERNELS", "NO")
 # Subprocesses (CLI runs, torchrun-style ranks) get one intra-op thread too, like this process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,4 +1,4 @@
-"""Rollout throughput: generated tokens/s of `fastmgrpo.rollout.sample` vs transformers'
+"""Rollout throughput: generated tokens/s of the sampler (`sample`) vs transformers'
 `model.generate` on the same model, prompts and lengths (sampling at T=1, every sequence forced
 to exactly NEW tokens: no stop ids for ours, min_new_tokens for generate).
 
@@ -26,9 +26,13 @@ import torch
 from benchutil import CUDA, DEVICE, device_name, sync
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-from fastmgrpo import rollout
-from fastmgrpo.rollout import sample
 from fastmgrpo.testing import build_tiny_model
+
+try:  # fastmgrpo/rollout.py is being renamed to sampler.py
+    from fastmgrpo import sampler as rollout
+except ImportError:
+    from fastmgrpo import rollout
+sample = rollout.sample
 
 PROVIDERS = ["fastmgrpo", "hf_static", "hf_dynamic"]
 _SHAPES = os.environ.get("FASTMGRPO_BENCH_ROLLOUT", "64,256;256,256" if CUDA else "32,64")

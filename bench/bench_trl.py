@@ -26,7 +26,7 @@ import time
 
 import pytest
 import torch
-from benchutil import CUDA, device_name, vm_kib
+from benchutil import CUDA, device_name, state_bytes, vm_kib
 
 from fastmgrpo.data import synthetic_problems
 from fastmgrpo.prompts import layer1_prompt

@@ -12,7 +12,7 @@
 #   bench_<suite>_<provider>_<shape>.json/.log   one pytest run per (suite, provider, shape), so a
 #                                 slow peer (Liger chunked compiling at the largest shape) loses
 #                                 only its own number; ours run first, then peers, Liger chunked last
-#   rollout_tests.log             tests/test_rollout_engine.py on CUDA (CUDA-graph decode vs no-cache)
+#   rollout_tests.log             tests/test_sampler_engine.py on CUDA (CUDA-graph decode vs no-cache)
 #   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (T_ROLL=150 s per shape)
 #   trainer_tests.log             tests/test_trainer_memory.py on CUDA (pinned copies, syncs per step)
 #   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER=120 s each)
@@ -30,9 +30,11 @@
 #   4. PARTS=trl     OUT=... bash bench/gpu_check.sh   TRL default/fast vs ours    (<= ~7.5 min)
 # Fetch $OUT after each call: a later call may start on a fresh machine. Unset, PARTS means all
 # four (more than one device command: local and CPU use only).
-# Wheels (liger-kernel, trl, datasets: the machine has none of them) are installed with
-# --target /tmp/site from $WHEELS_DIR, ./.whl, ./wheels or ./shared/wheels if any, e.g.
-#   python3 -m pip download --no-deps liger-kernel==0.8.5 -d .whl   (pure-Python wheel)
+# Wheels (liger-kernel, trl, datasets + its dill, multiprocess: the machine has none of them;
+# gguf, math-verify are not needed) are installed with --target /tmp/site from $WHEELS_DIR, ./.whl,
+# ./wheels or ./shared/wheels if any. Fetch them here once, before the first device call:
+#   bash bench/fetch_wheels.sh        # pip download --no-deps, Python 3.12 wheels, into ./.whl
+# Without them the kernels part has no Liger peers and the trl part runs fastmgrpo only.
 # DRY=1 writes plan.txt / plan_<part>.txt (steps and timeouts) and runs nothing (any machine);
 # ALLOW_CPU=1 runs without CUDA (tiny SHAPES; bench/test_gpu_check.py does both on CPU);
 # SKIP_INSTALL=1 keeps an existing install (the import check still runs); PLAN_ONLY="p q" plans
@@ -133,7 +135,9 @@ part_step() {  # part name timeout command...
 # pays static-cache generate's cold compilation (> 100 s)
 if want rollout; then
   : > "$OUT/plan_rollout.txt"
-  part_step rollout rollout_tests 60 "$PY" -m pytest tests/test_rollout_engine.py -q -rs -p no:cacheprovider -k cuda
+  engine_tests=tests/test_sampler_engine.py  # named test_rollout_engine.py before rollout.py became sampler.py
+  [ -e "$engine_tests" ] || engine_tests=tests/test_rollout_engine.py
+  part_step rollout rollout_tests 60 "$PY" -m pytest "$engine_tests" -q -rs -p no:cacheprovider -k cuda
   T_ROLL="${T_ROLL:-150}"
   for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
     FASTMGRPO_BENCH_ROLLOUT="$shape" part_step rollout "bench_rollout_${shape//,/x}" "$T_ROLL" "$PY" -m pytest \

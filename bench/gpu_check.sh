@@ -77,6 +77,8 @@ if [ "$DRY" != 1 ]; then
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
     "$PY" -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+    # the TRL part needs these to import (carried wheels against the machine's pyarrow / fsspec / accelerate)
+    "$PY" -c "import trl, datasets, importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('trl', 'datasets', 'accelerate', 'pyarrow', 'fsspec')))" 2>&1 | tail -1
     # which packed-attention path the trainer can take (fastmgrpo/attention.py reads these keywords)
     "$PY" -c "import inspect; from fastmgrpo.attention import _torch_varlen as v; f = v(); print('varlen_attn', 'missing' if f is None else f.__module__ + '.varlen_attn' + str(inspect.signature(f)))" 2>&1 | tail -1
     date -u

@@ -54,7 +54,7 @@ def _target(provider, x):
         return step
 
     if provider == "torch_lce":
-        nll = torch_linear_cross_entropy()
+        nll = torch_linear_cross_entropy(t.numel(), w.shape[0])
 
         def step():
             with torch.no_grad():

@@ -120,7 +120,7 @@ def _make_target(provider, x):
         return step
 
     if provider == "torch_lce":
-        nll = torch_linear_cross_entropy()
+        nll = torch_linear_cross_entropy(x["ids"].numel(), x["weight"].shape[0])
         m = x["mask"].float()
         per_token = (x["adv"][:, None] * m / m.sum()).reshape(-1)   # (N,) dloss/dnll = −dloss/dlogp
 

@@ -50,7 +50,7 @@ def _target(provider, x):
         from fastmgrpo.kernels.reference import reference_linear_logprobs
         return _no_grad_step(reference_linear_logprobs, h, w, t)
     if provider == "torch_lce":
-        return _no_grad_step(torch_linear_cross_entropy(), h, w, t)
+        return _no_grad_step(torch_linear_cross_entropy(t.numel(), w.shape[0]), h, w, t)
 
     if provider == "matmul_floor":
         return matmul_floor_target(h, w)

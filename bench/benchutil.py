@@ -43,9 +43,21 @@ def providers(all_providers: list) -> list:
     return [p for p in all_providers if p in env] if env else list(all_providers)
 
 
-def torch_linear_cross_entropy():
+# torch 2.13's chunked linear_cross_entropy on CPU (V=65536, H=256, fwd+bwd, 2 threads, idle
+# machine): 17 s per call at N=512 and 23 s at N=4096, 15-45x the three-matmul floor, and minutes
+# per call under load; `pytest bench/` makes three calls per shape. FASTMGRPO_BENCH_CPU_LCE=1
+# runs it at every shape anyway (bench/RESULTS.md's CPU row).
+_CPU_LCE_MAX_LOGITS = 2 ** 23
+
+
+def torch_linear_cross_entropy(tokens: int, vocab: int):
     """PyTorch's chunked `F.linear_cross_entropy(reduction="none")` as (hidden (N,H), weight, targets)
-    -> per-token NLL (N,); pytest.skip where torch lacks it or falls back to its full-logits path."""
+    -> per-token NLL (N,); pytest.skip where torch lacks it, falls back to its full-logits path, or
+    (CPU) where tokens * vocab is above 2**23 (see above)."""
+    if (not CUDA and tokens * vocab > _CPU_LCE_MAX_LOGITS
+            and os.environ.get("FASTMGRPO_BENCH_CPU_LCE") != "1"):
+        pytest.skip(f"torch's chunked linear_cross_entropy on CPU takes minutes at N*V = {tokens}*{vocab} "
+                    f"(skipped above {_CPU_LCE_MAX_LOGITS}; FASTMGRPO_BENCH_CPU_LCE=1 runs it)")
     fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
     if fn is None:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")

@@ -30,9 +30,11 @@
 #   4. PARTS=trl     OUT=... bash bench/gpu_check.sh   TRL default/fast vs ours    (<= ~7.5 min)
 # Fetch $OUT after each call: a later call may start on a fresh machine. Unset, PARTS means all
 # four (more than one device command: local and CPU use only).
-# Wheels (liger-kernel, trl, datasets: the machine has none of them) are installed with
-# --target /tmp/site from $WHEELS_DIR, ./.whl, ./wheels or ./shared/wheels if any, e.g.
-#   python3 -m pip download --no-deps liger-kernel==0.8.5 -d .whl   (pure-Python wheel)
+# Wheels (liger-kernel, trl, datasets + its dill, multiprocess: the machine has none of them;
+# gguf, math-verify are not needed) are installed with --target /tmp/site from $WHEELS_DIR, ./.whl,
+# ./wheels or ./shared/wheels if any. Fetch them here once, before the first device call:
+#   bash bench/fetch_wheels.sh        # pip download --no-deps, Python 3.12 wheels, into ./.whl
+# Without them the kernels part has no Liger peers and the trl part runs fastmgrpo only.
 # DRY=1 writes plan.txt / plan_<part>.txt (steps and timeouts) and runs nothing (any machine);
 # ALLOW_CPU=1 runs without CUDA (tiny SHAPES; bench/test_gpu_check.py does both on CPU);
 # SKIP_INSTALL=1 keeps an existing install (the import check still runs); PLAN_ONLY="p q" plans
@@ -75,6 +77,8 @@ if [ "$DRY" != 1 ]; then
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
     "$PY" -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+    # the TRL part needs these to import (carried wheels against the machine's pyarrow / fsspec / accelerate)
+    "$PY" -c "import trl, datasets, importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('trl', 'datasets', 'accelerate', 'pyarrow', 'fsspec')))" 2>&1 | tail -1
     # which packed-attention path the trainer can take (fastmgrpo/attention.py reads these keywords)
     "$PY" -c "import inspect; from fastmgrpo.attention import _torch_varlen as v; f = v(); print('varlen_attn', 'missing' if f is None else f.__module__ + '.varlen_attn' + str(inspect.signature(f)))" 2>&1 | tail -1
     date -u
@@ -168,6 +172,9 @@ import glob, json, os, sys
 out = sys.argv[1]
 merged, trl = None, {}
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
+    if os.path.getsize(path) == 0:  # pytest-benchmark writes an empty file when the test skipped
+        print(f"{os.path.basename(path)}: no benchmark (skipped: see its .log)")
+        continue
     try:
         data = json.load(open(path))
     except ValueError:

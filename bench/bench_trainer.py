@@ -30,8 +30,6 @@ import subprocess
 import sys
 import time
 
-import zlib
-
 import pytest
 import torch
 from benchutil import CUDA, DEVICE, device_name, held_models, peak_memory_bytes, state_bytes, sync, vm_kib
@@ -46,7 +44,7 @@ from fastmgrpo.data import synthetic_problems
 from fastmgrpo.models import decoder, lm_head
 from fastmgrpo.packing import microbatches, pack
 from fastmgrpo.policy import packed_hidden_states
-from fastmgrpo.testing import build_tiny_model, build_tiny_tokenizer, padded_hidden_states
+from fastmgrpo.testing import build_tiny_model, build_tiny_tokenizer, hash_reward, padded_hidden_states
 from fastmgrpo.trainer import Trainer
 from fastmgrpo.types import Episode
 
@@ -127,12 +125,6 @@ def _gib(nbytes):
 
 
 # --- Trainer.step phases ----------------------------------------------------------------------
-
-def hash_reward(text, problem, format_weight=0.0, earlier=()):
-    """Bench-only reward: right for about half the texts, so groups have signal under random weights."""
-    ok = zlib.crc32(text.encode()) % 2 == 0
-    return float(ok), ok
-
 
 @pytest.mark.parametrize("layers", [1, 2], ids=["grpo", "mgrpo"])
 def test_trainer_step(benchmark, tmp_path, monkeypatch, layers):

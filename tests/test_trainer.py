@@ -3,7 +3,6 @@
 import copy
 import json
 import random
-import zlib
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from fastmgrpo.kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
 from fastmgrpo.models import lm_head
 from fastmgrpo.packing import pack
 from fastmgrpo.policy import packed_hidden_states
-from fastmgrpo.testing import build_tiny_model
+from fastmgrpo.testing import build_tiny_model, hash_reward
 from fastmgrpo.trainer import Trainer, TrainingError
 from fastmgrpo.types import Episode, Problem
 
@@ -31,12 +30,6 @@ def make_trainer(tmp_path, problems=None, arch="gemma3", model_seed=None, **over
     opts.update(overrides)
     cfg = MGRPOConfig(**opts)
     return Trainer(cfg, model=model, tokenizer=tok, problems=problems or synthetic_problems(16, seed=1))
-
-
-def hash_reward(text, problem, format_weight=0.0, earlier=()):
-    """A deterministic, text-dependent reward, so tiny random models get non-zero advantages."""
-    ok = zlib.crc32(text.encode()) % 2 == 0
-    return float(ok), ok
 
 
 @pytest.mark.parametrize("layers", [1, 2])

@@ -70,14 +70,21 @@ def hidden_rows(model: torch.nn.Module, batch: PackedBatch, dtype: torch.dtype) 
     return hidden[batch.target_rows].to(dtype)
 
 
+@torch.no_grad()
+def _head_logprobs(model: torch.nn.Module, hidden: torch.Tensor, batch: PackedBatch,
+                   loss_cfg: GRPOLossConfig) -> torch.Tensor:
+    """`model`'s LM head's log-probs of `batch.targets` from hidden rows (M, H): (M,) fp32, under
+    the loss's temperature and memory budget; the trainer's inputs are valid by construction."""
+    weight, bias = lm_head(model)
+    return token_logprobs(hidden, weight, batch.targets, temperature=loss_cfg.temperature, bias=bias,
+                          memory_budget=loss_cfg.memory_budget, check_values=False)
+
+
 def reference_logprobs(ref_model: torch.nn.Module, batch: PackedBatch, loss_cfg: GRPOLossConfig,
                        dtype: torch.dtype) -> torch.Tensor:
     """The frozen reference model's log-probs of `batch.targets`: (M,) fp32, no gradients."""
     with torch.no_grad():
-        weight, bias = lm_head(ref_model)
-        return token_logprobs(hidden_rows(ref_model, batch, dtype), weight, batch.targets,
-                              temperature=loss_cfg.temperature, bias=bias,
-                              memory_budget=loss_cfg.memory_budget, check_values=False)
+        return _head_logprobs(ref_model, hidden_rows(ref_model, batch, dtype), batch, loss_cfg)
 
 
 class PolicyLoss(torch.nn.Module):
@@ -101,9 +108,7 @@ class PolicyLoss(torch.nn.Module):
         hidden = hidden_rows(self.model, batch, self.dtype)  # (M, H)
         logp = None
         if old_lp is None and self.sampler_is_cap is not None:  # the IS ratio is needed before the loss
-            with torch.no_grad():
-                logp = token_logprobs(hidden.detach(), weight, batch.targets, temperature=self.loss_cfg.temperature,
-                                      bias=bias, memory_budget=self.loss_cfg.memory_budget, check_values=False)
+            logp = _head_logprobs(self.model, hidden.detach(), batch, self.loss_cfg)
         is_ratio = None
         if self.sampler_is_cap is not None:
             frozen = logp if old_lp is None else old_lp

@@ -427,17 +427,15 @@ class _Decoder:
                     self._advance(b, *_pick(logits, *pick, self.generator), stop)
             return logits
 
-        saved = [t[:b].clone() for t in self._state()]  # the warm-up run advances the state
         rng = self.generator.get_state()
         try:
-            graph = _GraphStep(run, self.pool, [self.generator] if inside and pick[0] != 0 else [])
+            with self._state_kept(b):  # the warm-up run advances the state
+                graph = _GraphStep(run, self.pool, [self.generator] if inside and pick[0] != 0 else [])
         except RuntimeError as e:
             warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=4)
             self.graphs = False
             graph = None
         finally:
-            for t, s in zip(self._state(), saved):
-                t[:b].copy_(s)
             self.generator.set_state(rng)  # capturing must not change the draws
         if graph is None or inside:
             return graph
@@ -446,9 +444,8 @@ class _Decoder:
     def _compiled(self, b: int):
         """torch.compile'd `_logits`, tried once; `_logits` itself (with a warning) if that fails."""
         fn = _compile(self._logits)
-        saved = [t[:b].clone() for t in self._state()]
         try:
-            with _uncached_autocast(self.device.type):
+            with self._state_kept(b), _uncached_autocast(self.device.type):
                 fn(self.model(), b, self.max_len)  # compiles now; writes only columns a step rewrites
             self.compiled = fn
             return fn
@@ -456,12 +453,20 @@ class _Decoder:
             warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)
             self.compile = False
             return self._logits
-        finally:
-            for t, s in zip(self._state(), saved):
-                t[:b].copy_(s)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.start, self.col, self.left, self.live, self.logp
+
+    @contextlib.contextmanager
+    def _state_kept(self, b: int):
+        """Run a block that may advance the first b slots' state (a warm-up or compiling call)
+        and put that state back afterwards, whether the block succeeds or raises."""
+        saved = [t[:b].clone() for t in self._state()]
+        try:
+            yield
+        finally:
+            for t, s in zip(self._state(), saved):
+                t[:b].copy_(s)
 
     def compact(self, keep: np.ndarray, bucket: int) -> None:
         """Move busy slots `keep` to rows [0, len(keep)) (the queue is empty); later steps decode

@@ -184,9 +184,13 @@ class MGRPOConfig:
     seed: int = _opt(0, "Seed for data order, sampling, phrase choice and synthetic problems.")
     save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _opt(2, "Checkpoints kept on disk (older ones are deleted).")
-    eval_dataset: typing.Optional[str] = _opt(None, "Held-out problems evaluated every eval_every steps "
-                                              "(e.g. 'gsm8k:heldout').")
-    eval_every: int = _opt(0, "Run self-correction eval every N steps (0 = off).")
+    eval_dataset: typing.Optional[str] = _opt("auto", "Held-out problems evaluated (greedy: acc@t1, acc@t2, "
+                                              "transitions) before the first step, every eval_every "
+                                              "steps and after the last; the training set drops any "
+                                              "problem in it. 'auto': the held-out set that goes with "
+                                              "--dataset ('synthetic:...,heldout' of the same difficulty, "
+                                              "'gsm8k:heldout' for gsm8k, none for a file); 'none': no eval.")
+    eval_every: int = _opt(0, "Also evaluate every N steps (0 = only before the first and after the last).")
     eval_limit: int = _opt(50, "Problems evaluated: the first N of the evaluated dataset.")
     tensorboard: bool = _opt(False, "Also log metrics to TensorBoard (needs `tensorboard`).")
     max_bad_steps: int = _opt(3, "Stop after this many consecutive steps with NaN/Inf loss or gradient.")

@@ -107,8 +107,8 @@ def load_problems(
 
     spec: "gsm8k" (the embedded GSM8K train split less GSM8K_HELDOUT problems kept for
         evaluation), "gsm8k:heldout" (those problems), "gsm8k:all", "gsm8k:test" (GSM8K's
-        1,319 test problems), "synthetic" / "synthetic:N" (N generated
-        problems, default 1000, generated from `seed`), or a path to a `.jsonl` / `.jsonl.gz`
+        1,319 test problems), "synthetic[:options]" (generated problems, see
+        `parse_synthetic`; from `seed`, or a fixed seed with `heldout`), or a path to a `.jsonl` / `.jsonl.gz`
         file whose rows are GSM8K style (`question`, `answer` ending in `#### n`) or MATH style
         (`problem`, `solution` with a final `\\boxed{}`), detected per row.
     limit: keep the first `limit` problems (file order).
@@ -117,11 +117,9 @@ def load_problems(
     Raises DatasetError (a ValueError) naming the file and line for unusable input.
     """
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        count = spec.partition(":")[2]
-        if count and not count.isdigit():
-            raise DatasetError(f"bad synthetic spec {spec!r}: expected 'synthetic:N'")
-        n = int(count) if count else 1000
-        return synthetic_problems(n if limit is None else min(n, limit), seed)
+        gen = parse_synthetic(spec)
+        n = gen.pop("n") if limit is None else min(gen.pop("n"), limit)
+        return synthetic_problems(n, _HELDOUT_SEED if gen.pop("heldout") else seed, **gen)
     if spec in EMBEDDED:
         name = "test.jsonl.gz" if spec == "gsm8k:test" else "train.jsonl.gz"
         with resources.as_file(resources.files("fastmgrpo.assets") / name) as path:
@@ -135,51 +133,103 @@ def load_problems(
     return problems if limit is None else problems[:limit]
 
 
-# Synthetic problems: (name, pronoun) and item names; every step is one sentence.
+# Synthetic problems: (name, pronoun) and item names; every step is one sentence of the question
+# and one equation of the worked solution.
 _PEOPLE = [("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Mia", "she"), ("Sam", "he"),
            ("Lily", "she"), ("Max", "he"), ("Emma", "she")]  # fmt: skip
 _ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "cards"]
 _ADD = ["{p} buys {k} more.", "{p} finds {k} more.", "{p} gets {k} more from a friend."]
 _SUB = ["{p} gives away {k}.", "{p} loses {k}.", "{p} sells {k}."]
 _MUL = {2: "{p} doubles the number of {items}.", 3: "{p} triples the number of {items}."}
+SYNTHETIC_DEFAULTS = {"n": 1000, "min_ops": 1, "max_ops": 3, "max_number": 20, "heldout": False}
 
 
-def _synthetic_problem(rng: random.Random, num_ops: int, uid: int) -> Problem:
+def _synthetic_problem(rng: random.Random, num_ops: int, max_number: int, uid: int) -> Problem:
     name, pronoun = rng.choice(_PEOPLE)
     items = rng.choice(_ITEMS)
-    total = rng.randint(2, 20)
-    sentences = [f"{name} has {total} {items}."]
+    total = rng.randint(2, max_number)
+    sentences, steps = [f"{name} has {total} {items}."], []
     for step in range(num_ops):
         who = pronoun.capitalize() if step == 0 else f"Then {pronoun}"
-        kinds = ["add", "sub"] + (["mul"] if total <= 15 else [])
+        kinds = ["add", "sub"] + (["mul"] if 4 * total <= 3 * max_number else [])
         kind = rng.choice(kinds) if total > 1 else "add"
         if kind == "add":
-            k = rng.randint(1, 10)
-            total += k
-            template = rng.choice(_ADD)
+            k = rng.randint(1, max(1, max_number // 2))
+            new, sign, template = total + k, "+", rng.choice(_ADD)
         elif kind == "sub":
-            k = rng.randint(1, min(10, total - 1))
-            total -= k
-            template = rng.choice(_SUB)
+            k = rng.randint(1, min(max(1, max_number // 2), total - 1))
+            new, sign, template = total - k, "-", rng.choice(_SUB)
         else:
             k = rng.choice(list(_MUL))
-            total *= k
-            template = _MUL[k]
+            new, sign, template = total * k, "*", _MUL[k]
         sentences.append(template.format(p=who, k=k, items=items))
+        steps.append(f"{total} {sign} {k} = {new}.")
+        total = new
     sentences.append(f"How many {items} does {name} have now?")
-    return Problem(" ".join(sentences), str(total), "synthetic", uid=uid)
+    return Problem(" ".join(sentences), str(total), "synthetic", uid=uid,
+                   solution=f"{' '.join(steps)}\n#### {total}")
 
 
-def synthetic_problems(n: int, seed: int, min_ops: int = 1, max_ops: int = 3) -> list[Problem]:
+def synthetic_problems(n: int, seed: int, min_ops: int = 1, max_ops: int = 3, max_number: int = 20) -> list[Problem]:
     """`n` multi-step integer word problems with small positive numbers, deterministic per seed.
 
-    Each applies `min_ops`..`max_ops` steps (add, take away, double/triple) to a starting count;
-    the gold answer is the final count as text and `source` is "synthetic".
+    Each applies `min_ops`..`max_ops` steps (add or take away 1..max_number/2, double/triple
+    while the count is at most 3/4 of max_number) to a starting count of 2..max_number; the
+    gold answer is the final count as text, `source` is "synthetic", and `solution` is the
+    working, one equation per step ("10 * 3 = 30. 30 - 5 = 25.\n#### 25").
     """
     if not 1 <= min_ops <= max_ops:
         raise ValueError(f"need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+    if max_number < 2:
+        raise ValueError(f"need max_number >= 2, got {max_number}")
     rng = random.Random(seed)
-    return [_synthetic_problem(rng, rng.randint(min_ops, max_ops), uid) for uid in range(n)]
+    return [_synthetic_problem(rng, rng.randint(min_ops, max_ops), max_number, uid) for uid in range(n)]
+
+
+def parse_synthetic(spec: str) -> dict:
+    """The options of a "synthetic[:item,item,...]" spec as `SYNTHETIC_DEFAULTS` keys. Items:
+    N (problems), ops=A or ops=A-B (operations per problem), max=M (largest starting count;
+    operands up to M/2) and heldout (problems from a fixed seed, for evaluation: a training
+    run drops any problem that is also in its eval set). Raises DatasetError on a bad item."""
+    out = dict(SYNTHETIC_DEFAULTS)
+    items = [i.strip() for i in spec.partition(":")[2].split(",") if i.strip()]
+    for item in items:
+        key, _, value = item.partition("=")
+        lo, _, hi = value.partition("-")
+        if item.isdigit() and int(item) > 0:
+            out["n"] = int(item)
+        elif item == "heldout":
+            out["heldout"] = True
+        elif key == "ops" and lo.isdigit() and (hi or lo).isdigit() and 1 <= int(lo) <= int(hi or lo):
+            out["min_ops"], out["max_ops"] = int(lo), int(hi or lo)
+        elif key == "max" and value.isdigit() and int(value) >= 2:
+            out["max_number"] = int(value)
+        else:
+            raise DatasetError(f"bad synthetic spec {spec!r} at {item!r}: expected items N, ops=A or "
+                               f"ops=A-B (1 <= A <= B), max=M (M >= 2), heldout; e.g. "
+                               f"'synthetic:500,ops=2-3,max=20'")
+    return out
+
+
+def _synthetic_items(spec: str) -> list[str]:
+    parse_synthetic(spec)  # validates
+    return [i.strip() for i in spec.partition(":")[2].split(",") if i.strip() not in ("", "heldout")]
+
+
+def heldout_spec(spec: str) -> str | None:
+    """The evaluation set that goes with training set `spec`: the held-out synthetic problems of
+    the same difficulty, "gsm8k:heldout" for "gsm8k", None for anything else."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return "synthetic:" + ",".join([*_synthetic_items(spec), "heldout"])
+    return "gsm8k:heldout" if spec == "gsm8k" else None
+
+
+def exemplar_spec(spec: str) -> str:
+    """The training set few-shot exemplars for evaluating `spec` come from: the synthetic training
+    problems of the same difficulty for a synthetic set, else the embedded GSM8K training split."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return "synthetic:" + ",".join(_synthetic_items(spec))
+    return "gsm8k"
 
 
 def split_holdout(

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, check_writable_file
 from .config import PASS_K_TEMPERATURE, ConfigError, EvalConfig, add_options, parse_options
-from .data import DatasetError, load_problems
+from .data import DatasetError, exemplar_spec, load_problems
 from .metrics import correction_metrics, pass_at_k
 from .models import ModelError, compute_dtype, load_model, padding_id, resolve_device, stop_token_ids
 from .prompts import (GUIDING_PHRASES, RANDOM_PHRASE, eval_phrase, layer1_prompt, layer2_prompt, select_shots,
@@ -30,7 +30,6 @@ from .stopping import generate
 from .types import Completion, Problem
 
 DEFAULT_PHRASE = eval_phrase()
-SHOTS_FROM = "gsm8k"  # few-shot exemplars come from the training split, never from eval data
 
 
 def _generate(model, tokenizer, prompts, *, desc, progress, **sampling) -> list[Completion]:
@@ -202,7 +201,7 @@ def run(args: EvalConfig) -> None:
     problems = load_problems(args.dataset, limit=args.limit, seed=args.seed)
     shots = []
     if args.prompt_shots:
-        pool = load_problems(SHOTS_FROM, seed=args.seed)
+        pool = load_problems(exemplar_spec(args.dataset), seed=args.seed)  # training data, never eval data
         shots = select_shots(pool, args.prompt_shots, args.seed, exclude={p.question for p in problems})
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     stop = stop_strings(tokenizer, args.stop)

@@ -157,17 +157,19 @@ def sample_phrase(rng: random.Random, pool: Sequence[str] = GUIDING_PHRASES) -> 
 
 
 def training_prompts(tokenizer, problems: Sequence[Problem], shots: Sequence[Problem], max_length: int,
-                     overflow: str) -> tuple[list[Problem], list[list[int]], dict]:
+                     overflow: str, held_out: Collection[str] = ()) -> tuple[list[Problem], list[list[int]], dict]:
     """Layer-1 prompt ids of the training problems, exemplars left out (a question must not be
-    trained on with its answer shown). A prompt over `max_length` tokens is dropped (`overflow`
+    trained on with its answer shown) and so are questions in `held_out` (the eval set). A prompt over `max_length` tokens is dropped (`overflow`
     'skip') or keeps its last max_length tokens ('truncate').
 
-    Returns (kept problems, their prompt ids, {problems, prompts_skipped, prompts_truncated});
-    raises DatasetError when no problem is left.
+    Returns (kept problems, their prompt ids, {problems, prompts_skipped, prompts_truncated,
+    held_out_dropped}); raises DatasetError when no problem is left.
     """
     shown = {s.question for s in shots}
+    held_out = set(held_out) - shown
+    excluded = shown | held_out
     kept, prompts, truncated, skipped = [], [], 0, 0
-    for p in (p for p in problems if p.question not in shown):
+    for p in (p for p in problems if p.question not in excluded):
         ids = layer1_prompt(tokenizer, p, shots)
         if len(ids) > max_length:
             if overflow == "skip":
@@ -179,4 +181,6 @@ def training_prompts(tokenizer, problems: Sequence[Problem], shots: Sequence[Pro
     if not kept:
         raise DatasetError(f"no usable problems: {len(problems)} loaded, {len(shown)} used as exemplars, "
                            f"{skipped} prompts longer than max_prompt_length={max_length}")
-    return kept, prompts, {"problems": len(kept), "prompts_skipped": skipped, "prompts_truncated": truncated}
+    dropped = sum(p.question in held_out for p in problems)
+    return kept, prompts, {"problems": len(kept), "prompts_skipped": skipped, "prompts_truncated": truncated,
+                           "held_out_dropped": dropped}

@@ -24,7 +24,7 @@ from .attention import use_varlen_attention
 from .checkpoint import (checkpoint_dir, checkpoint_to_resume, gather_state, load_state, load_weights,
                          prepare_output_dir, save_checkpoint)
 from .config import MGRPOConfig
-from .data import load_problems, step_questions
+from .data import heldout_spec, load_problems, step_questions
 from .decode_weights import DecodeWeights
 from .distributed import Dist, full_weights
 from .metrics import Max, Same, Sum, peak_memory_gb
@@ -93,6 +93,13 @@ def checkpointing(cfg: MGRPOConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.micro_batch_tokens >= CHECKPOINT_FROM_TOKENS
 
 
+def eval_dataset(cfg: MGRPOConfig) -> str | None:
+    """The held-out set a run evaluates (--eval-dataset; 'auto': the one that goes with --dataset)."""
+    if cfg.eval_dataset in (None, "", "none"):
+        return None
+    return heldout_spec(cfg.dataset) if cfg.eval_dataset == "auto" else cfg.eval_dataset
+
+
 class Trainer:
     """Owns the policy, optional reference model, optimizer, data cursor and output files.
 
@@ -117,8 +124,8 @@ class Trainer:
                       if cfg.resume else None)
         if problems is None:
             problems = load_problems(cfg.dataset, strict=cfg.strict_data, seed=cfg.seed)
-        self.eval_problems = (load_problems(cfg.eval_dataset, limit=cfg.eval_limit, seed=cfg.seed)
-                              if cfg.eval_dataset else None)
+        eval_spec = eval_dataset(cfg)
+        self.eval_problems = load_problems(eval_spec, limit=cfg.eval_limit, seed=cfg.seed) if eval_spec else None
         torch.manual_seed(cfg.seed)
         if model is None:
             # fp32 master weights; bf16 compute comes from autocast on GPU.
@@ -130,9 +137,12 @@ class Trainer:
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = padding_id(tokenizer, self.stop_ids)
-        self.shots = select_shots(problems, cfg.prompt_shots, cfg.seed)
+        # Held-out questions are neither exemplars nor trained on (the same exemplars as
+        # `fastmgrpo.eval --dataset <eval set> --seed <seed>` draws).
+        held_out = {p.question for p in self.eval_problems or ()}
+        self.shots = select_shots(problems, cfg.prompt_shots, cfg.seed, exclude=held_out)
         self.problems, self.prompts, self.data_stats = training_prompts(
-            tokenizer, problems, self.shots, cfg.max_prompt_length, cfg.prompt_overflow)
+            tokenizer, problems, self.shots, cfg.max_prompt_length, cfg.prompt_overflow, held_out)
         # The frozen reference is the initial model (copied before a resume loads its weights), and
         # it only runs in the compute dtype: kept in it (2 bytes a parameter in bf16).
         ref_model = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False) if cfg.beta > 0 else None

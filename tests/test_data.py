@@ -211,7 +211,7 @@ def test_heldout_and_exemplar_specs():
     assert heldout_spec("synthetic") == "synthetic:heldout"
     assert heldout_spec("gsm8k") == "gsm8k:heldout"
     assert heldout_spec("gsm8k:all") is None and heldout_spec("x.jsonl") is None
-    assert exemplar_spec("synthetic:heldout,ops=2,50") == "synthetic:ops=2,50"
+    assert exemplar_spec("synthetic:heldout,ops=2,50") == "synthetic:ops=2"
     assert exemplar_spec("gsm8k:heldout") == exemplar_spec("data.jsonl") == "gsm8k"
 
 

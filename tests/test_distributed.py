@@ -103,6 +103,7 @@ def base_argv(tmp_path, **flags) -> list[str]:
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     opts = {"model": tmp_path / "tiny", "dataset": "synthetic:16", "device": "cpu", "max-completion-length": 6,
+            "prompt-shots": 0, "eval-dataset": "none",
             "group-size": 3, "l2-samples": 2, "questions-per-step": 4, "micro-batch-tokens": 64,
             "learning-rate": LR, "warmup-ratio": 0.0, "lr-schedule": "constant", "beta": 0.04,
             "seed": int(torch.randint(0, 1000, ())), **flags}

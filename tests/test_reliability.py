@@ -92,7 +92,8 @@ def test_user_errors_are_named(case, tmp_path, capsys):
 # --- issue 11: nothing lost, no traceback for a user's mistake ------------------------------
 
 
-FAST = ["--dataset", "synthetic:8", "--max-completion-length", "4", "--group-size", "2",
+FAST = ["--dataset", "synthetic:8", "--prompt-shots", "0", "--eval-dataset", "none",
+        "--max-completion-length", "4", "--group-size", "2",
         "--l2-samples", "1", "--questions-per-step", "1", "--beta", "0", "--device", "cpu",
         "--learning-rate", "1e-3", "--warmup-ratio", "0", "--seed", "3"]
 
@@ -162,6 +163,7 @@ def test_sigterm_right_after_the_optimizer_step_saves_that_step(tiny_cli, tmp_pa
 def _trainer(out, **overrides):
     model, tok = build_tiny_model(seed=5)
     cfg = dict(model="tiny", dataset="synthetic", output_dir=str(out), device="cpu", group_size=2,
+               prompt_shots=0, eval_dataset="none",
                l2_samples=1, questions_per_step=1, max_completion_length=4, beta=0.0, seed=2,
                learning_rate=1e-3)
     return Trainer(train_cli.MGRPOConfig(**{**cfg, **overrides}), model=model, tokenizer=tok,

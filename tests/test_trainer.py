@@ -24,8 +24,8 @@ from fastmgrpo.types import Episode, Problem
 def make_trainer(tmp_path, problems=None, arch="gemma3", model_seed=None, **overrides):
     model_seed = random.randint(0, 10_000) if model_seed is None else model_seed
     model, tok = build_tiny_model(seed=model_seed, arch=arch)
-    opts = dict(model="tiny", dataset="synthetic", output_dir=str(tmp_path), device="cpu",
-                max_completion_length=6, group_size=3, l2_samples=2, questions_per_step=1,
+    opts = dict(model="tiny", dataset="synthetic", output_dir=str(tmp_path), device="cpu", prompt_shots=0,
+                eval_dataset="none", max_completion_length=6, group_size=3, l2_samples=2, questions_per_step=1,
                 learning_rate=1e-3, warmup_ratio=0.0, beta=0.04, seed=random.randint(0, 10_000))
     opts.update(overrides)
     cfg = MGRPOConfig(**opts)
@@ -190,7 +190,7 @@ def test_cli_end_to_end_writes_metrics_and_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastmgrpo.train", "--model", str(tmp_path / "tiny"), "--dataset",
            "synthetic:8", "--max-steps", "2", "--output-dir", str(out), "--max-completion-length", "6",
-           "--device", "cpu", "--group-size", "3"]
+           "--device", "cpu", "--group-size", "3", "--prompt-shots", "0", "--eval-dataset", "none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,10 +1,10 @@
 """Reward per step, MGRPO vs GRPO: one short run each (same seed, model and data), one PNG.
 
     python bench/plot_rewards.py                       # toy task, tiny model (~1 min on CPU)
-    python bench/plot_rewards.py --task synthetic      # default Gemma 3 270M, synthetic problems
 
 toy: every question is "Say 7." (answer 7) for a tiny random model (the learnable task of
-tests/test_trainer.py); synthetic: the embedded default model on generated arithmetic.
+tests/test_trainer.py). The real model's study (several seeds, held-out accuracy) is
+bench/cpu_study.py; every training run also draws its own reward.png.
 Each run goes through `fastmgrpo.train.run`, which writes `<runs>/layers{1,2}/metrics.jsonl`;
 the plot is drawn from those files (`--plot-only` redraws it without training).
 Needs matplotlib.
@@ -22,11 +22,8 @@ from fastmgrpo.types import Problem
 TASKS = {
     # tiny model, 3 new tokens, high learning rate: reward moves within tens of steps
     "toy": dict(model="tiny", dataset="toy", group_size=8, l2_samples=2, questions_per_step=2,
-                max_completion_length=3, learning_rate=2e-2, beta=0.0, steps=30),
-    # real model: ~60 s per MGRPO step on 2 CPU cores at these sizes
-    "synthetic": dict(model="default", dataset="synthetic", group_size=4, l2_samples=2,
-                      questions_per_step=2, max_completion_length=96, learning_rate=1e-5,
-                      beta=0.001, steps=8),
+                max_completion_length=3, learning_rate=2e-2, beta=0.0, steps=30, prompt_shots=0,
+                eval_dataset="none"),
 }
 
 
@@ -36,12 +33,9 @@ def train_once(task: str, layers: int, out: Path, steps: int, seed: int) -> Path
     opts.pop("steps")
     cfg = MGRPOConfig(**opts, layers=layers, max_steps=steps, seed=seed, output_dir=str(out), overwrite=True,
                       warmup_ratio=0.0, lr_schedule="constant")
-    if task == "toy":
-        model, tok = build_tiny_model(seed=seed)
-        problems = [Problem("Say 7.", "7", "synthetic", uid=i) for i in range(8)]
-        run(cfg, Trainer(cfg, model=model, tokenizer=tok, problems=problems))
-    else:
-        run(cfg)
+    model, tok = build_tiny_model(seed=seed)
+    problems = [Problem("Say 7.", "7", "synthetic", uid=i) for i in range(8)]
+    run(cfg, Trainer(cfg, model=model, tokenizer=tok, problems=problems))
     return out / "metrics.jsonl"
 
 
@@ -91,8 +85,7 @@ def main(argv=None) -> None:
         path = out / "metrics.jsonl" if args.plot_only else train_once(args.task, layers, out, steps, args.seed)
         runs[layers] = read_metrics(path)
     t = TASKS[args.task]
-    what = ('tiny random model (hidden 64), toy task "Say 7."' if args.task == "toy"
-            else "Gemma 3 270M (default), synthetic arithmetic")
+    what = 'tiny random model (hidden 64), toy task "Say 7."'
     title = (f"MGRPO vs GRPO, {what}\nseed {args.seed}, {t['questions_per_step']} questions x "
              f"G={t['group_size']} (H={t['l2_samples']}), {t['max_completion_length']} new tokens, "
              f"lr {t['learning_rate']}, one run each")

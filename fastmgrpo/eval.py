@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, check_writable_file
 from .config import PASS_K_TEMPERATURE, ConfigError, EvalConfig, add_options, parse_options
 from .data import DatasetError, exemplar_spec, load_problems
+from .env import cpu_threads
 from .metrics import correction_metrics, pass_at_k
 from .models import ModelError, compute_dtype, load_model, padding_id, resolve_device, stop_token_ids
 from .prompts import (GUIDING_PHRASES, RANDOM_PHRASE, eval_phrase, layer1_prompt, layer2_prompt, select_shots,
@@ -228,6 +229,7 @@ def run(args: EvalConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for unusable input, 3 for CUDA OOM)."""
     args = parse_eval_config(argv)
+    torch.set_num_threads(cpu_threads())
     try:
         run(args)
     except (DatasetError, ModelError, CheckpointError, OSError) as e:  # bad model/dataset/output

@@ -2,6 +2,7 @@
 before/after held-out accuracy in the summary (issue 18)."""
 
 import copy
+import os
 import json
 import random
 
@@ -89,3 +90,13 @@ def test_eval_none_and_resume_keep_evals(tmp_path, monkeypatch):
     go(tmp_path / "r", max_steps=1)
     go(tmp_path / "r", max_steps=2, resume=True)
     assert [e["step"] for e in rows(tmp_path / "r" / "evals.jsonl")] == [0, 1, 2]
+
+
+def test_cpu_threads_follow_omp_or_affinity(monkeypatch):
+    from fastmgrpo.env import cpu_threads
+
+    n = random.randint(1, 64)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(n))
+    assert cpu_threads() == n
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads() == len(os.sched_getaffinity(0))

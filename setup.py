@@ -22,6 +22,7 @@ setup(
         "accelerate",
         "tqdm",
         "pyyaml",
+        "matplotlib>=3.5",  # every run draws reward.png (Agg backend, no display)
         "math-verify>=0.7",
         "gguf>=0.10",
         "sentencepiece",
@@ -31,6 +32,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "liger-kernel>=0.6", "trl>=1.16", "datasets"],  # trl: the use_in_trl test
         "flash": ["flash-attn"],
         "tensorboard": ["tensorboard"],
-        "bench": ["trl>=1.16", "datasets", "matplotlib"],
+        "bench": ["trl>=1.16", "datasets"],
     },
 )

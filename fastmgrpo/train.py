@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -113,6 +114,10 @@ def summarize(history: list[dict], evals: list[dict], out: Path, checkpoint: Pat
     summary.update({
         "tokens_per_s": sum(m["tokens_generated"] + m["tokens_trained"] for m in history) / max(wall, 1e-9),
         "wall_time_s": wall,
+        # CPU seconds of this process (all threads): on shared cores, wall time over-states
+        # what the run costs; cpu_time_s / threads is about its wall time on idle cores.
+        "cpu_time_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
+        "threads": torch.get_num_threads(),
         "output_dir": str(out),
         "checkpoint": str(checkpoint) if checkpoint else None,
     })

@@ -150,11 +150,12 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors
         (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1), encoding="utf-8")
         files.fsync_tree(tmp)
     except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap OSError in their own types
+        why = why_write_failed(e, root)  # while the partial copy still fills the disk
         shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_checkpoint(output_dir)
         kept = f"checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
-        raise WriteError(f"cannot write checkpoint {final}: {why_write_failed(e, root)}; the partial "
-                         f"copy was removed and {kept}") from e
+        raise WriteError(f"cannot write checkpoint {final}: {why}; the partial copy was removed and "
+                         f"{kept}") from e
     prev = root / f".prev-{name}"
     if final.exists():  # re-saving a step: keep the old copy loadable (as .prev-) until the new one is in
         shutil.rmtree(prev, ignore_errors=True)

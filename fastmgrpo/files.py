@@ -84,15 +84,21 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
+# Below this much free space a failed write is put down to a full disk: torch.save's error
+# ("file write failed") carries no errno. Ask before removing the partial output.
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
 def why_write_failed(error: BaseException, where: Path) -> str:
     """The reason a write under `where` failed, for a message: a full disk with its free space,
     else the error itself."""
-    if is_disk_full(error):
-        try:
-            free = f"{shutil.disk_usage(where).free / 2**20:.0f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        return f"the disk holding {where} is full ({free})"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if is_disk_full(error) or (free is not None and free < NEARLY_FULL_BYTES):
+        room = "free space unknown" if free is None else f"{free / 2**20:.1f} MiB free"
+        return f"the disk holding {where} is full ({room})"
     return f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}"
 
 

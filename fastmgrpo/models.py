@@ -178,15 +178,16 @@ def _temp_name(final: Path) -> Path:
 
 
 def _remove_dead_temps(cache: Path) -> None:
-    """Remove what builders that died left in the cache (their pid is gone; a live builder's
-    files stay)."""
+    """Remove what builders that died left in the cache (their pid is gone, or is ours: reused;
+    another live builder's files stay)."""
     for path in cache.glob(".tmp-*"):
         m = _TEMP_RE.fullmatch(path.name)
         if m is None:
             continue
         try:
-            os.kill(int(m["pid"]), 0)
-            continue
+            if int(m["pid"]) != os.getpid():
+                os.kill(int(m["pid"]), 0)
+                continue
         except ProcessLookupError:
             pass
         except PermissionError:

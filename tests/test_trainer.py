@@ -141,6 +141,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from fastmgrpo.checkpoint import latest_checkpoint
+    from fastmgrpo.files import WriteError
 
     tr = make_trainer(tmp_path)
     tr.step()
@@ -151,9 +152,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(tr.tokenizer, "save_pretrained", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="disk full; the partial copy was removed"):
         tr.save()
-    assert latest_checkpoint(tmp_path) == good
+    assert latest_checkpoint(tmp_path) == good and not list((tmp_path / "checkpoints").glob(".tmp-*"))
     reloaded = AutoModelForCausalLM.from_pretrained(good)
     ids = torch.randint(0, len(tr.tokenizer), (1, 12))
     assert torch.isfinite(reloaded(ids).logits).all()

@@ -80,8 +80,9 @@ def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    array = " (a JSON array? JSON Lines expected: one object per line)" if line.lstrip().startswith("[") else ""
-                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg}){array}") from e
+                    array = line.lstrip().startswith("[")
+                    hint = " (a JSON array? JSON Lines expected: one object per line)" if array else ""
+                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg}){hint}") from e
                 parsed = _parse_row(row)
                 if parsed is None:
                     raise DatasetError(f"{path}:{lineno}: {_row_problem(row)}")

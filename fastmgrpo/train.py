@@ -215,7 +215,9 @@ def _run(cfg: MGRPOConfig, trainer: Trainer | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; the exit status: 2 unusable input, 3 CUDA OOM, 4 an output could not be
     written (disk full), 128+signal interrupted."""
-    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS if s != signal.SIGINT}
+    # A signal the caller ignores stays ignored: `nohup` means a closed terminal must not stop the run.
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS
+                if s != signal.SIGINT and signal.getsignal(s) is not signal.SIG_IGN}
     try:
         cfg = parse_config(argv)
         run(cfg)

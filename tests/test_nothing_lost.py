@@ -227,6 +227,19 @@ def test_every_stop_signal_saves_like_sigterm(tiny_cli, tmp_path, monkeypatch, s
     assert _steps(tmp_path) == [1, 2, 3, 4]
 
 
+def test_a_signal_ignored_by_the_caller_stays_ignored(tiny_cli, tmp_path, monkeypatch):
+    main, _ = tiny_cli  # `nohup python -m fastmgrpo.train`: a closed terminal must not stop it
+    real = Trainer._rollout
+    monkeypatch.setattr(Trainer, "_rollout", lambda self: signal.raise_signal(signal.SIGHUP) or real(self))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert main("--output-dir", str(tmp_path), "--max-steps", "2") == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert _steps(tmp_path) == [1, 2]
+
+
 def test_a_signal_in_eval_or_in_the_update_keeps_that_steps_metrics(tiny_cli, tmp_path, monkeypatch):
     main, _ = tiny_cli
 

@@ -391,7 +391,8 @@ def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentPa
         description="Train a model with MGRPO (multi-layer GRPO) or plain GRPO (--layers 1).",
         epilog="Ctrl-C, SIGTERM (a scheduler, `docker stop`, `timeout`), SIGHUP (a closed terminal) "
         "or SIGQUIT saves a checkpoint at the step boundary and exits with 128 + the signal (130, "
-        "143, 129, 131); further signals during that save are ignored, and so are signals the caller ignores (nohup). Continue with --resume. One "
+        "143, 129, 131); further signals during that save are ignored, and so are signals the caller "
+        "ignores (nohup). Continue with --resume. One "
         "run at a time per --output-dir (the lock file fastmgrpo.lock names its pid and host). Exit "
         "status 2: unusable input (the message names the file); 3: CUDA out of memory; 4: an output "
         "could not be written (disk full; earlier checkpoints and metrics are kept).",

@@ -14,7 +14,9 @@ Row pass of the fused loss (``row_stats_`` / ``dlogits_``, same contract as
   3. reads z again and writes dlogits = (g·(onehot − p) − g_H·p·(z − lse + H)) / T in the
      products' dtype *into z's own storage*: a 16-bit row r lands in the first half of fp32 row
      r's bytes, so the result is a (R, V) view with row stride 2V that cuBLAS reads directly.
-     Block j's 16-bit store covers fp32 elements [j·B/2, (j+1)·B/2) of the row, all read by then.
+     Block j's 16-bit store covers fp32 elements [j·B/2, (j+1)·B/2) of the row; a barrier
+     between each block's loads and its store makes them all read by then, across warps too
+     (the argument is written beside ``_dlogits_kernel``).
 
 Under TRITON_INTERPRET=1 (CPU tests) 16-bit dots are done on fp32-upcast operands and the row
 reductions go through tl.reduce directly (see _mma, _rsum). Grids are 1-D (axis 0 allows
@@ -261,6 +263,18 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
         tl.store(ent_ptr + row, tl.log(s) - t / s)
 
 
+# Why the in-place write is safe (16-bit output into the fp32 row it reads). Iteration j of a row
+# program loads fp32 elements [j·B, (j+1)·B) and stores 16-bit elements [j·B, (j+1)·B), i.e. the
+# bytes of fp32 elements [j·B/2, (j+1)·B/2) ⊂ [0, (j+1)·B): every byte a store clobbers belongs
+# to a block loaded in this iteration or an earlier one, never a later one. The warps of a
+# program run unsynchronised, though: without a barrier, warp w may store block j's dz while
+# warp ⌊w/2⌋ has not loaded its part of block j (or even of block j − 1) yet. So each iteration
+# loads its whole block, then `tl.debug_barrier()` (bar.sync: every thread of the program has
+# performed all its earlier memory accesses, CTA-wide), then stores. By induction over j, when
+# block j's store runs, every load of iterations 0..j has been performed by every warp, so no
+# load can see a clobbered byte. Software pipelining can only move loads earlier (never a store
+# before the barrier), which keeps the argument. Rows are disjoint across programs (row stride
+# ≥ V fp32 elements). The fp32 output (same thread, same element) needs no barrier but keeps it.
 @triton.jit
 def _dlogits_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
                     V, inv_temp, OUT_DTYPE: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -284,6 +298,7 @@ def _dlogits_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
         if HAS_GENT:
             coef = g + ge * (z + shift)
         dz = tl.where(cols == tgt, g, 0.0) - coef * p
+        tl.debug_barrier()  # every warp's loads of blocks 0..j precede any store of block j (above)
         tl.store(out_row + cols, dz.to(OUT_DTYPE), mask=mask)
 
 

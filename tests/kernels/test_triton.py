@@ -86,6 +86,27 @@ def test_row_pass_matches_torch_backend(with_entropy, out_dtype):
     torch.testing.assert_close(dz, dz_r, atol=atol, rtol=1e-2 if out_dtype != torch.float32 else 1e-5)
 
 
+@pytest.mark.skipif(not CUDA, reason="the in-place race needs real warps (the interpreter is sequential)")
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_cuda_in_place_bf16_dlogits_equal_fp32_path_bit_for_bit(with_entropy):
+    """The 16-bit dlogits written into the fp32 logits they are computed from (warps racing ahead
+    would clobber logits not yet read) equal the fp32 path's dlogits rounded to bf16, bit for bit,
+    over many runs at Qwen's V = 151,936."""
+    R, V = 64, 151936
+    g = torch.Generator(device="cuda").manual_seed(19)
+    z0 = torch.randn(R, V, device="cuda", generator=g) * 4
+    targets = torch.randint(0, V, (R,), device="cuda", generator=g)
+    g_logp = torch.randn(R, device="cuda", generator=g)
+    g_ent = torch.randn(R, device="cuda", generator=g) if with_entropy else None
+    z = z0.clone()
+    stats = tb.row_stats_(z, targets, with_entropy)
+    want = tb.dlogits_(z, targets, stats, g_logp, g_ent, 0.5, torch.float32).to(torch.bfloat16)
+    for _ in range(50):
+        z.copy_(z0)
+        got = tb.dlogits_(z, targets, stats, g_logp, g_ent, 0.5, torch.bfloat16)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_long_sequence_and_memory():
     """128k rows on a 1-D grid; the fused loss's working memory stays under the budget + 10%."""

@@ -166,9 +166,16 @@ def test_compiles_for_sm90(dtype):
                      warps, stages)
     except (TypeError, ImportError, AttributeError) as err:  # API drift across triton versions
         pytest.skip(f"ahead-of-time compile API unavailable: {err}")
-    stats_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, logp_ptr=f, ent_ptr=f, V="i32")
-    _aot_compile(mod._row_stats_kernel, stats_args, dict(WITH_ENTROPY=True, BLOCK_V=mod._ROW_BLOCK, INTERP=False),
-                 8, 1)
+    stats_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, logp_ptr=f, ent_ptr=f, V="i32",
+                      **dict.fromkeys(("old_ptr", "ref_ptr", "adv_ptr", "w_ptr", "m_ptr", "vllm_ptr", "g_ptr", "ge_ptr",
+                                       "val_ptr"), f), val_stride="i32",
+                      **dict.fromkeys(("eps_low", "eps_high", "delta", "tau_pos", "tau_neg", "beta", "entropy_coef"),
+                                      "fp32"))
+    for loss in mod.LOSS_CODES.values():  # the closed-form loss folded in, every option on
+        _aot_compile(mod._row_stats_kernel, stats_args,
+                     dict(WITH_ENTROPY=True, BLOCK_V=mod._ROW_BLOCK, INTERP=False, FOLD=True, LOSS=loss,
+                          **dict.fromkeys(("HAS_OLD", "HAS_REF", "HAS_VLLM", "HAS_DELTA", "HAS_BETA",
+                                           "BIAS_CORRECTION", "HAS_GENT"), True)), 8, 1)
     dl_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, ent_ptr=f, g_ptr=f, ge_ptr=f, V="i32",
                    inv_temp="fp32")
     _aot_compile(mod._dlogits_kernel, dl_args,

@@ -210,7 +210,7 @@ def _sapo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
 
 def _sapo_grad(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
     """Closed form of _sapo: d/dr [4/tau · sigmoid(tau (r − 1))] = 4 · s (1 − s)."""
-    tau = torch.where(t.adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+    tau = torch.full_like(t.adv, cfg.sapo_temperature_neg).masked_fill_(t.adv > 0, cfg.sapo_temperature_pos)
     s = torch.sigmoid(tau * (coef - 1))
     return -s * 4 / tau * t.adv, -4 * s * (1 - s) * t.adv, None, torch.zeros_like(coef, dtype=torch.bool)
 

@@ -313,7 +313,7 @@ def _loss_terms(row, logp, entropy, old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vll
         clipped = tl.where((coef > eps_high) & (adv > 0), 1.0, 0.0)
     else:  # sapo: 4/tau · sigmoid(tau (ratio − 1))
         tau = tl.where(adv > 0, tau_pos, tau_neg)
-        sg = tl.sigmoid(tau * (coef - 1.0))
+        sg = 1.0 / (1.0 + tl.exp(tau * (1.0 - coef)))  # sigmoid (tl.sigmoid is a @jit: see _rsum)
         per_token = -sg * 4.0 / tau * adv
         d_coef = -4.0 * sg * (1.0 - sg) * adv
     if HAS_VLLM:

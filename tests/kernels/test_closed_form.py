@@ -18,7 +18,8 @@ from fastmgrpo.kernels.grpo_loss import (LOSS_TYPES, LOSS_VARIANTS, GRPOLossConf
 tb = load_backend()
 LENGTHS = [7, 1, 12, 0, 5, 9]
 OPTIONS = ["base", "no_kl", "delta", "bias_kl", "vllm_token", "vllm_sequence", "entropy", "on_policy", "no_ref",
-           "sequence", "all"]
+           "sequence", "all", "sequence_all"]  # all: delta, bias-corrected KL, IS ratio, entropy together
+SEQUENCE = ("sequence", "sequence_all")
 
 
 def _case(seed, loss_type, option, dtype=torch.float64, padded=True):
@@ -35,20 +36,20 @@ def _case(seed, loss_type, option, dtype=torch.float64, padded=True):
     adv_seq[1] = 0.0
     seq_len = torch.zeros(B, dtype=dtype).index_add(0, seg, mask)
     vllm, vllm_log_seq = None, None
-    if option in ("vllm_token", "all"):
+    every = option in ("all", "sequence_all")
+    if option == "vllm_token" or every:
         vllm = torch.rand(N, generator=g, dtype=dtype) + 0.5
         vllm_log_seq = torch.zeros(B, dtype=dtype).index_add(0, seg, vllm.log())
     elif option == "vllm_sequence":
         per_seq = torch.rand(B, generator=g, dtype=dtype) + 0.5
         vllm, vllm_log_seq = per_seq[seg], per_seq.log()
-    entropy = torch.rand(N, generator=g, dtype=dtype) * 3 if option in ("entropy", "all") else None
+    entropy = torch.rand(N, generator=g, dtype=dtype) * 3 if option == "entropy" or every else None
     tok_w = mask * (torch.rand(B, generator=g, dtype=dtype) + 0.5)[seg]  # per-sequence weights
     kw = dict(loss_type=loss_type, max_completion_length=16, beta=0.0 if option == "no_kl" else 0.04,
-              delta=1.1 if option in ("delta", "all") else None,
-              use_bias_correction_kl=option in ("bias_kl", "all"),
-              entropy_coef=0.01 if option in ("entropy", "all") else 0.0, epsilon_high=0.25)
-    if option == "sequence" or (option == "all" and not LOSS_VARIANTS[loss_type].token_level_only):
-        kw["importance_sampling_level"] = "sequence"
+              delta=1.1 if option == "delta" or every else None,
+              use_bias_correction_kl=option == "bias_kl" or every,
+              entropy_coef=0.01 if option == "entropy" or every else 0.0, epsilon_high=0.25,
+              importance_sampling_level="sequence" if option in SEQUENCE else "token")
     if loss_type == "cispo":
         kw["epsilon_high"] = 1.1  # an absolute cap of the ratio
     cfg = GRPOLossConfig(**kw)
@@ -68,7 +69,7 @@ def _seed(*names) -> int:
 def _cases():
     for loss_type in LOSS_TYPES:
         for option in OPTIONS:
-            if option == "sequence" and LOSS_VARIANTS[loss_type].token_level_only:
+            if option in SEQUENCE and LOSS_VARIANTS[loss_type].token_level_only:
                 continue
             yield loss_type, option
 
@@ -99,8 +100,9 @@ def test_closed_form_equals_autograd(loss_type, option):
         assert g_ent is None
 
 
-KERNEL_CASES = [(lt, op) for lt, op in _cases() if LOSS_VARIANTS[lt].kernel is not None and op != "sequence"
-                and not (op == "all" and not LOSS_VARIANTS[lt].token_level_only)]
+# one loss type per kernel code (the reductions' weights are inputs of the kernel, tested above);
+# "all" turns on delta, bias-corrected KL, the IS ratio and the entropy bonus together
+KERNEL_CASES = [(lt, op) for lt in ("dapo", "cispo", "sapo") for op in ("base", "all", "no_kl", "on_policy", "no_ref")]
 
 
 @pytest.mark.parametrize("loss_type,option", KERNEL_CASES)
@@ -109,6 +111,7 @@ def test_triton_row_kernel_closed_form_equals_torch(loss_type, option):
     terms) equals the torch closed form evaluated on the kernel's own log-probs and entropies."""
     cfg, tokens, norm, _, entropy = _case(_seed(loss_type, option) + 1, loss_type, option,
                                           dtype=torch.float32)
+    assert cfg.importance_sampling_level == "token"
     N, V = sum(LENGTHS), 64
     gen = torch.Generator().manual_seed(len(option))
     z = (torch.randn(N, V, generator=gen) * 3).to(DEV)

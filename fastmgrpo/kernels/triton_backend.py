@@ -52,7 +52,7 @@ DEFAULT_OPTIONS = TritonOptions()
 
 def interpreting() -> bool:
     """True when the kernels were decorated under TRITON_INTERPRET=1 (decided at import)."""
-    return type(_linear_logprob_fwd_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 # --------------------------------------------------------------------------------------
@@ -158,6 +158,9 @@ def _linear_logprob_fwd_kernel(
     tl.store(zt_out + out, zt_i, mask=mask_m)
     if WITH_ENTROPY:
         tl.store(t_out + out, t_i, mask=mask_m)
+
+
+_INTERPRETED = type(_linear_logprob_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ metadata-only ops are recorded as allocations or left out. On CUDA each recorded
 launch (cuBLAS GEMMs included); the interpreter's own tensor traffic inside a Triton launch is
 not counted.
 """
+import collections
 import contextlib
 
 import torch
@@ -18,12 +19,14 @@ _ALLOCATIONS = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty}
 
 
 class OpLog(TorchDispatchMode):
-    """`launches`: [(name, output shapes, dtypes)] of ops that run work; `allocations`: the
-    (shape, dtype) of every tensor an op creates (views excluded)."""
+    """`launches`: [(name, output shapes)] of ops that run work; `allocations`: the (shape, dtype)
+    of every tensor an op creates (views excluded); `kernel_bytes`: {Triton kernel: {"load": bytes,
+    "store": bytes}} moved by its launches (interpreter only)."""
 
     def __init__(self):
         super().__init__()
         self.launches, self.allocations, self._paused = [], [], 0
+        self.kernel_bytes = collections.defaultdict(collections.Counter)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -52,7 +55,8 @@ def _is_inplace_or_out(func) -> bool:
 
 
 class _CountedKernel:
-    """A Triton kernel whose launches are logged (the interpreter's tensor traffic is not)."""
+    """A Triton kernel whose launches are logged (the interpreter's tensor traffic is not), and,
+    under the interpreter, the bytes its loads and stores move (`OpLog.kernel_bytes[name]`)."""
 
     def __init__(self, kernel, name, log: OpLog):
         self.kernel, self.name, self.log = kernel, name, log
@@ -62,9 +66,32 @@ class _CountedKernel:
 
         def run(*args, **kwargs):
             self.log.launches.append(("triton:" + self.name, [grid]))
-            with self.log.paused():
+            with self.log.paused(), _memory_traffic(self.log.kernel_bytes[self.name]):
                 return launch(*args, **kwargs)
         return run
+
+
+@contextlib.contextmanager
+def _memory_traffic(counter: dict):
+    """Add the bytes of the interpreter's masked loads and stores to counter["load"] / ["store"]."""
+    from triton.runtime import interpreter
+    builder = interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def counted_load(self, ptrs, mask, other, *args):
+        out = load(self, ptrs, mask, other, *args)
+        counter["load"] += int(mask.data.sum()) * out.data.itemsize
+        return out
+
+    def counted_store(self, ptrs, value, mask, *args):
+        counter["store"] += int(mask.data.sum()) * value.data.itemsize
+        return store(self, ptrs, value, mask, *args)
+
+    builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+    try:
+        yield
+    finally:
+        builder.create_masked_load, builder.create_masked_store = load, store
 
 
 @contextlib.contextmanager

@@ -173,3 +173,23 @@ def test_trainer_head_is_cast_once_per_update_not_per_micro_batch():
         grads[how] = (len(heads), weight.grad.clone())
     assert grads["once"][0] == 1 and grads["decode"][0] == 0 and grads["per_call"][0] >= len(plan)
     assert torch.equal(grads["once"][1], grads["per_call"][1]) and torch.equal(grads["decode"][1], grads["once"][1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bytes are counted by the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_pass_bytes_per_logit(dtype):
+    """The row pass reads the fp32 logits twice and writes dlogits once, in the products' dtype:
+    4 + 4 + 2 = 10 bytes per logit for 16-bit products (12 for fp32), plus O(1) per row."""
+    R, Vb = 6, 2048
+    g = torch.Generator().manual_seed(37)
+    z = torch.randn(R, Vb, generator=g)
+    targets = torch.randint(0, Vb, (R,), generator=g)
+    with counting(tb) as log:
+        stats = tb.row_stats_(z, targets, True)
+        tb.dlogits_(z, targets, stats, torch.randn(R, generator=g), torch.randn(R, generator=g), 1.0, dtype)
+    per_logit = {k: {op: n / (R * Vb) for op, n in c.items()} for k, c in log.kernel_bytes.items()}
+    print(per_logit)
+    out = 2 if dtype == torch.bfloat16 else 4
+    assert 4 <= per_logit["row_stats_kernel"]["load"] <= 4.02 and per_logit["row_stats_kernel"]["store"] <= 0.02
+    assert 4 <= per_logit["dlogits_kernel"]["load"] <= 4.02
+    assert out <= per_logit["dlogits_kernel"]["store"] <= out + 0.02

@@ -150,5 +150,6 @@ def forward_logprobs(hidden, weight, targets, bias, temperature, with_entropy, b
     entropy = torch.empty_like(logp) if with_entropy else None
     chunks, _ = fused.chunk_rows(plan, weight.shape[0], hidden.dtype)
     for r0, r1, z in fused.row_chunks(plan, hidden, weight, bias, chunks):
-        mod.row_stats_(z, targets[r0:r1], with_entropy, (logp[r0:r1], None if entropy is None else entropy[r0:r1]))
+        mod.row_stats_(z, targets[r0:r1], with_entropy, (logp[r0:r1], None if entropy is None else entropy[r0:r1]),
+                       inv_t=1.0 / plan.temperature)
     return logp, entropy

@@ -1,8 +1,9 @@
 """Loss and gradients of a linear head in one pass of three matmuls, a chunk of rows at a time.
 
 For each chunk of rows (whole sequences when the loss needs them):
-    z  = (h·Wᵀ + b) / T                      cuBLAS, fp32 output (logits never rounded to 16 bits)
-    row pass, in place on z                   max, lse, target log-prob, entropy (backend kernel),
+    z  = h·Wᵀ + b                            cuBLAS, fp32 output (logits never rounded to 16 bits)
+    row pass on z / T                         max, lse, target log-prob, entropy (backend kernel:
+                                              Triton scales z as it loads it, torch in place),
                                               and g = d loss / d (logp, entropy) in closed form
                                               with each row's loss and metric terms (the Triton
                                               kernel folds it in; O(R) torch otherwise)
@@ -89,8 +90,9 @@ def chunk_rows(plan: Plan, vocab: int, dtype: torch.dtype) -> tuple[list[tuple[i
     return chunks, False
 
 
-def logits_fp32(h, weight, bias, inv_t, out, weight32):
-    """out (R, V) fp32 = (h·Wᵀ + b) / T, products accumulated and stored in fp32.
+def logits_fp32(h, weight, bias, out, weight32):
+    """out (R, V) fp32 = h·Wᵀ + b, products accumulated and stored in fp32 (the temperature is
+    the row pass's: a separate scaling pass would read and write the chunk once more).
 
     weight32: None (fp32 weights, or 16-bit ones on a device with fp32-output GEMMs) or the
     head upcast to fp32 (see head_fp32).
@@ -107,8 +109,6 @@ def logits_fp32(h, weight, bias, inv_t, out, weight32):
             torch.mm(h.float(), weight32.T, out=out)
         if bias is not None:
             out += bias.float()
-    if inv_t != 1.0:
-        out *= inv_t
     return out
 
 
@@ -132,15 +132,13 @@ def _fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def row_chunks(plan: Plan, hidden, weight, bias, chunks):
-    """Yield (r0, r1, z) per chunk of `chunks`: z (R, V) the fp32 logits (h·Wᵀ + b) / T of rows
-    [r0, r1), in one buffer reused by every chunk. The forward-only pass and the fused loss share
-    this loop."""
-    vocab = weight.shape[0]
-    inv_t, weight32 = 1.0 / plan.temperature, head_fp32(weight)
+    """Yield (r0, r1, z) per chunk of `chunks`: z (R, V) the fp32 h·Wᵀ + b of rows [r0, r1) (the
+    backend's row pass divides by T), in one buffer reused by every chunk. The forward-only pass
+    and the fused loss share this loop."""
+    vocab, weight32 = weight.shape[0], head_fp32(weight)
     buf = torch.empty(max(r1 - r0 for r0, r1 in chunks) * vocab, device=hidden.device, dtype=torch.float32)
     for r0, r1 in chunks:
-        yield r0, r1, logits_fp32(hidden[r0:r1], weight, bias, inv_t, buf[: (r1 - r0) * vocab].view(r1 - r0, vocab),
-                                  weight32)
+        yield r0, r1, logits_fp32(hidden[r0:r1], weight, bias, buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), weight32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -236,7 +234,7 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
                 args = terms.kernel_args(r0, r1)
                 fold = None if args is None else (args, g[r0:r1], None if g_ent is None else g_ent[r0:r1],
                                                   values[:, r0:r1])
-            stats = backend.row_stats_(z, tgt, plan.with_entropy, out, fold)
+            stats = backend.row_stats_(z, tgt, plan.with_entropy, out, fold, inv_t)
             if grads_here and not two_pass and fold is None:
                 values[:, r0:r1], g[r0:r1], ge = terms.grads(r0, r1, stats.logp, stats.entropy)
                 if g_ent is not None:

@@ -8,11 +8,12 @@ t = Σ exp(z − m)·(z − m) (the shifted form keeps the entropy free of the l
 cancellation), plus the target logit. The (SPLITS, N) partials merge in O(N·SPLITS) torch ops.
 
 Row pass of the fused loss (``row_stats_`` / ``dlogits_``, same contract as
-``torch_backend``): on a chunk z (R, V) of fp32 logits written by cuBLAS, one program per row
-  1. reads z once: max, log-sum-exp, target log-prob, entropy (online, fp32);
-  2. (the per-token loss gradient g is computed between the two kernels, O(R) torch)
-  3. reads z again and writes dlogits = (g·(onehot − p) − g_H·p·(z − lse + H)) / T in the
-     products' dtype *into z's own storage*: a 16-bit row r lands in the first half of fp32 row
+``torch_backend``): on a chunk z (R, V) of fp32 h·Wᵀ + b written by cuBLAS, one program per row
+  1. reads z once, times 1/T as it loads it: max, log-sum-exp, target log-prob, entropy (online,
+     fp32), and the per-token loss gradient g in closed form (``_loss_terms``; sequence-level
+     losses compute it between the two kernels, O(R) torch);
+  2. reads z again (times 1/T) and writes dlogits = (g·(onehot − p) − g_H·p·(z − lse + H)) / T
+     in the products' dtype *into z's own storage*: a 16-bit row r lands in the first half of fp32 row
      r's bytes, so the result is a (R, V) view with row stride 2V that cuBLAS reads directly.
      Block j's 16-bit store covers fp32 elements [j·B/2, (j+1)·B/2) of the row; a barrier
      between each block's loads and its store makes them all read by then, across warps too
@@ -235,7 +236,7 @@ def linear_logprob_fwd(hidden, weight, bias, targets, temperature, with_entropy,
 # Row pass of the fused loss
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
+def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, inv_temp,
                       old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vllm_ptr, g_ptr, ge_ptr, val_ptr, val_stride,
                       eps_low, eps_high, delta, tau_pos, tau_neg, beta, entropy_coef,
                       WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr,
@@ -250,7 +251,7 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
     t_i = tl.full((BLOCK_V,), 0.0, tl.float32)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + offs < V
-        z = tl.load(base + v0 + offs, mask=mask, other=-float("inf"))
+        z = tl.load(base + v0 + offs, mask=mask, other=-float("inf")) * inv_temp
         m_new = tl.maximum(m_i, z)
         alpha = tl.exp(m_i - m_new)
         zs = tl.where(mask, z - m_new, 0.0)
@@ -263,7 +264,7 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
     scale = tl.exp(m_i - m)
     s = _rsum(s_i * scale, 0, INTERP)
     lse = m + tl.log(s)
-    logp = tl.load(base + tl.load(tgt_ptr + row)) - lse
+    logp = tl.load(base + tl.load(tgt_ptr + row)) * inv_temp - lse
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
     entropy = 0.0
@@ -383,7 +384,7 @@ def _dlogits_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         mask = cols < V
-        z = tl.load(z_row + cols, mask=mask, other=0.0)
+        z = tl.load(z_row + cols, mask=mask, other=0.0) * inv_temp  # the logits (h·Wᵀ + b) / T
         p = tl.exp(z - lse)
         coef = g
         if HAS_GENT:
@@ -406,8 +407,10 @@ LOSS_CODES = {"clip": 0, "cispo": 1, "sapo": 2}  # the per-token losses _loss_te
 FOLDS_LOSS = True  # row_stats_ computes the loss's closed-form gradient (token-level losses)
 
 
-def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=None, fold=None) -> RowStats:
-    """Per-row log-prob of targets (R,) int64 (and entropy) from fp32 logits z (R, V); z is kept.
+def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=None, fold=None,
+               inv_t: float = 1.0) -> RowStats:
+    """Per-row log-prob of targets (R,) int64 (and entropy) from fp32 logits z·inv_t, z (R, V)
+    (scaled as it is loaded: no pass of its own); z is kept.
 
     out: (logp (R,), entropy (R,) or None) fp32 to write them into (else new tensors).
     fold: None, or (args, g (R,), g_entropy (R,) or None, values (K, R) with unit column stride):
@@ -420,7 +423,7 @@ def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=N
     entropy = (torch.empty_like(lse) if ent_out is None else ent_out) if with_entropy else None
     if R:
         dummy = torch.empty(1, device=z.device, dtype=torch.float32)
-        _row_stats_kernel[(R,)](z, z.stride(0), targets, lse, logp, entropy if with_entropy else dummy, V,
+        _row_stats_kernel[(R,)](z, z.stride(0), targets, lse, logp, entropy if with_entropy else dummy, V, inv_t,
                                 **_fold_args(fold, dummy), WITH_ENTROPY=with_entropy, BLOCK_V=_ROW_BLOCK, INTERP=interpreting(),
                                 num_warps=8)
     return RowStats(logp, entropy, lse)

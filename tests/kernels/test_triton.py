@@ -73,7 +73,7 @@ def test_row_pass_matches_torch_backend(with_entropy, out_dtype):
     results = []
     for mod in (tb, torch_backend):
         z = z0.clone().to(DEV)
-        stats = mod.row_stats_(z, targets.to(DEV), with_entropy)
+        stats = mod.row_stats_(z, targets.to(DEV), with_entropy, inv_t=0.5)
         dz = mod.dlogits_(z, targets.to(DEV), stats, g_logp.to(DEV), None if g_ent is None else g_ent.to(DEV),
                           0.5, out_dtype)
         assert dz.shape == (R, V) and dz.dtype == out_dtype
@@ -99,7 +99,7 @@ def test_cuda_in_place_bf16_dlogits_equal_fp32_path_bit_for_bit(with_entropy):
     g_logp = torch.randn(R, device="cuda", generator=g)
     g_ent = torch.randn(R, device="cuda", generator=g) if with_entropy else None
     z = z0.clone()
-    stats = tb.row_stats_(z, targets, with_entropy)
+    stats = tb.row_stats_(z, targets, with_entropy, inv_t=0.5)
     want = tb.dlogits_(z, targets, stats, g_logp, g_ent, 0.5, torch.float32).to(torch.bfloat16)
     for _ in range(50):
         z.copy_(z0)
@@ -167,6 +167,7 @@ def test_compiles_for_sm90(dtype):
     except (TypeError, ImportError, AttributeError) as err:  # API drift across triton versions
         pytest.skip(f"ahead-of-time compile API unavailable: {err}")
     stats_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, logp_ptr=f, ent_ptr=f, V="i32",
+                      inv_temp="fp32",
                       **dict.fromkeys(("old_ptr", "ref_ptr", "adv_ptr", "w_ptr", "m_ptr", "vllm_ptr", "g_ptr", "ge_ptr",
                                        "val_ptr"), f), val_stride="i32",
                       **dict.fromkeys(("eps_low", "eps_high", "delta", "tau_pos", "tau_neg", "beta", "entropy_coef"),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import torch_backend
+from . import overlap, torch_backend
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of chunk working memory
 _log = logging.getLogger(__name__)
@@ -60,23 +60,25 @@ class Plan:
     fp32_weight_grad: bool = False
     keep_logprobs: bool = False  # also return every row's log-prob (detached)
     head: torch.Tensor | None = None  # the weight already in hidden's dtype (see compute_head)
+    overlap: bool = False  # two CUDA streams, two half-budget buffers (overlap.py); no-op without CUDA
 
 
-def chunk_rows(plan: Plan, vocab: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], bool]:
+def chunk_rows(plan: Plan, vocab: int, dtype: torch.dtype, buffers: int = 1) -> tuple[list[tuple[int, int]], bool]:
     """(row ranges [r0, r1) whose chunk fits the memory budget, two_pass). Sequence-level losses
     get chunks of whole sequences; where one sequence alone does not fit, two_pass is True and
-    the chunks split sequences (see run_chunks). Raises ValueError when no row fits."""
-    n = plan.seq_starts[-1]
+    the chunks split sequences (see run_chunks). `buffers` chunks share the budget. Raises
+    ValueError when no row fits."""
+    n, budget = plan.seq_starts[-1], plan.memory_budget // buffers
     per_row = vocab * 4 + plan.backend.extra_bytes_per_row(vocab, dtype)
     # the torch backend's entropy terms hold two fp32 temporaries over blocks of ENTROPY_ROWS rows
     ent = 8 * vocab if plan.with_entropy and plan.backend is torch_backend else 0
     block = torch_backend.ENTROPY_ROWS
-    rows = plan.memory_budget // (per_row + ent)
+    rows = budget // (per_row + ent)
     if rows > block:
-        rows = (plan.memory_budget - block * ent) // per_row
+        rows = (budget - block * ent) // per_row
     if rows < 1:
         raise ValueError(f"memory_budget={plan.memory_budget} bytes holds no row of logits "
-                         f"(one row needs {per_row + ent} bytes at V={vocab})")
+                         f"(one row needs {(per_row + ent) * buffers} bytes at V={vocab})")
     starts = plan.seq_starts
     whole = plan.terms is not None and plan.terms.whole_sequences
     if not whole or max((b - a for a, b in zip(starts[:-1], starts[1:])), default=0) > rows:
@@ -131,14 +133,24 @@ def _fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def row_chunks(plan: Plan, hidden, weight, bias, chunks):
+def row_chunks(plan: Plan, hidden, weight, bias, chunks, streams=None):
     """Yield (r0, r1, z) per chunk of `chunks`: z (R, V) the fp32 h·Wᵀ + b of rows [r0, r1) (the
-    backend's row pass divides by T), in one buffer reused by every chunk. The forward-only pass
-    and the fused loss share this loop."""
+    backend's row pass divides by T), in one buffer reused by every chunk, or with `streams`
+    (overlap.py) two buffers, each chunk's GEMM issued one chunk ahead on the side stream. The
+    forward-only pass and the fused loss share this loop."""
     vocab, weight32 = weight.shape[0], head_fp32(weight)
-    buf = torch.empty(max(r1 - r0 for r0, r1 in chunks) * vocab, device=hidden.device, dtype=torch.float32)
-    for r0, r1 in chunks:
-        yield r0, r1, logits_fp32(hidden[r0:r1], weight, bias, buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), weight32)
+    rows = max(r1 - r0 for r0, r1 in chunks)
+    buf = torch.empty(1 if streams is None else 2, rows * vocab, device=hidden.device, dtype=torch.float32)
+
+    def produce(i, b):
+        r0, r1 = chunks[i]
+        return logits_fp32(hidden[r0:r1], weight, bias, buf[b, : (r1 - r0) * vocab].view(r1 - r0, vocab), weight32)
+
+    if streams is not None:
+        yield from overlap.pipelined(streams, chunks, produce)
+        return
+    for i, (r0, r1) in enumerate(chunks):
+        yield r0, r1, produce(i, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,11 +234,12 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
     values = torch.empty(len(terms.names) + 1, n, **f32)
     g = torch.empty(n, **f32)
     g_ent = torch.empty(n, **f32) if terms.has_entropy_grad else None
-    chunks, two_pass = chunk_rows(plan, vocab, dtype)
+    streams = overlap.streams_for(hidden.device, plan.overlap)
+    chunks, two_pass = chunk_rows(plan, vocab, dtype, buffers=1 if streams is None else 2)
     loops = ((False, True) if need_any else (False,)) if two_pass else (True,)
     first = True
     for grads_here in loops:
-        for r0, r1, z in row_chunks(plan, hidden, weight, bias, chunks):
+        for r0, r1, z in row_chunks(plan, hidden, weight, bias, chunks, streams):
             h, tgt = hidden[r0:r1], plan.targets[r0:r1]
             out = (logp[r0:r1], None if entropy is None else entropy[r0:r1])
             fold = None

@@ -40,6 +40,9 @@ class GRPOLossConfig:
         result does not depend on it. Sequence-level losses need a whole sequence per chunk.
     fp32_weight_grad: accumulate the LM head's gradient across chunks in an fp32 (V, H) buffer
         (V*H*4 more bytes) instead of in the weight's dtype; see fused.py.
+    overlap_streams: on CUDA, run each chunk's logits GEMM on a second stream while the previous
+        chunk's row pass and gradient GEMMs run (two buffers of half the budget; overlap.py). Off
+        by default until a GPU run shows it pays; no effect without CUDA.
     """
 
     beta: float = 0.04
@@ -60,6 +63,7 @@ class GRPOLossConfig:
     entropy_coef: float = 0.0
     memory_budget: int = fused.DEFAULT_MEMORY_BUDGET
     fp32_weight_grad: bool = False
+    overlap_streams: bool = False
 
     def __post_init__(self):
         check_memory_budget(self.memory_budget)
@@ -488,7 +492,7 @@ def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm
     terms = _LossTerms(tokens, weights, norm.metric_w / norm.metric_den, cfg, want_entropy)
     plan = fused.Plan(targets.long(), seq_starts, want_entropy, float(cfg.temperature), terms,
                       resolve_backend(backend, hidden), cfg.memory_budget, cfg.fp32_weight_grad, keep_logprobs,
-                      None if weight_16bit is None else weight_16bit.detach())
+                      None if weight_16bit is None else weight_16bit.detach(), cfg.overlap_streams)
     loss, metrics, logp = fused.FusedLinearLoss.apply(hidden, weight, bias, plan)
     out = dict(zip(terms.names, metrics.unbind()))
     if keep_logprobs:

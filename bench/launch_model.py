@@ -13,7 +13,8 @@ its roofline, time = max(flops / peak, bytes / bandwidth), plus LAUNCH_S per lau
 the three bf16 GEMMs at M = N (16-bit outputs). Ours, per chunk of R rows: the Z GEMM (fp32
 output), the row pass (its counted bytes per logit × R·V), the d_h GEMM and the d_W GEMM
 (reading and writing d_W: beta = 1 after the first chunk); "overlapped" is the same with the row
-pass hidden behind the next chunk's GEMMs (two streams, issue 19 item 3, not built yet).
+pass hidden behind the GEMMs at the same chunk size (GRPOLossConfig.overlap_streams, which splits
+the budget into two buffers: read it at twice the budget).
 """
 import collections
 import os

@@ -18,6 +18,7 @@ class FakeStreams:
 
     def __init__(self, late: bool):
         self.late, self.queue, self.side_depth, self.log = late, [], 0, []
+        self.side_waits = []  # when (index in log) each event the side stream waited for was recorded
 
     def event(self):
         return {"recorded": None}
@@ -62,6 +63,7 @@ class FakeStreams:
                     return
             elif kind == "wait":
                 assert item["recorded"] is not None, "side stream waits for an event the main stream never recorded"
+                self.side_waits.append(item["recorded"])
             else:
                 item()
 
@@ -80,8 +82,9 @@ def test_pipeline_orders_buffers_by_events(late):
 
     def produce(i, b):
         def gemm():
-            if i >= 2:  # the side stream's last wait on this buffer's free event came after its last use
+            if i >= 2:  # the side stream last waited for an event recorded after this buffer's last use
                 assert streams.log[last_use[b]] == ("done", i - 2)
+                assert streams.side_waits and streams.side_waits[-1] > last_use[b]
             buffers[b] = float(i)
             streams.log.append(("gemm", i))
         streams.submit(gemm)

@@ -3,8 +3,11 @@
 The O(N x V) work is ``fused.FusedLinearLoss`` (three matmuls per chunk of rows, gradients
 computed in forward). The loss math here is O(N) PyTorch on per-token log-probs, written on a
 flat "token view" of the batch (N positions, each with a sequence id) so that the padded
-Liger-shaped form and the packed (cu_seqlens) form share one implementation; the fused pass
-evaluates it on one chunk of rows at a time (``_Tokens.rows``) and differentiates it there.
+Liger-shaped form and the packed (cu_seqlens) form share one implementation. Each loss is
+written twice, side by side: its definition (``_grpo_core`` and the per-token losses, the
+reference, differentiated by autograd in the tests) and its closed-form gradient
+(``_grpo_grads`` and the ``*_grad`` functions), which the fused pass runs on one chunk of rows at
+a time (``_Tokens.rows``), in torch or folded into the Triton row kernel (``_LossTerms``).
 Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5) and TRL's GRPOTrainer.
 """
 

@@ -10,9 +10,10 @@ host issue order (events only, never a host sync; b = i % 2, b' = (i + 1) % 2):
 free[b'] is recorded after chunk i−1's last GEMM, the last reader of buffer b', so the side stream
 never overwrites logits or dlogits the main stream still reads, and the main stream never reads a
 buffer before its GEMM is done. At the end the main stream waits for the side stream: the buffers
-are freed (on the main stream) after their last use. Without CUDA there are no streams and the
-chunk loop runs as before; `pipelined` itself is tested on CPU with streams that run the side
-stream's work as late or as early as the events allow (tests/kernels/test_overlap.py).
+are freed (on the main stream) after their last use; at the start the side stream waits for the
+main stream (the inputs, an earlier pass over the same buffers). Without CUDA there are no
+streams and the chunk loop runs as before; `pipelined` itself is tested on CPU with streams that
+run the side stream's work as late or as early as the events allow (tests/kernels/test_overlap.py).
 """
 import torch
 
@@ -23,7 +24,11 @@ class CudaStreams:
     def __init__(self, device: torch.device):
         self.main = torch.cuda.current_stream(device)
         self.side = torch.cuda.Stream(device)
-        self.side.wait_stream(self.main)  # the inputs were produced on the main stream
+
+    def start(self):
+        """The side stream waits for everything issued on the main stream so far: the inputs, and
+        an earlier pass's use of the same buffers (the two-pass fallback runs two pipelines)."""
+        self.side.wait_stream(self.main)
 
     def event(self):
         return torch.cuda.Event()
@@ -61,6 +66,7 @@ def pipelined(streams, chunks, produce):
             streams.record(ready[i % 2], side=True)
         return z
 
+    streams.start()
     try:
         ahead = issue(0)
         for i, (r0, r1) in enumerate(chunks):

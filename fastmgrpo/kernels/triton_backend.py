@@ -424,8 +424,8 @@ def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=N
     if R:
         dummy = torch.empty(1, device=z.device, dtype=torch.float32)
         _row_stats_kernel[(R,)](z, z.stride(0), targets, lse, logp, entropy if with_entropy else dummy, V, inv_t,
-                                **_fold_args(fold, dummy), WITH_ENTROPY=with_entropy, BLOCK_V=_ROW_BLOCK, INTERP=interpreting(),
-                                num_warps=8)
+                                **_fold_args(fold, dummy), WITH_ENTROPY=with_entropy, BLOCK_V=_ROW_BLOCK,
+                                INTERP=interpreting(), num_warps=8)
     return RowStats(logp, entropy, lse)
 
 

@@ -67,6 +67,9 @@ class FakeStreams:
             else:
                 item()
 
+    def start(self):
+        """Main-stream work is synchronous here: nothing issued before is pending."""
+
     def finish(self):
         self._run()
 

@@ -376,7 +376,8 @@ METRIC_NAMES = ("kl", "clip_ratio", "ratio_mean")  # then "entropy" when compute
 def _grpo_grads(t: _Tokens, w: torch.Tensor, m: torch.Tensor, cfg: GRPOLossConfig, entropy: torch.Tensor | None):
     """Closed form of _grpo_core (no autograd) on rows whose log-probs are t.logp (R,) fp32.
 
-    w, m: (R,) loss and metric weights of the rows (LossVariant.weights; metric_w / metric_den).
+    w, m: (R,) loss and metric weights of the rows (LossVariant.weights; metric_w: the metric
+    sums are divided by metric_den once per call).
     Sequence-level ratios need the rows of whole sequences. Returns (values (K, R): each row's
     term of the loss, then of each metric in METRIC_NAMES (+ entropy), so that sums over rows
     give _grpo_core's; g_logp (R,) = ∂loss/∂logp; g_entropy (R,) = ∂loss/∂entropy or None).
@@ -433,7 +434,7 @@ class _LossTerms:
 
     tokens: _Tokens
     w: torch.Tensor  # (N,) loss weights
-    m: torch.Tensor  # (N,) metric weights
+    m: torch.Tensor  # (N,) metric weights (metric_w; sums divided by metric_den once per call)
     cfg: GRPOLossConfig
     with_entropy: bool
 
@@ -492,12 +493,13 @@ def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm
                          f"got {tuple(weight_16bit.shape)} {weight_16bit.dtype} for {weight.dtype}")
 
     weights = LOSS_VARIANTS[cfg.loss_type].weights(tokens, norm).float()
-    terms = _LossTerms(tokens, weights, norm.metric_w / norm.metric_den, cfg, want_entropy)
+    terms = _LossTerms(tokens, weights, norm.metric_w.float(), cfg, want_entropy)
     plan = fused.Plan(targets.long(), seq_starts, want_entropy, float(cfg.temperature), terms,
                       resolve_backend(backend, hidden), cfg.memory_budget, cfg.fp32_weight_grad, keep_logprobs,
                       None if weight_16bit is None else weight_16bit.detach(), cfg.overlap_streams)
     loss, metrics, logp = fused.FusedLinearLoss.apply(hidden, weight, bias, plan)
-    out = dict(zip(terms.names, metrics.unbind()))
+    # Σ x·metric_w / metric_den as the definition divides: a ratio of exactly 1 averages to 1.0
+    out = dict(zip(terms.names, (metrics / norm.metric_den).unbind()))
     if keep_logprobs:
         out["logprobs"] = logp
     return loss, out

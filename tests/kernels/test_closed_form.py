@@ -85,12 +85,11 @@ def test_closed_form_equals_autograd(loss_type, option):
     inputs = [leaf] + ([ent_leaf] if ent_leaf is not None else [])
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     w = LOSS_VARIANTS[loss_type].weights(tokens, norm)
-    values, g, g_ent = _grpo_grads(tokens.rows(0, logp.shape[0], logp), w, norm.metric_w / norm.metric_den, cfg,
-                                   entropy)
+    values, g, g_ent = _grpo_grads(tokens.rows(0, logp.shape[0], logp), w, norm.metric_w, cfg, entropy)
     assert abs(loss.detach() - values[0].sum()) <= 1e-12 * (1 + abs(loss.detach()))
     for k, name in enumerate(("kl", "clip_ratio", "ratio_mean") + (("entropy",) if entropy is not None else ())):
         # the definition rounds each metric's terms to fp32 (x.float())
-        assert abs(metrics[name] - values[k + 1].sum()) <= 1e-6 * abs(metrics[name]) + 1e-12, name
+        assert abs(metrics[name] - values[k + 1].sum() / norm.metric_den) <= 1e-6 * abs(metrics[name]) + 1e-12, name
     want = grads[0] if grads[0] is not None else torch.zeros_like(logp)
     assert want.abs().max() > 0
     torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-14)
@@ -120,7 +119,7 @@ def test_triton_row_kernel_closed_form_equals_torch(loss_type, option):
     tokens = _Tokens(**to_dev)
     norm = _Norm(**{k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in vars(norm).items()})
     with_entropy = entropy is not None
-    terms = _LossTerms(tokens, LOSS_VARIANTS[loss_type].weights(tokens, norm), norm.metric_w / norm.metric_den,
+    terms = _LossTerms(tokens, LOSS_VARIANTS[loss_type].weights(tokens, norm), norm.metric_w,
                        cfg, with_entropy)
     K = len(terms.names) + 1
     g, g_ent = torch.full((N,), float("nan"), device=DEV), torch.full((N,), float("nan"), device=DEV)

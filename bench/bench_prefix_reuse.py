@@ -8,7 +8,7 @@ tokens (checked); prints per run the rollout time, the prefill time (prefill for
 prefix building) and the prompt tokens prefilled, with the load average.
 
     python bench/bench_prefix_reuse.py                       # default model, 8 x G=4 x H=2, 4 shots
-    python bench/bench_prefix_reuse.py --shots 2 --rounds 1
+    python bench/bench_prefix_reuse.py --shots 2 --rounds 1 --threads 1
 """
 
 import argparse
@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=4, help="worked exemplars before every question")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="completion limit, both layers")
     ap.add_argument("--rounds", type=int, default=2, help="pairs of runs (on/off, then off/on, ...)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
     problems = load_problems(args.dataset, seed=0)

@@ -7,6 +7,11 @@ so the batch stays full until the queue runs dry; after that it is compacted int
 rows of the same buffers whenever at most half of it is busy, to the next bucket size (the
 slot count, then powers of two below it).
 
+Prompts that share a prefix (few-shot exemplars; a question's G samples; layer-2 prompts, which
+extend their question's prompt and answer) have it prefilled once (`_Prefixes`, a radix tree):
+its K/V are copied into every slot that starts with it, and only the rest of each prompt is
+prefilled there (`_Decoder.extend`). The output is the same as prefilling every prompt whole.
+
 One decode step is forward + sampling, entirely on the device: the slot state (next id, first
 column, next column, tokens left, live) lives in device tensors that the step itself advances, and
 a slot stops advancing on a stop id or at max_new_tokens. The host copies each step's ids and
@@ -469,7 +474,8 @@ class _Decoder:
         self.generator.manual_seed(int(seed))
         return self.generator
 
-    def _forward(self, model, ids: torch.Tensor, pos: torch.Tensor, masks, cache: _SlotCache | None = None) -> torch.Tensor:
+    def _forward(self, model, ids: torch.Tensor, pos: torch.Tensor, masks,
+                 cache: _SlotCache | None = None) -> torch.Tensor:
         out = model(input_ids=ids, position_ids=pos, attention_mask=masks, use_cache=True, logits_to_keep=1,
                     **{self.cache_kw: self.cache if cache is None else cache})
         return out.logits[:, -1].float()  # (n, V)

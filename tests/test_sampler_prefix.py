@@ -131,11 +131,13 @@ def test_collect_with_and_without_reuse(monkeypatch):
     drawn, widest = {True: [], False: []}, {True: 0, False: 0}
     generate = mgrpo.generate
     for reuse in (True, False):
-        monkeypatch.setattr(mgrpo, "generate", lambda *a, **kw: drawn[reuse].append(generate(*a, **kw)) or drawn[reuse][-1])
+        monkeypatch.setattr(mgrpo, "generate",
+                            lambda *a, **kw: drawn[reuse].append(generate(*a, **kw)) or drawn[reuse][-1])
         hook = model.get_input_embeddings().register_forward_pre_hook(
             lambda mod, args: widest.update({reuse: max(widest[reuse], args[0].shape[1])}))
-        mgrpo.collect(model, tok, problems, prompts, cfg, rng=random.Random(0), generator=torch.Generator().manual_seed(0),
-                      stop_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, prefix_reuse=reuse)
+        mgrpo.collect(model, tok, problems, prompts, cfg, rng=random.Random(0),
+                      generator=torch.Generator().manual_seed(0), stop_ids={tok.eos_token_id},
+                      pad_id=tok.pad_token_id, prefix_reuse=reuse)
         hook.remove()
     assert [len(x) for x in drawn[True]] == [6, 12]  # layer 1: Q x G, layer 2: Q x G x H
     for a, b in zip(drawn[True], drawn[False]):

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from fastmgrpo import mgrpo, sampler
 from fastmgrpo.config import MGRPOConfig
@@ -22,15 +21,7 @@ ATOL = 2e-5  # |logprob difference|: fp32 rounding of other batch shapes, measur
 @pytest.fixture(scope="module", params=["gemma3", "mistral"])
 def tiny(request):
     """Gemma 3 (layer 0 slides over 16 tokens) and Mistral (every layer slides over 8)."""
-    if request.param == "gemma3":
-        return build_tiny_model(arch="gemma3", seed=0)[0]
-    llama, _ = build_tiny_model(arch="llama", seed=0)
-    cfg = MistralConfig(**{k: getattr(llama.config, k) for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "pad_token_id")}, sliding_window=8, attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return MistralForCausalLM(cfg).eval()
+    return build_tiny_model(arch=request.param, seed=0)[0]
 
 
 def _tokens(n: int, vocab: int) -> list[int]:

@@ -77,7 +77,8 @@ def test_eval_none_and_resume_keep_evals(tmp_path, monkeypatch):
     monkeypatch.setattr(mgrpo, "score", hash_reward)
     seed = random.randint(0, 1000)
     opts = dict(model="tiny", dataset="synthetic:ops=1", device="cpu", max_completion_length=4, group_size=2,
-                l2_samples=1, questions_per_step=1, beta=0.0, seed=seed, eval_limit=3, learning_rate=1e-3)
+                l2_samples=1, questions_per_step=1, beta=0.0, seed=seed, eval_limit=3, learning_rate=1e-3,
+                lr_schedule="constant", warmup_ratio=0.0)
 
     def go(out, **kw):
         cfg = MGRPOConfig(**{**opts, "output_dir": str(out), **kw})

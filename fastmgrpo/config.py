@@ -241,11 +241,19 @@ class MGRPOConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         check_device(self.device)
-        if self.eval_every and not self.eval_dataset:
-            raise ConfigError(f"eval_every={self.eval_every} needs --eval-dataset (e.g. gsm8k:heldout)")
+        if self.eval_every and not self.eval_spec():
+            raise ConfigError(f"eval_every={self.eval_every} needs --eval-dataset (e.g. gsm8k:heldout; 'auto' "
+                              f"finds none for --dataset {self.dataset!r})")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: "
                               "pass one of them")
+
+    def eval_spec(self) -> str | None:
+        """The held-out set this run evaluates: --eval-dataset, or for 'auto' the one that goes with
+        --dataset (`data.heldout_spec`); None for 'none' (or 'auto' with no such set)."""
+        if self.eval_dataset in (None, "", "none"):
+            return None
+        return heldout_spec(self.dataset) if self.eval_dataset == "auto" else self.eval_dataset
 
     def loss_config(self) -> GRPOLossConfig:
         """The fused loss's options: every GRPOLossConfig field this config has by the same name,

@@ -214,7 +214,9 @@ def parse_synthetic(spec: str) -> dict:
     for item in items:
         key, _, value = item.partition("=")
         lo, _, hi = value.partition("-")
-        if item.isdigit() and int(item) > 0:
+        if item.isdigit() and int(item) == 0:
+            raise DatasetError(f"{spec}: no problems (expected N >= 1)")
+        if item.isdigit():
             out["n"] = int(item)
         elif item == "heldout":
             out["heldout"] = True

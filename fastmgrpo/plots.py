@@ -7,7 +7,10 @@ correction, each with a moving average. Bottom panel: acc@t1 and acc@t2 of the h
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from .files import atomic_write
 
 # (metrics key, label, colour) of the training-batch series and of the held-out evals
 TRAIN_SERIES = (("reward_l1", "reward, layer 1", "tab:blue"), ("acc_l1", "acc, layer 1", "tab:cyan"),
@@ -65,6 +68,8 @@ def write_reward_plot(history: list[dict], png: Path, title: str = "", window: i
     bottom.set_xlabel("step")
     top.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(png)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    atomic_write(png, image.getvalue())  # a kill mid-write leaves the previous curve, not half a PNG
     return {**train, **evals}

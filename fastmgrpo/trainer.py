@@ -26,7 +26,7 @@ from .checkpoint import (RUN_FILES, checkpoint_dir, checkpoint_to_resume, gather
                          load_weights, prepare_output_dir, save_checkpoint)
 from .config import MGRPOConfig
 from .config import ConfigError
-from .data import DatasetError, heldout_spec, load_problems, step_questions
+from .data import DatasetError, load_problems, step_questions
 from .decode_weights import DecodeWeights
 from .distributed import Dist, full_weights
 from .files import atomic_write
@@ -104,13 +104,6 @@ def checkpointing(cfg: MGRPOConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.micro_batch_tokens >= CHECKPOINT_FROM_TOKENS
 
 
-def eval_dataset(cfg: MGRPOConfig) -> str | None:
-    """The held-out set a run evaluates (--eval-dataset; 'auto': the one that goes with --dataset)."""
-    if cfg.eval_dataset in (None, "", "none"):
-        return None
-    return heldout_spec(cfg.dataset) if cfg.eval_dataset == "auto" else cfg.eval_dataset
-
-
 class Trainer:
     """Owns the policy, optional reference model, optimizer, data cursor and output files.
 
@@ -139,8 +132,15 @@ class Trainer:
                       if cfg.resume else None)
         if problems is None:
             problems = load_problems(cfg.dataset, strict=cfg.strict_data, seed=cfg.seed)
-        eval_spec = eval_dataset(cfg)
+        eval_spec = cfg.eval_spec()
         self.eval_problems = load_problems(eval_spec, limit=cfg.eval_limit, seed=cfg.seed) if eval_spec else None
+        # Held-out questions are neither exemplars nor trained on (the same exemplars as
+        # `fastmgrpo.eval --dataset <eval set> --seed <seed>` draws).
+        held_out = {p.question for p in self.eval_problems or ()}
+        try:
+            self.shots = select_shots(problems, cfg.prompt_shots, cfg.seed, exclude=held_out)
+        except ValueError as e:
+            raise DatasetError(f"--prompt-shots {cfg.prompt_shots}: {e} in {cfg.dataset!r}") from e
         torch.manual_seed(cfg.seed)
         if model is None:
             # fp32 master weights; bf16 compute comes from autocast on GPU.
@@ -153,13 +153,6 @@ class Trainer:
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = padding_id(tokenizer, self.stop_ids)
-        # Held-out questions are neither exemplars nor trained on (the same exemplars as
-        # `fastmgrpo.eval --dataset <eval set> --seed <seed>` draws).
-        held_out = {p.question for p in self.eval_problems or ()}
-        try:
-            self.shots = select_shots(problems, cfg.prompt_shots, cfg.seed, exclude=held_out)
-        except ValueError as e:
-            raise DatasetError(f"--prompt-shots {cfg.prompt_shots}: {e} in {cfg.dataset!r}") from e
         self.problems, self.prompts, self.data_stats = training_prompts(
             tokenizer, problems, self.shots, cfg.max_prompt_length, cfg.prompt_overflow, held_out)
         # The frozen reference is the initial model (copied before a resume loads its weights), and

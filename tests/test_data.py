@@ -200,10 +200,12 @@ def test_synthetic_specs():
     held = load_problems("synthetic:heldout,20,ops=1-2", seed=seed)
     assert held == load_problems("synthetic:20,heldout,ops=1-2", seed=seed + 1)  # fixed seed
     assert held != load_problems("synthetic:20,ops=1-2", seed=seed)
-    for bad in ("synthetic:many", "synthetic:ops=0", "synthetic:ops=3-2", "synthetic:max=1", "synthetic:0",
+    for bad in ("synthetic:many", "synthetic:ops=0", "synthetic:ops=3-2", "synthetic:max=1",
                 "synthetic:ops=a-b", "synthetic:size=3"):
         with pytest.raises(DatasetError, match="bad synthetic spec"):
             load_problems(bad)
+    with pytest.raises(DatasetError, match="synthetic:0: no problems"):
+        load_problems("synthetic:0")
 
 
 def test_heldout_and_exemplar_specs():

@@ -243,8 +243,10 @@ def test_a_signal_ignored_by_the_caller_stays_ignored(tiny_cli, tmp_path, monkey
 def test_a_signal_in_eval_or_in_the_update_keeps_that_steps_metrics(tiny_cli, tmp_path, monkeypatch):
     main, _ = tiny_cli
 
-    def eval_then_term(self):
-        signal.raise_signal(signal.SIGTERM)
+    def eval_then_term(self):  # the evals before the first step and at step 2: the second is hit
+        if self.step_idx == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return {}
 
     monkeypatch.setattr(Trainer, "evaluate", eval_then_term)
     argv = ["--max-steps", "4", "--eval-dataset", "synthetic:2", "--eval-every", "2"]
@@ -507,7 +509,9 @@ def test_config_file_and_flags_agree_and_flags_are_whole(tmp_path):
     from_file = parse_config(["--config", str(tmp_path / "c.yaml")]).stop
     assert from_file == parse_config(["--stop", "none"]).stop == ["none"]
     with pytest.raises(ConfigError, match="eval_every=3 needs --eval-dataset"):
-        MGRPOConfig(eval_every=3)
+        MGRPOConfig(eval_every=3, eval_dataset="none")
+    with pytest.raises(ConfigError, match="eval_every=3 needs --eval-dataset"):
+        MGRPOConfig(eval_every=3, dataset="data.jsonl")  # 'auto' has no held-out set for a file
     for parse in (parse_config, eval_cli.parse_eval_config):
         with pytest.raises(SystemExit) as e:
             parse(["--learning-rat" if parse is parse_config else "--max-new-tok", "1"])

@@ -34,7 +34,8 @@ from .files import WriteError, atomic_write, file_sha256, safetensors_problem, w
 from .outdir import LOCK_NAME, lock_output_dir, unlock_output_dir
 
 # What a run leaves in its output directory (and --overwrite deletes); nothing else is touched.
-RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "checkpoints", "tensorboard")
+RUN_FILES = ("metrics.jsonl", "evals.jsonl", "reward.png", "config.json", "summary.json", "checkpoints",
+             "tensorboard")
 _STEP_RE = re.compile(r"(?:\.prev-)?step-(\d+)")  # .prev-*: a checkpoint being replaced
 MANIFEST = "manifest.json"
 

@@ -5,7 +5,9 @@
                                   mix): held bytes per base parameter (weights of every model the
                                   trainer keeps, gradients, AdamW state: benchutil.state_bytes),
                                   peak memory of the step (CUDA max_memory_allocated, CPU VmHWM),
-                                  step / rollout / train seconds
+                                  step / rollout / train seconds; LoRA also times one merge into
+                                  the decode copy and a greedy decode (4 x 32 tokens) from the
+                                  merged copy vs from the PEFT model with adapters unmerged
     test_projection               held bytes of Qwen2.5-1.5B and Llama-3-8B shapes (meta-device
                                   models, no weights) on one GPU, full vs LoRA r=16, against 80 GB
 
@@ -60,11 +62,34 @@ def one_step(mode: str) -> dict:
     metrics = trainer.step()
     held = state_bytes(held_models(trainer), trainer.optimizer)  # AdamW state exists after a step
     trained = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
-    return {"mode": mode, "device": device_name(), "params": params, "trained_params": trained,
+    decode = decode_costs(trainer) if mode == "lora" else {}
+    return {"mode": mode, "device": device_name(), "params": params, "trained_params": trained, **decode,
             "held_bytes": held, "held_bytes_per_param": round(held / params, 2),
             "step_peak_bytes": _peak_bytes(), "step_s": metrics["step_time"],
             "rollout_s": metrics["rollout_time"], "train_s": metrics["train_time"],
             "ref_s": metrics["ref_time"], "tokens_trained": metrics["tokens_trained"], **_settings()}
+
+
+def decode_costs(trainer, prompts: int = 4, new_tokens: int = 32) -> dict:
+    """Seconds of one merge into the decode copy (what each rollout adds) and of a greedy decode
+    of `prompts` x `new_tokens` from the merged copy and from the PEFT model, adapters unmerged."""
+    from fastmgrpo.sampler import sample
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    ids = trainer.prompts[:prompts]
+    with torch.no_grad(), trainer._autocast():
+        merged, merge_s = timed(trainer.decode_weights.refresh)
+        runs = {name: timed(lambda m=m: sample(m, ids, max_new_tokens=new_tokens, temperature=0.0, stop_ids=set(),
+                                                 pad_id=trainer.pad_id))
+                for name, m in (("merged", merged), ("unmerged", trainer.model.eval()))}
+    (a, merged_s), (b, unmerged_s) = runs["merged"], runs["unmerged"]
+    return {"merge_s": merge_s, "decode_merged_s": merged_s, "decode_unmerged_s": unmerged_s,
+            "decode_tokens": prompts * new_tokens,
+            "decode_same_tokens": [c.token_ids for c in a] == [c.token_ids for c in b]}
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -18,7 +18,7 @@ from fastmgrpo import eval as eval_cli  # noqa: E402
 from fastmgrpo import export, train  # noqa: E402
 from fastmgrpo.attention import use_varlen_attention  # noqa: E402
 from fastmgrpo.config import ConfigError, MGRPOConfig  # noqa: E402
-from fastmgrpo.kernels import token_logprobs  # noqa: E402
+from fastmgrpo.kernels import GRPOLossConfig, token_logprobs  # noqa: E402
 from fastmgrpo.models import lm_head  # noqa: E402
 from fastmgrpo.packing import pack  # noqa: E402
 from fastmgrpo.testing import build_tiny_model, hash_reward  # noqa: E402
@@ -72,6 +72,26 @@ def test_only_adapters_train_the_base_stays_bit_identical_and_is_the_reference(t
     ref, batch = seen[-1]
     assert torch.equal(ref, logprobs(plain, batch))
     assert (logprobs(tr.model, batch) - ref).abs().max() > 1e-4
+
+
+def test_fused_loss_with_a_frozen_head_gives_the_same_hidden_gradient_and_no_head_gradient():
+    torch.manual_seed(random.randint(0, 1000))
+    n, h, v = 24, 16, 50
+    hidden = torch.randn(n, h)
+    weight = torch.randn(v, h) * h ** -0.5
+    targets, adv = torch.randint(0, v, (n,)), torch.randn(3)
+    cu = torch.tensor([0, 5, 14, n], dtype=torch.int32)
+    old, ref = -torch.rand(n) * 4, -torch.rand(n) * 4
+    grads = []
+    for frozen in (False, True):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen)
+        loss, _ = policy_mod.packed_grpo_loss(x, w, targets, cu, adv, old, ref, config=GRPOLossConfig(beta=0.04),
+                                              num_sequences=3, num_tokens=n)
+        loss.backward()
+        grads.append((loss.detach(), x.grad, w.grad))
+    (loss, d_h, d_w), (loss_frozen, d_h_frozen, d_w_frozen) = grads
+    assert d_w is not None and d_w.abs().max() > 0 and d_w_frozen is None
+    assert torch.equal(loss, loss_frozen) and torch.equal(d_h, d_h_frozen)
 
 
 def test_sampler_decodes_merged_weights_in_place(tmp_path, monkeypatch):
@@ -155,12 +175,25 @@ def test_merged_export_and_eval_of_an_adapter_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_lora_learns_the_one_token_task(tmp_path):
-    """test_trainer's learnable task (every answer is 7, one-token completions), adapters only."""
+    """test_trainer's learnable task (every answer is 7, one-token completions), adapters only.
+
+    The head is frozen, and a random-initialised one (std 0.02) caps every logit at |h|·|e| ≈ 8 x
+    0.16 ≈ 1.3: no adapter could make "7" likely (at most ~4 %; full fine-tuning learns by growing
+    the head). The head row of "7" is made 8x longer: the task becomes learnable (a logit up to
+    ~10) while "7" stays unlikely at the start (a logit of std ~1.3 instead of ~0.16: 0.2-5 %).
+    Llama's head is untied: a tied one would also make the prompt's "7" 8x louder, which the
+    model then copies (up to 64 % right before any update).
+    """
     seed = random.randint(0, 1000)
+    model, tok = build_tiny_model(seed=seed, arch="llama")
+    with torch.no_grad():
+        lm_head(model)[0][tok.convert_tokens_to_ids("7")].mul_(8.0)
     problems = [Problem("Say 7.", "7", "synthetic", uid=i) for i in range(8)]
-    tr = make_trainer(tmp_path, problems=problems, layers=1, group_size=16, questions_per_step=4,
-                      max_completion_length=1, learning_rate=2e-2, beta=0.0, temperature=1.5,
-                      lr_schedule="constant", seed=seed, max_steps=30, lora_rank=8, lora_alpha=16.0)
+    cfg = MGRPOConfig(model="tiny", dataset="synthetic", output_dir=str(tmp_path), device="cpu", layers=1,
+                      group_size=16, questions_per_step=4, max_completion_length=1, learning_rate=2e-2,
+                      warmup_ratio=0.0, beta=0.0, temperature=1.5, lr_schedule="constant", seed=seed,
+                      max_steps=30, lora_rank=8, lora_alpha=16.0)
+    tr = Trainer(cfg, model=model, tokenizer=tok, problems=problems)
     rewards = [tr.step()["reward_l1"] for _ in range(30)]
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert last > first + 0.3, (seed, rewards)

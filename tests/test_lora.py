@@ -181,22 +181,21 @@ def test_lora_learns_the_one_token_task(tmp_path):
     0.16 ≈ 1.3: no adapter could make "7" likely (at most ~4 %; full fine-tuning learns by growing
     the head). The head row of "7" is made 8x longer: the task becomes learnable (a logit up to
     ~10) while "7" stays unlikely at the start (a logit of std ~1.3 instead of ~0.16: 0.2-5 %).
-    Llama's head is untied: a tied one would also make the prompt's "7" 8x louder, which the
-    model then copies (up to 64 % right before any update).
+    The prompt has no "7" (the tied embedding makes that token 8x louder in the input too).
+    Seeds 1-3 went from ~0.02 to 0.86-0.91 (mean of the last 8 steps), most of it in 8 steps.
     """
     seed = random.randint(0, 1000)
-    model, tok = build_tiny_model(seed=seed, arch="llama")
+    model, tok = build_tiny_model(seed=seed)
     with torch.no_grad():
         lm_head(model)[0][tok.convert_tokens_to_ids("7")].mul_(8.0)
-    problems = [Problem("Say 7.", "7", "synthetic", uid=i) for i in range(8)]
+    problems = [Problem("Say seven.", "7", "synthetic", uid=i) for i in range(8)]
     cfg = MGRPOConfig(model="tiny", dataset="synthetic", output_dir=str(tmp_path), device="cpu", layers=1,
                       group_size=16, questions_per_step=4, max_completion_length=1, learning_rate=2e-2,
                       warmup_ratio=0.0, beta=0.0, temperature=1.5, lr_schedule="constant", seed=seed,
                       max_steps=30, lora_rank=8, lora_alpha=16.0)
     tr = Trainer(cfg, model=model, tokenizer=tok, problems=problems)
-    rewards = [tr.step()["reward_l1"] for _ in range(30)]
-    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
-    assert last > first + 0.3, (seed, rewards)
+    rewards = [tr.step()["reward_l1"] for _ in range(30)]  # step 1 samples before any update
+    assert sum(rewards[-8:]) / 8 > rewards[0] + 0.5, (seed, rewards)
 
 
 def test_bad_lora_options_are_one_line_errors(tmp_path, capsys):

@@ -15,6 +15,25 @@ import triton  # noqa: F401  (imported un-interpreted first, so the sm_90 compil
 import triton.language  # noqa: F401
 
 CUDA = torch.cuda.is_available()
+
+
+def _index_scalar_blocks():
+    """Triton < 3.7's interpreter holds a scalar as a shape-(1,) array and converts it for
+    `range(0, V, BLOCK)` with `int(array)`, which NumPy >= 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"); later Triton squeezes first. Same fix here,
+    for the interpreter only: compiled kernels never take this path."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "squeezes_scalars", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patched
 DEV = "cuda" if CUDA else "cpu"
 MODULE = "fastmgrpo.kernels.triton_backend"
 
@@ -23,6 +42,7 @@ def load_backend():
     """The triton_backend module, interpreted unless CUDA is present."""
     if CUDA:
         return importlib.import_module(MODULE)
+    _index_scalar_blocks()
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

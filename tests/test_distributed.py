@@ -153,6 +153,7 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch, fsdp):
 @pytest.mark.slow
 def test_two_ranks_match_one_process_with_lora(tmp_path, monkeypatch):
     """DDP reduces the adapters' gradients only: two ranks train them like one process."""
+    pytest.importorskip("peft")
     argv = base_argv(tmp_path, **{"max-steps": 2, "lora-rank": 4, "lora-alpha": 8})
     run_two_ranks(argv + ["--output-dir", str(tmp_path / "two")], tmp_path / "rec")
     monkeypatch.setattr(trainer_mod, "collect", replaying(tmp_path / "rec", {0, 1}))

@@ -57,14 +57,15 @@ def one_step(mode: str) -> dict:
     cfg = MGRPOConfig(dataset="synthetic:64", output_dir=tempfile.mkdtemp(), layers=1, beta=0.04,
                       learning_rate=1e-6, **_settings(), **lora)
     trainer = Trainer(cfg)
-    params = sum(p.numel() for p in {p.data_ptr(): p for p in trainer.model.parameters()}.values())
+    base = {p.data_ptr(): p for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    params = sum(p.numel() for p in base.values())  # the model's own, each tied tensor once
     _reset_peak()
     metrics = trainer.step()
     held = state_bytes(held_models(trainer), trainer.optimizer)  # AdamW state exists after a step
     trained = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
     decode = decode_costs(trainer) if mode == "lora" else {}
-    return {"mode": mode, "device": device_name(), "params": params, "trained_params": trained, **decode,
-            "held_bytes": held, "held_bytes_per_param": round(held / params, 2),
+    return {"mode": mode, "device": device_name(), "base_params": params, "trained_params": trained, **decode,
+            "held_bytes": held, "held_bytes_per_base_param": round(held / params, 2),
             "step_peak_bytes": _peak_bytes(), "step_s": metrics["step_time"],
             "rollout_s": metrics["rollout_time"], "train_s": metrics["train_time"],
             "ref_s": metrics["ref_time"], "tokens_trained": metrics["tokens_trained"], **_settings()}

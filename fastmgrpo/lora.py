@@ -48,14 +48,10 @@ def apply_lora(model: torch.nn.Module, cfg, dtype: torch.dtype) -> torch.nn.Modu
                         target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
                         bias="none", task_type="CAUSAL_LM")
     model.requires_grad_(False).to(dtype)
-    try:  # autocast_adapter_dtype (the default) creates 16-bit bases' adapters in fp32
-        peft_model = get_peft_model(model, config)
+    try:  # autocast_adapter_dtype: a 16-bit base's adapters are created in fp32
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as e:
         raise ConfigError(f"--lora-targets {' '.join(targets)}: {str(e).splitlines()[0]}") from None
-    for p in peft_model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return peft_model
 
 
 @contextlib.contextmanager

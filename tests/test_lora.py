@@ -19,6 +19,7 @@ from fastmgrpo import export, train  # noqa: E402
 from fastmgrpo.attention import use_varlen_attention  # noqa: E402
 from fastmgrpo.config import ConfigError, MGRPOConfig  # noqa: E402
 from fastmgrpo.kernels import GRPOLossConfig, token_logprobs  # noqa: E402
+from fastmgrpo.lora import merged_weights  # noqa: E402
 from fastmgrpo.models import lm_head  # noqa: E402
 from fastmgrpo.packing import pack  # noqa: E402
 from fastmgrpo.testing import build_tiny_model, hash_reward  # noqa: E402
@@ -112,6 +113,26 @@ def test_sampler_decodes_merged_weights_in_place(tmp_path, monkeypatch):
     print(f"merged vs unmerged log-prob error {err:.2e}")
     assert err < 1e-4  # fp32 rounding of a different summation order
     assert (logprobs(copy.deepcopy(tr.model).unload(), batch) - want).abs().max() > 1e-3
+
+
+def test_bf16_base_fp32_adapters_and_a_bf16_merged_decode_copy(tmp_path, monkeypatch):
+    """The GPU dtypes (bf16 compute), on CPU: the frozen base in bf16, the adapters in fp32, the
+    decode copy holding base + B·A·scale summed in fp32 and rounded once to bf16."""
+    monkeypatch.setattr(mgrpo, "score", hash_reward)
+    tr = make_trainer(tmp_path, precision="bf16", group_size=8, questions_per_step=3, learning_rate=2e-2,
+                      **LORA)
+    dtypes = {n: p.dtype for n, p in tr.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    for _ in range(2):
+        assert not tr.step()["skipped"]
+    params = dict(tr.decode_weights.refresh().named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.bfloat16}
+    merged = dict(merged_weights(tr.model))
+    assert merged and all(torch.equal(params[n], w.to(torch.bfloat16)) for n, w in merged.items())
+    base = {n.replace("base_layer.", "").removeprefix("base_model.model."): p
+            for n, p in tr.model.named_parameters() if "lora_" not in n}
+    assert sum(not torch.equal(params[n], base[n]) for n in merged) > len(merged) // 2  # adapters moved them
 
 
 def test_resume_is_exact_and_the_checkpoint_is_peft_format(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
 Providers (one setup factory, `_setup`):
     fastmgrpo            FusedLinearGRPOLoss, default backend (Triton on CUDA, chunked torch on CPU)
     fastmgrpo_torch      the same with backend="torch" (CUDA only: on CPU it is `fastmgrpo`)
+    fastmgrpo_overlap    the same with overlap_streams=True and a 512 MiB budget: two buffers of
+                         the default chunk, logits GEMMs on a second stream (CUDA only)
     frozen_head          `fastmgrpo` with a head that needs no gradient (LoRA): no d_W GEMM and no
                          (V, H) gradient; extra_info ratio_vs_frozen_head_floor is its time over
                          matmul_floor_frozen_head's
@@ -25,8 +27,9 @@ import torch
 from benchutil import CUDA, DEVICE, DTYPE, cases, matmul_floor_target, median_time, run_case, sync
 from benchutil import providers, torch_linear_cross_entropy
 
-PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "frozen_head", "eager", "liger_chunked",
-                       "liger_triton_logits", "torch_lce", "matmul_floor", "matmul_floor_frozen_head"])
+PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_overlap", "frozen_head", "eager",
+                       "liger_chunked", "liger_triton_logits", "torch_lce", "matmul_floor",
+                       "matmul_floor_frozen_head"])
 BETA, LOSS_TYPE = 0.04, "dapo"
 
 
@@ -84,13 +87,15 @@ def _make_target(provider, x):
         h.grad = None
         w.grad = None
 
-    if provider in ("fastmgrpo", "fastmgrpo_torch"):
+    if provider in ("fastmgrpo", "fastmgrpo_torch", "fastmgrpo_overlap"):
         from fastmgrpo.kernels import FusedLinearGRPOLoss
-        if provider == "fastmgrpo_torch" and not CUDA:
-            pytest.skip("on CPU the default backend already is the chunked torch backend")
-        return _module_step(FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE,
-                                                backend="torch" if provider == "fastmgrpo_torch" else None),
-                            x, zero)
+        if provider != "fastmgrpo" and not CUDA:
+            pytest.skip("CUDA only (on CPU the default backend is the torch backend, with no streams)")
+        loss_fn = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE,
+                                      backend="torch" if provider == "fastmgrpo_torch" else None)
+        if provider == "fastmgrpo_overlap":  # attributes as in Liger; the config picks them up
+            loss_fn.overlap_streams, loss_fn.memory_budget = True, 2 * loss_fn.memory_budget
+        return _module_step(loss_fn, x, zero)
 
     if provider == "frozen_head":
         from fastmgrpo.kernels import FusedLinearGRPOLoss

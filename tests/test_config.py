@@ -139,6 +139,8 @@ def _random_config(rng: random.Random) -> MGRPOConfig:
             values[f.name] = default + rng.randint(1, 5)
         elif isinstance(default, float) or f.name in ("delta", "sampler_is_cap"):
             values[f.name] = rng.uniform(0.01, 0.99)
+        elif f.name == "device":  # a device torch knows
+            values[f.name] = rng.choice(["cpu", "cuda", f"cuda:{rng.randint(1, 7)}"])
         elif isinstance(default, list) or f.name == "stop":
             values[f.name] = [f"text {rng.randint(0, 99)}", "\n\n"]
         else:

@@ -155,7 +155,9 @@ def test_two_ranks_match_one_process_with_lora(tmp_path, monkeypatch):
     """DDP reduces the adapters' gradients only: two ranks train them like one process."""
     pytest.importorskip("peft")
     argv = base_argv(tmp_path, **{"max-steps": 2, "lora-rank": 4, "lora-alpha": 8})
-    run_two_ranks(argv + ["--output-dir", str(tmp_path / "two")], tmp_path / "rec")
+    # Each rank also imports peft and builds its merged decode copy: 53 s for the whole test at
+    # load average 6 on 2 cores, but twice over 120 s for the ranks alone at 11; a longer guard.
+    run_two_ranks(argv + ["--output-dir", str(tmp_path / "two")], tmp_path / "rec", timeout=300)
     monkeypatch.setattr(trainer_mod, "collect", replaying(tmp_path / "rec", {0, 1}))
     train.run(parse_config(argv + ["--output-dir", str(tmp_path / "one")]))
     assert_same_run(tmp_path / "two", tmp_path / "one", steps=2, weights="adapter_model.safetensors")

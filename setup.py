@@ -13,9 +13,11 @@ setup(
     packages=["fastmgrpo", "fastmgrpo.kernels", "fastmgrpo.assets"],
     package_data={"fastmgrpo.assets": ["*.jsonl.gz", "LICENSE"]},
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.56",
+        # tested ranges: torch 2.11 (the GPU machine) and 2.13 (CI), Triton 3.6 and 3.9,
+        # transformers 5.17 and 5.25 (bench/check_stack.sh runs the suite on the oldest)
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=5.17",
         "safetensors",
         "accelerate",
         "tqdm",

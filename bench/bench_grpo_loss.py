@@ -3,6 +3,8 @@
 Providers (one setup factory, `_setup`):
     fastmgrpo            FusedLinearGRPOLoss, default backend (Triton on CUDA, chunked torch on CPU)
     fastmgrpo_torch      the same with backend="torch" (CUDA only: on CPU it is `fastmgrpo`)
+    fastmgrpo_overlap    the same with overlap_streams=True and a 512 MiB budget: two buffers of
+                         the default chunk, logits GEMMs on a second stream (CUDA only)
     eager                full (N, V) logits in PyTorch (kernels.reference.reference_grpo_loss)
     liger_chunked        liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled on CUDA)
     liger_triton_logits  h·Wᵀ logits + liger_kernel triton_grpo_loss (CUDA only)
@@ -21,7 +23,7 @@ import torch
 from benchutil import CUDA, DEVICE, DTYPE, cases, matmul_floor_target, run_case, sync
 from benchutil import providers, torch_linear_cross_entropy
 
-PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "eager", "liger_chunked",
+PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_overlap", "eager", "liger_chunked",
                        "liger_triton_logits", "torch_lce", "matmul_floor"])
 BETA, LOSS_TYPE = 0.04, "dapo"
 
@@ -80,13 +82,15 @@ def _make_target(provider, x):
         h.grad = None
         w.grad = None
 
-    if provider in ("fastmgrpo", "fastmgrpo_torch"):
+    if provider in ("fastmgrpo", "fastmgrpo_torch", "fastmgrpo_overlap"):
         from fastmgrpo.kernels import FusedLinearGRPOLoss
-        if provider == "fastmgrpo_torch" and not CUDA:
-            pytest.skip("on CPU the default backend already is the chunked torch backend")
-        return _module_step(FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE,
-                                                backend="torch" if provider == "fastmgrpo_torch" else None),
-                            x, zero)
+        if provider != "fastmgrpo" and not CUDA:
+            pytest.skip("CUDA only (on CPU the default backend is the torch backend, with no streams)")
+        loss_fn = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE,
+                                      backend="torch" if provider == "fastmgrpo_torch" else None)
+        if provider == "fastmgrpo_overlap":  # attributes as in Liger; the config picks them up
+            loss_fn.overlap_streams, loss_fn.memory_budget = True, 2 * loss_fn.memory_budget
+        return _module_step(loss_fn, x, zero)
 
     if provider == "eager":
         def step():

@@ -48,6 +48,7 @@ def _sample(model, prompts: list[list[int]], n: int, cfg: MGRPOConfig, ctx: dict
         batch_size=cfg.rollout_batch_size,
         generator=ctx["generator"],
         progress=ctx.get("progress"),
+        prefix_reuse=ctx["prefix_reuse"],
     )
 
 
@@ -81,6 +82,7 @@ def collect(
     pad_id: int,
     stop_strings: tuple[str, ...] = (),
     progress=None,
+    prefix_reuse: bool = True,
 ) -> Rollout:
     """Sample, score and build the episodes of one step.
 
@@ -88,12 +90,14 @@ def collect(
         problems: Q questions; prompts: their layer-1 prompt token ids.
         rng: draws the guiding phrases; generator: drives token sampling (both checkpointed).
         stop_strings: end completions there (`prompts.stop_strings`), both layers.
+        prefix_reuse: prefill each prompt prefix the step's sequences share once (`sampler.sample`):
+            a question's G layer-1 prompts, and its layer-2 prompts (question prompt + answer).
     Returns:
         Rollout with Q*G layer-1 episodes and up to Q*G*H layer-2 episodes.
     """
     G, H = cfg.group_size, cfg.l2_samples
     ctx = {"tokenizer": tokenizer, "stop_ids": stop_ids, "pad_id": pad_id, "generator": generator, "progress": progress,
-           "stop_strings": stop_strings}
+           "stop_strings": stop_strings, "prefix_reuse": prefix_reuse}
 
     # Layer 1: G answers per question, one advantage group per question.
     l1 = _sample(model, prompts, G, cfg, ctx)

@@ -7,6 +7,11 @@ so the batch stays full until the queue runs dry; after that it is compacted int
 rows of the same buffers whenever at most half of it is busy, to the next bucket size (the
 slot count, then powers of two below it).
 
+Prompts that share a prefix (few-shot exemplars; a question's G samples; layer-2 prompts, which
+extend their question's prompt and answer) have it prefilled once (`_Prefixes`, a radix tree):
+its K/V are copied into every slot that starts with it, and only the rest of each prompt is
+prefilled there (`_Decoder.extend`). The output is the same as prefilling every prompt whole.
+
 One decode step is forward + sampling, entirely on the device: the slot state (next id, first
 column, next column, tokens left, live) lives in device tensors that the step itself advances, and
 a slot stops advancing on a stop id or at max_new_tokens. The host copies each step's ids and
@@ -48,6 +53,10 @@ from fastmgrpo.types import Completion
 
 _ATTN = "fastmgrpo_slots"
 _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward: bounds activations on big refills
+# A prefill forward's fixed cost (reading every weight once; kernel launches) in prompt tokens of
+# compute: a shared prefix, or a forward of its own for prompts of other lengths, pays off above
+# it. CPU: Gemma 3 270M on 2 cores reads 1 GB of fp32 weights per forward.
+_FORWARD_TOKENS = {"cpu": 64}  # device type -> tokens; others (GPUs: kernel launches) 1024
 CHECK_EVERY = 8  # decode steps between host looks: one host sync per 8 steps
 _LEN_ROUND = 128  # graph mode: max_len rounded up to this, so calls of similar lengths share graphs
 _KEPT = 2  # decoders (K/V buffers + graphs) kept per model: layer-1 and layer-2 lengths differ
@@ -72,6 +81,7 @@ def sample(
     stopper=None,
     check_every: int = CHECK_EVERY,
     compile: bool = True,
+    prefix_reuse: bool = True,
 ) -> list[Completion]:
     """Sample one completion per prompt.
 
@@ -93,6 +103,9 @@ def sample(
         the output does not depend on it.
     compile: with CUDA graphs, `torch.compile` the full-width decode forward before capturing it
         (eager, with a warning, if compilation fails).
+    prefix_reuse: prefill every prefix that several prompts share once and copy its K/V into
+        their slots (`_Prefixes`); off, each prompt is prefilled whole. The draws do not depend on
+        it; the logprobs only through fp rounding.
     Returns Completions with float32-precision logprobs, `finished` True when a stop id or
     string was hit, and `text` left empty (the caller owns the tokenizer).
     """
@@ -121,6 +134,7 @@ def sample(
     count = np.zeros(len(prompts), dtype=np.int64)  # tokens generated per prompt
     finished = np.zeros(len(prompts), dtype=bool)
     history: list[list[int]] = [[] for _ in prompts]  # generated ids per prompt, for `stopper` only
+    shared = _Prefixes(prompts, dec.forward_tokens) if prefix_reuse else None
 
     def take(rows: np.ndarray, ids: np.ndarray, logp: np.ndarray) -> None:
         """Record one step's tokens of the busy slots `rows`; free the slots that are done."""
@@ -140,6 +154,8 @@ def sample(
             progress(int(done.sum()))
 
     with torch.inference_mode(), _slot_attention_on(model):
+        if shared is not None:
+            shared.build(dec, pad_id)
         while queue or (req >= 0).any():
             b = dec.bucket
             free = np.flatnonzero(req[:b] < 0)
@@ -148,8 +164,9 @@ def sample(
                 newcomers = [queue.popleft() for _ in range(min(free.size, len(queue)))]
                 for rows, idx in _chunks(free, newcomers, prompts):
                     req[rows], left[rows] = idx, max_new_tokens
+                    known = None if shared is None else shared.take(idx)
                     take(rows, *dec.prefill(rows, [prompts[i] for i in idx], pad_id, pick, gen, stop,
-                                            max_new_tokens))
+                                            max_new_tokens, known))
             elif not queue and busy and _bucket(busy, dec.capacity) < b:
                 keep = np.flatnonzero(req[:b] >= 0)
                 dec.compact(keep, _bucket(busy, dec.capacity))
@@ -216,13 +233,132 @@ def _chunks(rows: np.ndarray, idx: list[int], prompts: list[list[int]]):
             start = end
 
 
+def _groups(fresh: list[int], width: list[int], forward_tokens: int) -> list[list[int]]:
+    """Prompts (by index) in prefill forwards of similar uncached lengths `fresh`: sorted by it, a
+    new forward when padding the current one to the next length would cost more than
+    `forward_tokens`, or its rows x longest prompt (`width`) would pass _PREFILL_TOKENS."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(fresh)), key=fresh.__getitem__):
+        g = groups[-1] if groups else []
+        if (g and len(g) * (fresh[i] - fresh[g[-1]]) <= forward_tokens
+                and (len(g) + 1) * max(width[j] for j in (*g, i)) <= _PREFILL_TOKENS):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+def _intervals(lcp: list[int]) -> list[tuple[int, int, int]]:
+    """The lcp intervals of sorted sequences with adjacent common-prefix lengths `lcp`: (length,
+    first, last) for every widest run of sorted positions first..last (at least two) that
+    share their first `length` > 0 tokens. Runs nest or are disjoint (a radix tree)."""
+    out, stack = [], [(0, 0)]
+    for i, cur in enumerate([*lcp, 0], start=1):
+        first = i - 1
+        while cur < stack[-1][0]:
+            length, first = stack.pop()
+            out.append((length, first, i - 1))
+        if cur > stack[-1][0]:
+            stack.append((cur, first))
+    return out
+
+
+class _Prefixes:
+    """The prefixes several prompts share, each prefilled once (a radix tree over the prompts).
+
+    A prompt's last token is always prefilled in its slot (its logits give the first draw), so
+    the tree is over the prompts less their last tokens. Its nodes are the longest common
+    prefixes of groups of them (`_intervals`); a node holds the K/V of its own tokens, those
+    after its parent's, and a prompt's cached context is the path to its deepest node. K/V do
+    not depend on the column they sit in (positions count from a slot's first column) nor,
+    causal masking, on what follows them, sliding windows included: a node's K/V are copied
+    into every slot that starts with it (`_SlotCache.put`) exactly as prefilling it there
+    would compute them, up to fp rounding.
+    """
+
+    def __init__(self, prompts: list[list[int]], forward_tokens: int):
+        """forward_tokens: a node is kept when the tokens it saves, (prompts through it - 1) x
+        its own length, reach this (a level of nodes costs a forward); else its tokens go to
+        its children's."""
+        keys = [p[:-1] for p in prompts]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        lcp = [_common(keys[a], keys[b]) for a, b in zip(order, order[1:])]
+        deepest = [-1] * len(keys)  # per sorted position: its deepest kept node so far
+        self.end, self.parent, self.users, self.tokens = [], [], [], []  # per node
+        for end, first, last in sorted(_intervals(lcp)):  # shorter first: parents before children
+            parent, users = deepest[first], last - first + 1  # users: prompts through it
+            if (users - 1) * (end - (self.end[parent] if parent >= 0 else 0)) < forward_tokens:
+                continue
+            self.parent.append(parent)
+            self.end.append(end)
+            self.users.append(users)
+            self.tokens.append(keys[order[first]][:end])
+            deepest[first : last + 1] = [len(self.end) - 1] * users
+        self.node = [0] * len(keys)  # per prompt: its deepest kept node, -1 = none
+        for s, i in enumerate(order):
+            self.node[i] = deepest[s]
+        self.kv: list[dict | None] = [None] * len(self.end)  # per node: {layer: (k, v)} of its own tokens
+        self.forward_tokens = forward_tokens
+
+    def _begin(self, node: int) -> int:
+        return 0 if self.parent[node] < 0 else self.end[self.parent[node]]
+
+    def _path(self, node: int) -> list[dict]:
+        out = []
+        while node >= 0:
+            out.append(self.kv[node])
+            node = self.parent[node]
+        return out[::-1]
+
+    def build(self, dec: _Decoder, pad_id: int) -> None:
+        """Prefill every node's own tokens after its parent's cached K/V, a tree level at a time."""
+        depth: list[int] = []
+        for p in self.parent:
+            depth.append(0 if p < 0 else depth[p] + 1)
+        for d in range(max(depth, default=-1) + 1):
+            level = [i for i, x in enumerate(depth) if x == d]
+            for g in _groups([self.end[i] - self._begin(i) for i in level], [self.end[i] for i in level],
+                             self.forward_tokens):
+                nodes = [level[k] for k in g]
+                width = max(self.end[i] for i in nodes)
+                cache = _SlotCache(len(nodes), width)
+                known = [(self._begin(i), self._path(self.parent[i])) for i in nodes]
+                dec.extend(cache, np.arange(len(nodes)), [self.tokens[i] for i in nodes], known, pad_id, logits=False)
+                for r, i in enumerate(nodes):
+                    own = slice(width - self.end[i] + self._begin(i), width)
+                    self.kv[i] = {layer: (cache.k[layer][r, :, own].clone(), cache.v[layer][r, :, own].clone())
+                                  for layer in cache.k}
+
+    def take(self, idx: list[int]) -> list[tuple[int, list[dict]]]:
+        """Cached contexts (length, K/V segments) of prompts `idx`, which go to slots now; a
+        node's K/V is dropped once its last prompt has taken it."""
+        out = []
+        for i in idx:
+            node = self.node[i]
+            out.append((0 if node < 0 else self.end[node], self._path(node)))
+            while node >= 0:
+                self.users[node] -= 1
+                if not self.users[node]:
+                    self.kv[node] = None
+                node = self.parent[node]
+        return out
+
+
 class _SlotCache:
     """Per-layer K/V buffers (slots, kv_heads, max_len, head_dim), allocated on first write.
 
     Duck-types the `update` of transformers' Cache: in prefill (`cols` None) the chunk's keys
-    (n, kv_heads, W, head_dim) go to columns [0, W) of slots `rows` and come straight back;
-    in decode the first `n` slots take part, each slot's one new key goes to its column
-    `cols[s]`, and the first `width` columns of those slots come back.
+    (n, kv_heads, S, head_dim) go to the last S of the first `width` columns of slots `rows`
+    (all but the columns `keep` marks: cached context already there) and those slots' first
+    `width` columns come back; in decode the first `n` slots take part, each slot's one new key
+    goes to its column `cols[s]`, and the first `width` columns of those slots come back.
     """
 
     def __init__(self, slots: int, max_len: int):
@@ -231,24 +367,45 @@ class _SlotCache:
         self.v: dict[int, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None
         self.cols: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None  # prefill: (n, 1, S, 1) True where context is cached
         self.width = max_len
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def _buffers(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        """Layer `layer_idx`'s buffers, allocated like `key`/`value` (..., kv_heads, any, head_dim)."""
         if layer_idx not in self.k:
-            shape = (self.slots, key.shape[1], self.max_len, key.shape[3])
+            shape = (self.slots, key.shape[-3], self.max_len, key.shape[-1])
             self.k[layer_idx] = key.new_zeros(shape)
             self.v[layer_idx] = value.new_zeros(shape)
-        k, v = self.k[layer_idx], self.v[layer_idx]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = self._buffers(layer_idx, key, value)
         if self.cols is None:
-            width = key.shape[2]
-            k[:, :, :width].index_copy_(0, self.rows, key)
-            v[:, :, :width].index_copy_(0, self.rows, value)
-            return key, value
+            return self._write(k, key), self._write(v, value)
         k, v = k[: self.n], v[: self.n]  # views: a graph of n slots reads the same storage
         at = self.cols.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])  # (n, Hkv, 1, D)
         k.scatter_(2, at, key)
         v.scatter_(2, at, value)
         return k[:, :, : self.width], v[:, :, : self.width]
+
+    def _write(self, buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Prefill: `new` (n, Hkv, S, D) into `buf` as `update` says; returns (n, Hkv, width, D)."""
+        if self.keep is None:  # no cached context: the chunk is the slots' whole width
+            buf[:, :, : new.shape[2]].index_copy_(0, self.rows, new)
+            return new
+        dst = buf[:, :, self.width - new.shape[2] : self.width]
+        dst.index_copy_(0, self.rows, torch.where(self.keep, dst.index_select(0, self.rows), new))
+        return buf[:, :, : self.width].index_select(0, self.rows)
+
+    def put(self, row: int, col: int, segments: list[dict]) -> None:
+        """Copy cached K/V `segments` (each {layer: (k, v)}, (kv_heads, len, head_dim)), one after
+        the other, into slot `row` from column `col` on."""
+        for seg in segments:
+            for layer, (k, v) in seg.items():
+                bk, bv = self._buffers(layer, k, v)
+                bk[row, :, col : col + k.shape[1]] = k
+                bv[row, :, col : col + k.shape[1]] = v
+            col += k.shape[1]
 
     def compact(self, keep: torch.Tensor) -> None:
         """Move slots `keep` (in that order) to the leading rows, in place."""
@@ -285,6 +442,7 @@ class _Decoder:
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.device = device = model.get_input_embeddings().weight.device
         self.capacity, self.max_len, self.bucket = capacity, max_len, capacity
+        self.forward_tokens = _FORWARD_TOKENS.get(device.type, 1024)
         self.cache = _SlotCache(capacity, max_len)
         self.ids, self.start, self.col, self.left = (
             torch.zeros(capacity, dtype=torch.long, device=device) for _ in range(4))
@@ -316,9 +474,10 @@ class _Decoder:
         self.generator.manual_seed(int(seed))
         return self.generator
 
-    def _forward(self, model, ids: torch.Tensor, pos: torch.Tensor, masks) -> torch.Tensor:
+    def _forward(self, model, ids: torch.Tensor, pos: torch.Tensor, masks,
+                 cache: _SlotCache | None = None) -> torch.Tensor:
         out = model(input_ids=ids, position_ids=pos, attention_mask=masks, use_cache=True, logits_to_keep=1,
-                    **{self.cache_kw: self.cache})
+                    **{self.cache_kw: self.cache if cache is None else cache})
         return out.logits[:, -1].float()  # (n, V)
 
     def _masks(self, allowed: torch.Tensor, key_j: torch.Tensor, query_j: torch.Tensor):
@@ -331,31 +490,72 @@ class _Decoder:
         return next(iter(masks.values())) if len(masks) == 1 else masks
 
     def prefill(self, rows: np.ndarray, seqs: list[list[int]], pad_id: int, pick: tuple, gen,
-                stop: tuple[int, ...], max_new: int) -> tuple[np.ndarray, np.ndarray]:
+                stop: tuple[int, ...], max_new: int, known: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prefill prompts `seqs` into free slots `rows` and sample their first tokens; return
-        those tokens (n,) int64 and logprobs (n,) on the host (one sync per prefill)."""
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (n, W) left-padded
-        for r, p in enumerate(seqs):
-            ids[r, width - len(p) :] = torch.tensor(p)
-        start = torch.tensor([width - len(p) for p in seqs], device=self.device)  # (n,) left padding
-        j = torch.arange(width, device=self.device)  # (W,)
-        pos = (j[None] - start[:, None]).clamp_min(0)  # (n, W)
-        # causal over real keys; pad queries see only themselves (an all-masked row is NaN in
-        # some SDPA backends, and NaN values would leak through zero attention weights)
-        allowed = (j[None, :] <= j[:, None]) & ((j[None, None, :] >= start[:, None, None]) | torch.eye(
-            width, dtype=torch.bool, device=self.device))  # (n, W, W)
+        those tokens (n,) int64 and logprobs (n,) on the host (one sync per prefill).
+
+        known: per prompt its cached context (`_Prefixes.take`): only the tokens after it are
+        prefilled, in forwards of similar lengths (`_groups`); None: one forward of whole prompts.
+        """
+        groups = [list(range(len(seqs)))] if known is None else _groups(
+            [len(p) - c for p, (c, _) in zip(seqs, known)], list(map(len, seqs)), self.forward_tokens)
+        parts = []
+        for g in groups:
+            logits, start, width = self.extend(self.cache, rows[g], [seqs[i] for i in g],
+                                               None if known is None else [known[i] for i in g], pad_id)
+            at = torch.from_numpy(rows[g]).to(self.device)
+            self.start[at], self.col[at] = start, width
+            self.hi = max(self.hi, width)
+            parts.append(logits)
+        order = np.argsort(np.concatenate(groups), kind="stable")
+        logits = torch.cat(parts)[torch.from_numpy(order).to(self.device)]  # (n, V) in row order
+        new, logp = _pick(logits, *pick, gen)  # one draw per chunk, grouped or not
         at = torch.from_numpy(rows).to(self.device)
-        self.cache.rows, self.cache.cols = at, None
-        logits = self._forward(self.model(), ids.to(self.device), pos,
-                               self._masks(allowed, j[None, None, :], j[None, :, None]))
-        new, logp = _pick(logits, *pick, gen)
-        self.ids[at], self.start[at], self.col[at] = new, start, width
+        self.ids[at] = new
         self.left[at] = max_new - 1
         self.live[at] = (self.left[at] > 0) & ~_is_stop(new, self._stop(stop))
-        self.hi = max(self.hi, width)
         host = torch.stack([new.double(), logp.double()]).cpu().numpy()  # (2, n): ids are exact
         return host[0].astype(np.int64), host[1]
+
+    def extend(self, cache: _SlotCache, rows: np.ndarray, seqs: list[list[int]], known: list | None,
+               pad_id: int, logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+        """One prefill forward of prompts `seqs` into slots `rows` of `cache`, each after its
+        cached context.
+
+        known: per prompt (C, K/V segments of its first C tokens), or None (C = 0). Prompt r sits
+        left-padded in columns [start_r, W) of the W = longest prompt's; its context is copied
+        in, and the queries are the last S columns (S the most uncached tokens of a prompt),
+        pad tokens where a prompt has fewer, whose K/V leave the cached context as it is.
+        Returns (logits of each prompt's last token (n, V) fp32, or None without `logits`: no LM
+        head, whose weights are much of a small model's; start (n,); W).
+        """
+        width = max(map(len, seqs))
+        cached = [0] * len(seqs) if known is None else [c for c, _ in known]
+        fresh = max(len(p) - c for p, c in zip(seqs, cached))
+        ids = torch.full((len(seqs), fresh), pad_id, dtype=torch.long)  # (n, S)
+        for r, (p, c) in enumerate(zip(seqs, cached)):
+            ids[r, fresh - len(p) + c :] = torch.tensor(p[c:])
+            if c:
+                cache.put(int(rows[r]), width - len(p), known[r][1])
+        start = torch.tensor([width - len(p) for p in seqs], device=self.device)  # (n,) left padding
+        j = torch.arange(width, device=self.device)  # (W,) key columns
+        q = j[width - fresh :]  # (S,) query columns
+        pos = (q[None] - start[:, None]).clamp_min(0)  # (n, S)
+        # causal over real keys; pad queries see only themselves (an all-masked row is NaN in
+        # some SDPA backends, and NaN values would leak through zero attention weights)
+        allowed = (j[None, None] <= q[None, :, None]) & (
+            (j[None, None] >= start[:, None, None]) | (j[None, None] == q[None, :, None]))  # (n, S, W)
+        cache.rows, cache.cols, cache.width = torch.from_numpy(np.asarray(rows)).to(self.device), None, width
+        cache.keep = None
+        if any(cached):
+            c = torch.tensor(cached, device=self.device)
+            cache.keep = ((q[None] >= start[:, None]) & (q[None] < (start + c)[:, None]))[:, None, :, None]
+        masks = self._masks(allowed, j[None, None, :], q[None, :, None])
+        if not logits:
+            self.model().get_decoder()(input_ids=ids.to(self.device), position_ids=pos, attention_mask=masks,
+                                       use_cache=True, **{self.cache_kw: cache})
+            return None, start, width
+        return self._forward(self.model(), ids.to(self.device), pos, masks, cache), start, width
 
     def _stop(self, stop: tuple[int, ...]) -> torch.Tensor:
         """Stop ids on the device (n_stop,), made once: a pageable host copy would sync."""

@@ -13,7 +13,7 @@ import zlib
 
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
 from fastmgrpo.models import decoder
 from fastmgrpo.types import Episode
@@ -69,8 +69,8 @@ def build_tiny_model(
     """A tiny random-initialised causal LM (hidden 64, 2 layers, 4 heads, 2 kv heads, fp32, eval).
 
     vocab_size: embedding rows (default: the tokenizer's size; larger values add unused rows).
-    arch: "gemma3" (layer 0 sliding window 16, layer 1 full attention, tied embeddings) or
-        "llama" (untied head). Deterministic given `seed`; saves/loads with save_pretrained.
+    arch: "gemma3" (layer 0 sliding window 16, layer 1 full attention, tied embeddings),
+        "llama" (untied head) or "mistral" (no layer_types: every layer slides over 8 tokens). Deterministic given `seed`; saves/loads with save_pretrained.
     """
     tokenizer = build_tiny_tokenizer()
     vocab_size = vocab_size or len(tokenizer)
@@ -89,8 +89,10 @@ def build_tiny_model(
         )
     elif arch == "llama":
         config = LlamaConfig(**common, tie_word_embeddings=False)
+    elif arch == "mistral":
+        config = MistralConfig(**common, sliding_window=8, tie_word_embeddings=False)
     else:
-        raise ValueError(f"unknown arch {arch!r}; expected 'gemma3' or 'llama'")
+        raise ValueError(f"unknown arch {arch!r}; expected 'gemma3', 'llama' or 'mistral'")
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

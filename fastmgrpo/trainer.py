@@ -189,7 +189,8 @@ class Trainer:
         stats, updates, rates = StepStats.start(self.device), [], []
         with contextlib.ExitStack() as held:
             for it in range(self.cfg.num_iterations):
-                sums = self.policy.backward(plan, stats)  # (K,) on the device: no host sync yet
+                # the decode copy equals the weights until the first update changes them
+                sums = self.policy.backward(plan, stats, self.decode_weights.model if it == 0 else None)
                 if it == 0:  # from the first weight change to the step counter and its metrics: all or nothing
                     held.enter_context(deferred_signals())
                 rates.append(self.optimizer.param_groups[0]["lr"])  # the rate this update applies

@@ -7,7 +7,6 @@ from typing import ClassVar
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from fastmgrpo import sampler
 from fastmgrpo.stopping import StopStrings
@@ -22,18 +21,9 @@ TEXTS = ["Natalia sold 48 clips in April and half as many in May. ####", "7", "1
          "Tom has 5 apples."]
 
 
-@pytest.fixture(scope="module", params=["gemma3", "llama", "mistral"])
+@pytest.fixture(scope="module", params=["gemma3", "llama", "mistral"])  # mistral: every layer slides
 def tiny(request):
-    if request.param != "mistral":
-        return build_tiny_model(arch=request.param, seed=0)
-    # no layer_types: every layer slides (window 8), one mask tensor for all layers
-    llama, tok = build_tiny_model(arch="llama", seed=0)
-    cfg = MistralConfig(**{k: getattr(llama.config, k) for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "pad_token_id")}, sliding_window=8, attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return MistralForCausalLM(cfg).eval(), tok
+    return build_tiny_model(arch=request.param, seed=0)
 
 
 def _greedy_no_cache(model, prompt, n, stop=()):

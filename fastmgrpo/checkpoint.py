@@ -99,10 +99,10 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
                                   "model's?): a run would replace it; pick another --output-dir")
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held and not (resume or overwrite):
-            saved = ("" if any((out / "checkpoints").glob("step-*"))
-                     else " (no checkpoint yet: only --overwrite can reuse it)")
-            raise CheckpointError(f"output directory {out} holds a run ({', '.join(held)}){saved}: pass "
-                                  "--resume to continue it, --overwrite to delete it, or another --output-dir")
+            way = ("--resume to continue it, --overwrite to delete it" if any((out / "checkpoints").glob("step-*"))
+                   else "--overwrite to delete it (no checkpoint yet: --resume cannot continue it)")
+            raise CheckpointError(f"output directory {out} holds a run ({', '.join(held)}): pass {way}, "
+                                  "or another --output-dir")
         if overwrite:
             foreign = sorted(p.name for p in out.iterdir() if not _run_owned(p.name))
             if foreign:

@@ -96,7 +96,8 @@ if want kernels; then
 
   if [ "$DRY" != 1 ] && [ "$T_TESTS" -gt 0 ]; then
     step "Triton kernel tests on CUDA (timeout ${T_TESTS}s)"
-    limited "$T_TESTS" "$PY" -m pytest tests/kernels/test_triton.py tests/kernels/test_fused.py -q -rs -p no:cacheprovider \
+    limited "$T_TESTS" "$PY" -m pytest tests/kernels/test_triton.py tests/kernels/test_fused.py tests/kernels/test_overlap.py \
+      -q -rs -p no:cacheprovider \
       --durations=10 --junitxml="$OUT/triton_tests.xml" 2>&1 | tee "$OUT/triton_tests.log" | tail -25
   fi
 

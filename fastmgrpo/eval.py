@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, check_writable_file
 from .config import PASS_K_TEMPERATURE, ConfigError, EvalConfig, add_options, parse_options
 from .data import DatasetError, load_problems
+from .files import WriteError, atomic_write
 from .metrics import correction_metrics, pass_at_k
 from .models import ModelError, compute_dtype, load_model, padding_id, resolve_device, stop_token_ids
+from .outdir import OutputDirError, check_outputs_apart
 from .prompts import (GUIDING_PHRASES, RANDOM_PHRASE, eval_phrase, layer1_prompt, layer2_prompt, select_shots,
                       stop_strings)
 from .rewards import final_answer, score
@@ -176,9 +178,11 @@ def format_table(summary: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m fastmgrpo.eval` argument parser: one flag per `EvalConfig` field."""
     return add_options(argparse.ArgumentParser(
-        prog="python -m fastmgrpo.eval",
+        prog="python -m fastmgrpo.eval", allow_abbrev=False,
         description="Measure a model's first-attempt accuracy, its accuracy after one "
         "self-correction round, and the transition rates (SCoRe metrics), with MGRPO's prompts.",
+        epilog="Exit status 2: unusable input (the message names it); 3: CUDA out of memory; 4: an "
+        "output could not be written (disk full; an existing file is kept).",
     ), EvalConfig)
 
 
@@ -196,9 +200,10 @@ def run(args: EvalConfig) -> None:
     device = resolve_device(args.device)
     dtype = compute_dtype(args.precision, device)
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-    for path in (args.output, args.json):  # fail on an unusable output path before the work
-        if path:
-            check_writable_file(path)
+    outputs = [(flag, path) for flag, path in (("--output", args.output), ("--json", args.json)) if path]
+    check_outputs_apart(outputs, [("--model", args.model), ("--dataset", args.dataset)])
+    for _, path in outputs:  # fail on an unusable output path before the work
+        check_writable_file(path)
     problems = load_problems(args.dataset, limit=args.limit, seed=args.seed)
     shots = []
     if args.prompt_shots:
@@ -219,21 +224,24 @@ def run(args: EvalConfig) -> None:
     print(format_table(summary))
     if args.output:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        args.output.write_text(text, encoding="utf-8")
+        atomic_write(args.output, text)
         print(f"records: {args.output}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write(args.json, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         print(f"summary: {args.json}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 for unusable input, 3 for CUDA OOM)."""
+    """CLI entry point; returns the exit status (2 unusable input, 3 CUDA OOM, 4 write failed)."""
     args = parse_eval_config(argv)
     try:
         run(args)
-    except (DatasetError, ModelError, CheckpointError, OSError) as e:  # bad model/dataset/output
-        print(f"error: {e}", file=sys.stderr)
+    except (DatasetError, ModelError, CheckpointError, OutputDirError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)  # bad model/dataset/output path
         return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except torch.cuda.OutOfMemoryError:
         print("error: CUDA out of memory; lower --batch-size or --max-new-tokens", file=sys.stderr)
         return 3

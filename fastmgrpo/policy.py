@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .attention import VARLEN
 from .config import MGRPOConfig
 from .distributed import Dist, Probe, equalise, no_grad_sync, wrap
 from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
+from .lora import reference_weights
 from .metrics import Stopwatch
 from .models import decoder, lm_head
 from .packing import microbatches, pack
@@ -72,10 +74,12 @@ def hidden_rows(model: torch.nn.Module, batch: PackedBatch, dtype: torch.dtype) 
 
 @torch.no_grad()
 def _head_logprobs(model: torch.nn.Module, hidden: torch.Tensor, batch: PackedBatch,
-                   loss_cfg: GRPOLossConfig) -> torch.Tensor:
+                   loss_cfg: GRPOLossConfig, head16: torch.Tensor | None = None) -> torch.Tensor:
     """`model`'s LM head's log-probs of `batch.targets` from hidden rows (M, H): (M,) fp32, under
-    the loss's temperature and memory budget; the trainer's inputs are valid by construction."""
+    the loss's temperature and memory budget; the trainer's inputs are valid by construction.
+    head16: the head's weight already in hidden's dtype (else the call casts it)."""
     weight, bias = lm_head(model)
+    weight = weight if head16 is None else head16
     return token_logprobs(hidden, weight, batch.targets, temperature=loss_cfg.temperature, bias=bias,
                           memory_budget=loss_cfg.memory_budget, check_values=False)
 
@@ -97,18 +101,21 @@ class PolicyLoss(torch.nn.Module):
     def __init__(self, model, loss_cfg: GRPOLossConfig, dtype: torch.dtype, sampler_is_cap=None):
         super().__init__()
         self.model, self.loss_cfg, self.dtype, self.sampler_is_cap = model, loss_cfg, dtype, sampler_is_cap
+        self.head16: torch.Tensor | None = None  # the head in `dtype` for one update (Policy.backward)
 
     def forward(self, batch, ref_lp, old_lp, normaliser: dict):
         """old_lp None (the first update on a rollout): the current weights are the old policy,
         so the ratio is exactly 1, and their log-probs come back (detached, (M,) fp32) to be
         frozen for later updates; otherwise old_lp is used and None comes back."""
-        # The fp32 master head goes in as it is: the fused pass computes in hidden's dtype and
-        # adds d_W straight into the fp32 .grad (no 16-bit (V, H) copy kept for backward).
+        # The fp32 master head goes in as it is: the fused pass computes in hidden's dtype from
+        # `head16` (cast once per update, not per micro-batch) and adds d_W straight into the fp32
+        # .grad (no 16-bit (V, H) copy kept for backward).
         weight, bias = lm_head(self.model)
+        head16 = self.head16 if self.head16 is not None and self.head16.shape == weight.shape else None
         hidden = hidden_rows(self.model, batch, self.dtype)  # (M, H)
         logp = None
         if old_lp is None and self.sampler_is_cap is not None:  # the IS ratio is needed before the loss
-            logp = _head_logprobs(self.model, hidden.detach(), batch, self.loss_cfg)
+            logp = _head_logprobs(self.model, hidden.detach(), batch, self.loss_cfg, head16)
         is_ratio = None
         if self.sampler_is_cap is not None:
             frozen = logp if old_lp is None else old_lp
@@ -117,7 +124,7 @@ class PolicyLoss(torch.nn.Module):
             hidden, weight, batch.targets, batch.cu_targets, batch.advantages, old_lp, ref_lp,
             config=self.loss_cfg, bias=bias, seq_weights=batch.weights, vllm_is_ratio=is_ratio,
             return_entropy=True, return_logprobs=old_lp is None and logp is None,
-            cu_seqlens_host=batch.cu_targets_host or None, check_values=False, **normaliser)
+            cu_seqlens_host=batch.cu_targets_host or None, check_values=False, weight_16bit=head16, **normaliser)
         logp = metrics.pop("logprobs", logp)  # the fused pass's own log-probs: no extra LM-head pass
         return loss, metrics, logp
 
@@ -155,7 +162,8 @@ class StepStats:
 @dataclass
 class Policy:
     """The trained model's loss over a step's micro-batches: the DDP/FSDP2-wrapped `PolicyLoss`
-    (`module`), the frozen reference model (None when beta is 0) and the zero-weight probe
+    (`module`), the frozen reference model (None when beta is 0; under LoRA the policy itself,
+    run with its adapters off) and the zero-weight probe
     micro-batch that keeps ranks in step (distributed.Probe)."""
 
     ref_model: torch.nn.Module | None
@@ -189,22 +197,41 @@ class Policy:
                      for mb in microbatches(eps, token_budget)]
         return equalise(plan, self.dist)
 
-    def backward(self, plan: list[MicroBatch | None], stats: StepStats) -> torch.Tensor:
+    def backward(self, plan: list[MicroBatch | None], stats: StepStats, decode_model=None) -> torch.Tensor:
         """Forward + backward of every micro-batch of `plan` (gradients add up, reduced across
-        ranks once, after the last). Returns this rank's (K,) METRICS sums, on the device."""
+        ranks once, after the last). Returns this rank's (K,) METRICS sums, on the device.
+
+        decode_model: a compute-dtype copy of the policy equal to its current weights (the
+        sampler's, on a step's first update), whose LM head the micro-batches share; else the
+        head is cast once here for the whole update, never once per micro-batch."""
+        loss_module = getattr(self.module, "module", self.module)  # DDP wraps it
+        loss_module.head16 = self._update_head(loss_module.model, decode_model)
         update = torch.zeros(len(METRICS), device=self.dist.device)
-        for i, mb in enumerate(plan):
-            with no_grad_sync(self.module, skip=i < len(plan) - 1):
-                if mb is None:
-                    self.probe.backward()
-                else:
-                    update += self._backward(mb, stats)
+        try:
+            for i, mb in enumerate(plan):
+                with no_grad_sync(self.module, skip=i < len(plan) - 1):
+                    if mb is None:
+                        self.probe.backward()
+                    else:
+                        update += self._backward(mb, stats)
+        finally:
+            loss_module.head16 = None  # the weights change with the update
         return update
+
+    def _update_head(self, model, decode_model) -> torch.Tensor | None:
+        """The LM head in the compute dtype for one update, or None where the loss uses the
+        weight as it is (it already is in that dtype) or must cast it itself (FSDP2 shards it)."""
+        weight, _ = lm_head(model)
+        if weight.dtype == self.dtype or self.dtype == torch.float32:
+            return None
+        if decode_model is not None and decode_model is not model:
+            return lm_head(decode_model)[0]
+        return None if isinstance(weight, DTensor) else weight.detach().to(self.dtype)
 
     def _backward(self, mb: MicroBatch, stats: StepStats) -> torch.Tensor:
         if self.ref_model is not None and mb.ref is None:
-            with stats.ref_time:
-                mb.ref = reference_logprobs(self.ref_model, mb.batch, self.loss_cfg, self.dtype)
+            with stats.ref_time, reference_weights(self.ref_model) as ref_model:
+                mb.ref = reference_logprobs(ref_model, mb.batch, self.loss_cfg, self.dtype)
         loss, metrics, logp = self.module(mb.batch, mb.ref, mb.old, mb.normaliser)
         if logp is not None:  # the first update: these log-probs are the old policy's from now on
             mb.old = logp

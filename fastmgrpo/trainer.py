@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import random
@@ -21,15 +22,19 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .attention import use_varlen_attention
-from .checkpoint import (checkpoint_dir, checkpoint_to_resume, gather_state, load_state, load_weights,
-                         prepare_output_dir, save_checkpoint)
+from .checkpoint import (RUN_FILES, checkpoint_dir, checkpoint_to_resume, gather_state, load_state,
+                         load_weights, prepare_output_dir, save_checkpoint)
 from .config import MGRPOConfig
-from .data import load_problems, step_questions
+from .config import ConfigError
+from .data import DatasetError, load_problems, step_questions
 from .decode_weights import DecodeWeights
 from .distributed import Dist, full_weights
+from .files import atomic_write
+from .lora import apply_lora
 from .metrics import Max, Same, Sum, peak_memory_gb
 from .mgrpo import Rollout, collect
-from .models import compute_dtype, load_model, padding_id, resolve_device, stop_token_ids
+from .models import check_trainable, compute_dtype, load_model, padding_id, resolve_device, stop_token_ids
+from .outdir import check_outputs_apart
 from .policy import METRICS, Policy, StepStats
 from .prompts import eval_phrase, select_shots, stop_strings, training_prompts
 
@@ -38,10 +43,17 @@ class TrainingError(RuntimeError):
     """Training cannot go on (too many bad steps, out of memory); the message says what to do."""
 
 
+# The signals a user's session sends to stop a run: Ctrl-C, a scheduler / `docker stop` /
+# `timeout`, a closed terminal or ssh session, Ctrl-\\. The CLI turns each into a checkpoint.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 @contextlib.contextmanager
-def deferred_signals(signums=(signal.SIGINT, signal.SIGTERM)):
-    """Hold SIGINT/SIGTERM back until the block ends, then deliver them to the usual handler, so
-    the block (an optimizer step and its step counter) runs whole or not at all."""
+def deferred_signals(signums=STOP_SIGNALS, deliver: bool = True):
+    """Hold the stop signals back until the block ends, so the block (an optimizer step and its
+    step counter, a save) runs whole or not at all; then deliver them to the usual handler, or
+    with deliver=False drop them (the process is already stopping: a second Ctrl-C must not
+    change how it ends)."""
     if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
         yield
         return
@@ -52,7 +64,7 @@ def deferred_signals(signums=(signal.SIGINT, signal.SIGTERM)):
     finally:
         for s, handler in old.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        for n in dict.fromkeys(pending):
+        for n in dict.fromkeys(pending if deliver else ()):
             signal.raise_signal(n)
 
 
@@ -102,6 +114,8 @@ class Trainer:
 
     def __init__(self, cfg: MGRPOConfig, model=None, tokenizer=None, problems=None):
         self.cfg = cfg
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
         self.dist, self.device = Dist.from_env(resolve_device(cfg.device))
         if cfg.questions_per_step % self.dist.world:
             raise TrainingError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
@@ -110,6 +124,8 @@ class Trainer:
         # Everything a user can get wrong is checked before the model loads: output folder,
         # checkpoint and its config, training and eval data.
         self.out = Path(cfg.output_dir)
+        check_outputs_apart([("--output-dir", self.out / name) for name in RUN_FILES],
+                            [("--model", cfg.model), ("--dataset", cfg.dataset), ("--eval-dataset", cfg.eval_dataset)])
         if self.dist.is_main:
             prepare_output_dir(self.out, resume=cfg.resume, overwrite=cfg.overwrite)
         self.dist.barrier()
@@ -119,38 +135,50 @@ class Trainer:
             problems = load_problems(cfg.dataset, strict=cfg.strict_data, seed=cfg.seed)
         self.eval_problems = (load_problems(cfg.eval_dataset, limit=cfg.eval_limit, seed=cfg.seed)
                               if cfg.eval_dataset else None)
+        try:
+            self.shots = select_shots(problems, cfg.prompt_shots, cfg.seed)
+        except ValueError as e:
+            raise DatasetError(f"--prompt-shots {cfg.prompt_shots}: {e} in {cfg.dataset!r}") from e
         torch.manual_seed(cfg.seed)
         if model is None:
             # fp32 master weights; bf16 compute comes from autocast on GPU.
             model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=self.device)
+        check_trainable(model, cfg.model)
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        if cfg.lora_rank:  # adapters train; the base (the reference too) stays frozen in self.dtype
+            self.model = apply_lora(self.model, cfg, self.dtype)
         use_varlen_attention(self.model)  # packed micro-batches: attention within each sequence
         if checkpointing(cfg, self.device):
             self.model.gradient_checkpointing_enable()
+            if cfg.lora_rank:  # reentrant checkpoints pass gradients only to inputs that need them
+                self.model.enable_input_require_grads()
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = padding_id(tokenizer, self.stop_ids)
-        self.shots = select_shots(problems, cfg.prompt_shots, cfg.seed)
         self.problems, self.prompts, self.data_stats = training_prompts(
             tokenizer, problems, self.shots, cfg.max_prompt_length, cfg.prompt_overflow)
         # The frozen reference is the initial model (copied before a resume loads its weights), and
-        # it only runs in the compute dtype: kept in it (2 bytes a parameter in bf16).
-        ref_model = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False) if cfg.beta > 0 else None
+        # it only runs in the compute dtype: kept in it (2 bytes a parameter in bf16). Under LoRA
+        # it is the policy itself with the adapters off (lora.reference_weights): no copy.
+        ref_model = None
+        if cfg.beta > 0:
+            ref_model = self.model if cfg.lora_rank else copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
         if checkpoint is not None:
             load_weights(self.model, checkpoint, self.device)  # before wrapping: FSDP2 shards what it holds
         # Sampling reads a compute-dtype copy refreshed in place before each rollout (the model
         # itself in fp32), so kept CUDA graphs read weights at fixed addresses, never autocast's.
         self.decode_weights = DecodeWeights(self.model, self.dtype)
         self.policy = Policy.build(self.model, ref_model, cfg, self.dtype, self.dist, self.pad_id)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                            betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step_idx, self.bad_steps = 0, 0
+        self.last_metrics: dict | None = None  # the newest step's, set with its step counter
         if checkpoint is not None:
             state = load_state(checkpoint, self.model, self.optimizer, self.scheduler)
             self.step_idx, self.bad_steps = state["step"], state["bad_steps"]
         if self.dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
+            atomic_write(self.out / "config.json", json.dumps(cfg.to_dict(), indent=1))
 
     def step(self) -> dict:
         """One rollout batch and its num_iterations optimizer updates; rank r of W takes
@@ -166,16 +194,19 @@ class Trainer:
         times["rollout"], rollout_peak = time.perf_counter(), peak_memory_gb(self.device, reset=True)
         self.model.train()
         plan = self.policy.plan(rollout.episodes, self.cfg.micro_batch_tokens)
-        stats, updates = StepStats.start(self.device), []
+        stats, updates, rates = StepStats.start(self.device), [], []
         with contextlib.ExitStack() as held:
             for it in range(self.cfg.num_iterations):
-                sums = self.policy.backward(plan, stats)  # (K,) on the device: no host sync yet
-                if it == 0:  # from the first weight change to the step counter: all or nothing
+                # the decode copy equals the weights until the first update changes them
+                sums = self.policy.backward(plan, stats, self.decode_weights.model if it == 0 else None)
+                if it == 0:  # from the first weight change to the step counter and its metrics: all or nothing
                     held.enter_context(deferred_signals())
+                rates.append(self.optimizer.param_groups[0]["lr"])  # the rate this update applies
                 updates.append(self._optimizer_step(sums))
             self.step_idx += 1
-        times["train"] = time.perf_counter()
-        return self._metrics(rollout, updates, stats, times, rollout_peak)
+            times["train"] = time.perf_counter()
+            self.last_metrics = self._metrics(rollout, updates, rates, stats, times, rollout_peak)
+        return self.last_metrics
 
     def _rollout(self) -> Rollout:
         """This rank's questions of the step, sampled from the decode copy and scored."""
@@ -190,9 +221,11 @@ class Trainer:
                            [self.prompts[i] for i in idx], cfg, rng=rng, generator=generator,
                            stop_ids=self.stop_ids, pad_id=self.pad_id, stop_strings=self.stop_strings)
 
-    def _metrics(self, rollout: Rollout, updates: list, stats: StepStats, times: dict, rollout_peak: float) -> dict:
+    def _metrics(self, rollout: Rollout, updates: list, rates: list[float], stats: StepStats, times: dict,
+                 rollout_peak: float) -> dict:
         """The step's metrics, each typed by how ranks combine it, reduced over ranks. `updates`:
-        (METRICS sums over ranks, grad norm) per optimizer update."""
+        (METRICS sums over ranks, grad norm) per optimizer update; `rates`: the learning rate each
+        update applied (logged: their mean)."""
         mis_sum, mis_max = stats.mismatch.tolist()  # the step's last host sync
         mis_sum, mis_tokens = self.dist.sum([mis_sum, stats.tokens])
         grad_norms = [g for _, g in updates]
@@ -203,7 +236,7 @@ class Trainer:
             "ref_time": Max(stats.ref_time.seconds()),
             "sampler_logp_diff_mean": Same(mis_sum / max(mis_tokens, 1)),
             "sampler_logp_diff_max": Same(self.dist.max([mis_max])[0]),
-            "grad_norm": Same(sum(grad_norms) / len(grad_norms)), "lr": Same(self.scheduler.get_last_lr()[0]),
+            "grad_norm": Same(sum(grad_norms) / len(grad_norms)), "lr": Same(sum(rates) / len(rates)),
             "tokens_trained": Sum(sum(e.num_tokens for e in rollout.episodes)),
             "sequences": Sum(len(rollout.episodes)),
             "rollout_time": Max(times["rollout"] - times["start"]), "train_time": Max(times["train"] - times["rollout"]),

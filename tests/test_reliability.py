@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 import fastmgrpo.checkpoint as checkpoint_mod
 import fastmgrpo.eval as eval_cli
+import fastmgrpo.files as files_mod
 import fastmgrpo.train as train_cli
 from fastmgrpo.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state
 from fastmgrpo.config import ConfigError, parse_config
@@ -172,7 +173,7 @@ def _trainer(out, **overrides):
 def test_checkpoint_files_are_fsynced_and_resaving_a_step_keeps_one_loadable(tmp_path, monkeypatch):
     tr = _trainer(tmp_path, keep_checkpoints=1)
     tr.save()
-    synced, real_fsync, real_replace = set(), checkpoint_mod._fsync, os.replace
+    synced, real_fsync, real_replace = set(), files_mod.fsync_path, os.replace
     moments = []
 
     def fsync(path):
@@ -187,7 +188,7 @@ def test_checkpoint_files_are_fsynced_and_resaving_a_step_keeps_one_loadable(tmp
         real_replace(src, dst)
         moments.append(checkpoint_mod.latest_checkpoint(tmp_path))
 
-    monkeypatch.setattr(checkpoint_mod, "_fsync", fsync)
+    monkeypatch.setattr(files_mod, "fsync_path", fsync)
     monkeypatch.setattr(checkpoint_mod.os, "replace", replace)
     tr.save()  # the same step again
     assert len(moments) >= 2 and all(m is not None for m in moments), moments
@@ -204,6 +205,9 @@ def test_resume_skips_a_damaged_latest_and_names_bad_checkpoints(tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         assert _trainer(tmp_path, resume=True).step_idx == 1
     torch.save({"something": torch.zeros(1)}, good / "trainer_state.pt")  # whole, but not ours
+    with pytest.raises(CheckpointError, match="step-000001: trainer_state.pt has .* bytes, not the"):
+        _trainer(tmp_path, resume=True)
+    (good / "manifest.json").write_text(json.dumps(checkpoint_mod._manifest(good)))  # consistent, still not ours
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=str(good)):
         _trainer(tmp_path, resume=True)
 
@@ -212,7 +216,7 @@ def test_resume_with_a_run_changing_option_is_refused(tmp_path):
     _trainer(tmp_path).save()
     with pytest.raises(CheckpointError, match="group_size: 2 -> 3.*--allow-config-change"):
         _trainer(tmp_path, resume=True, group_size=3, max_steps=9)
-    assert _trainer(tmp_path, resume=True, max_steps=9, save_every=2).step_idx == 0  # runtime options
+    assert _trainer(tmp_path, resume=True, save_every=2, eval_limit=3).step_idx == 0  # runtime options
     assert _trainer(tmp_path, resume=True, group_size=3, allow_config_change=True).cfg.group_size == 3
 
 
@@ -226,7 +230,7 @@ def test_no_checkpoint_with_non_finite_weights(tmp_path):
 
 
 def test_metrics_stay_valid_json(tmp_path):
-    log = train_cli.MetricsLog(tmp_path, 0, tensorboard=False)
+    log = train_cli.MetricsLog(tmp_path, [], tensorboard=False)
     log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
     log.close()
     line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))

@@ -145,12 +145,11 @@ def forward_logprobs(hidden, weight, targets, bias, temperature, with_entropy, b
                                       None if bias is None else bias.contiguous(), targets.contiguous(),
                                       float(temperature), with_entropy)
     n = hidden.shape[0]
-    plan = fused.Plan(targets, [0, n], False, with_entropy, float(temperature), None, (), mod,
-                      check_memory_budget(memory_budget))
+    plan = fused.Plan(targets, [0, n], with_entropy, float(temperature), None, mod, check_memory_budget(memory_budget))
     logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
     entropy = torch.empty_like(logp) if with_entropy else None
-    for r0, r1, _, stats in fused.row_chunks(plan, hidden, weight, bias):
-        logp[r0:r1] = stats.logp
-        if with_entropy:
-            entropy[r0:r1] = stats.entropy
+    chunks, _ = fused.chunk_rows(plan, weight.shape[0], hidden.dtype)
+    for r0, r1, z in fused.row_chunks(plan, hidden, weight, bias, chunks):
+        mod.row_stats_(z, targets[r0:r1], with_entropy, (logp[r0:r1], None if entropy is None else entropy[r0:r1]),
+                       inv_t=1.0 / plan.temperature)
     return logp, entropy

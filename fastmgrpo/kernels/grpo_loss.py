@@ -3,8 +3,11 @@
 The O(N x V) work is ``fused.FusedLinearLoss`` (three matmuls per chunk of rows, gradients
 computed in forward). The loss math here is O(N) PyTorch on per-token log-probs, written on a
 flat "token view" of the batch (N positions, each with a sequence id) so that the padded
-Liger-shaped form and the packed (cu_seqlens) form share one implementation; the fused pass
-evaluates it on one chunk of rows at a time (``_Tokens.rows``) and differentiates it there.
+Liger-shaped form and the packed (cu_seqlens) form share one implementation. Each loss is
+written twice, side by side: its definition (``_grpo_core`` and the per-token losses, the
+reference, differentiated by autograd in the tests) and its closed-form gradient
+(``_grpo_grads`` and the ``*_grad`` functions), which the fused pass runs on one chunk of rows at
+a time (``_Tokens.rows``), in torch or folded into the Triton row kernel (``_LossTerms``).
 Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5) and TRL's GRPOTrainer.
 """
 
@@ -40,6 +43,9 @@ class GRPOLossConfig:
         result does not depend on it. Sequence-level losses need a whole sequence per chunk.
     fp32_weight_grad: accumulate the LM head's gradient across chunks in an fp32 (V, H) buffer
         (V*H*4 more bytes) instead of in the weight's dtype; see fused.py.
+    overlap_streams: on CUDA, run each chunk's logits GEMM on a second stream while the previous
+        chunk's row pass and gradient GEMMs run (two buffers of half the budget; overlap.py). Off
+        by default until a GPU run shows it pays; no effect without CUDA.
     """
 
     beta: float = 0.04
@@ -60,6 +66,7 @@ class GRPOLossConfig:
     entropy_coef: float = 0.0
     memory_budget: int = fused.DEFAULT_MEMORY_BUDGET
     fp32_weight_grad: bool = False
+    overlap_streams: bool = False
 
     def __post_init__(self):
         check_memory_budget(self.memory_budget)
@@ -157,6 +164,10 @@ def _k3(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 # ---- per-token losses: (tokens, coef, log_ratio, cfg) -> (loss (N,), is_clipped (N,) bool) ----
+# Each is followed by its closed form, (tokens, coef, log_ratio, cfg) -> (loss (N,), ∂loss/∂coef,
+# ∂loss/∂logp at fixed coef (None where 0), is_clipped): what the fused pass runs (no autograd),
+# tested against autograd on the loss above it. Where autograd's rule is a convention (the
+# derivative at a kink), the closed form takes autograd's.
 
 
 def _clipped_surrogate(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
@@ -168,10 +179,30 @@ def _clipped_surrogate(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
     return loss, clipped
 
 
+def _clipped_surrogate_grad(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """Closed form of _clipped_surrogate. clamp passes the gradient on its closed range; where
+    the min ties (the ratio inside the clip range), each side gets half (torch.minimum)."""
+    lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+    adv = t.adv
+    coef_1 = coef if cfg.delta is None else torch.clamp(coef, max=cfg.delta)
+    a, b = coef_1 * adv, torch.clamp(coef, lo, hi) * adv
+    da = adv if cfg.delta is None else torch.where(coef <= cfg.delta, adv, 0.0)
+    db = torch.where((coef >= lo) & (coef <= hi), adv, 0.0)
+    d_min = torch.where(a < b, da, torch.where(a > b, db, 0.5 * (da + db)))
+    clipped = ((coef < lo) & (adv < 0)) | ((coef > hi) & (adv > 0))
+    return -torch.minimum(a, b), -d_min, None, clipped
+
+
 def _cispo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
     """CISPO: detached weight min(ratio, epsilon_high) times the log-prob."""
     weight = torch.clamp(coef, max=cfg.epsilon_high).detach()
     return -weight * t.adv * t.logp, (coef > cfg.epsilon_high) & (t.adv > 0)
+
+
+def _cispo_grad(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """Closed form of _cispo: the weight is detached, so only the log-prob carries a gradient."""
+    weight_adv = torch.clamp(coef, max=cfg.epsilon_high) * t.adv
+    return -weight_adv * t.logp, None, -weight_adv, (coef > cfg.epsilon_high) & (t.adv > 0)
 
 
 def _sapo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
@@ -182,6 +213,13 @@ def _sapo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
 
     gated = torch.where(t.adv > 0, gate(cfg.sapo_temperature_pos), gate(cfg.sapo_temperature_neg))
     return -gated * t.adv, torch.zeros_like(coef, dtype=torch.bool)
+
+
+def _sapo_grad(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """Closed form of _sapo: d/dr [4/tau · sigmoid(tau (r − 1))] = 4 · s (1 − s)."""
+    tau = torch.full_like(t.adv, cfg.sapo_temperature_neg).masked_fill_(t.adv > 0, cfg.sapo_temperature_pos)
+    s = torch.sigmoid(tau * (coef - 1))
+    return -s * 4 / tau * t.adv, -4 * s * (1 - s) * t.adv, None, torch.zeros_like(coef, dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -205,7 +243,14 @@ def _vespo(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
     return -phi * t.adv * t.logp, torch.zeros_like(coef, dtype=torch.bool)
 
 
-# ---- reductions: (per-token values (N,), tokens, norm) -> scalar ----
+def _vespo_grad(t: _Tokens, coef, log_ratio, cfg: GRPOLossConfig):
+    """Closed form of _vespo: phi is detached (it needs the whole sequence's log-ratios)."""
+    phi_adv = _vespo_phi(t, log_ratio, cfg)[t.seg] * t.adv
+    return -phi_adv * t.logp, None, -phi_adv, torch.zeros_like(coef, dtype=torch.bool)
+
+
+# ---- reductions: (per-token values (N,), tokens, norm) -> scalar; each is linear, Σ w·x, and its
+# weights w (N,) follow it (what the closed form uses) ----
 
 
 def _reduce_seq_mean(x, t: _Tokens, n: _Norm):
@@ -214,16 +259,32 @@ def _reduce_seq_mean(x, t: _Tokens, n: _Norm):
     return per_seq.sum() / n.num_sequences
 
 
+def _weights_seq_mean(t: _Tokens, n: _Norm):
+    return n.tok_w / (t.seq_len.clamp(min=1.0)[t.seg] * n.num_sequences)
+
+
 def _reduce_bnpo(x, t: _Tokens, n: _Norm):
     return (x * n.tok_w).sum() / n.num_tokens
+
+
+def _weights_bnpo(t: _Tokens, n: _Norm):
+    return n.tok_w / n.num_tokens
 
 
 def _reduce_dr_grpo(x, t: _Tokens, n: _Norm):
     return (x * n.tok_w).sum() / (n.num_sequences * n.max_completion_length)
 
 
+def _weights_dr_grpo(t: _Tokens, n: _Norm):
+    return n.tok_w / (n.num_sequences * n.max_completion_length)
+
+
 def _reduce_dapo(x, t: _Tokens, n: _Norm):
     return (x * n.tok_w).sum() / n.dapo_norm
+
+
+def _weights_dapo(t: _Tokens, n: _Norm):
+    return n.tok_w / n.dapo_norm
 
 
 def _reduce_luspo(x, t: _Tokens, n: _Norm):
@@ -231,12 +292,19 @@ def _reduce_luspo(x, t: _Tokens, n: _Norm):
     return (x * n.luspo_w).sum() / n.num_sequences
 
 
+def _weights_luspo(t: _Tokens, n: _Norm):
+    return n.luspo_w / n.num_sequences
+
+
 @dataclass(frozen=True)
 class LossVariant:
     """Everything that tells one loss_type from another, in one registry entry.
 
     per_token: (tokens, coef, log_ratio, cfg) -> (loss (N,), is_clipped (N,) bool).
-    reduce: (per-token values (N,), tokens, norm) -> () scalar.
+    grad: its closed form (see the per-token losses).
+    reduce: (per-token values (N,), tokens, norm) -> () scalar, equal to Σ weights(tokens, norm)·x.
+    kernel: the per-token loss's code in the Triton row kernel (triton_backend.LOSS_CODES), or
+        None where a token's gradient needs its whole sequence (computed between the kernels).
     token_level_only: sequence-level importance sampling is refused (as Liger does).
     whole_sequences: a token's gradient depends on its whole sequence, so a chunk of the fused
         pass must hold whole sequences (also the case for any sequence-level IS).
@@ -245,7 +313,10 @@ class LossVariant:
     """
 
     per_token: Callable
+    grad: Callable
     reduce: Callable
+    weights: Callable
+    kernel: str | None
     token_level_only: bool = False
     whole_sequences: bool = False
     folds_is_ratio: bool = False
@@ -253,14 +324,16 @@ class LossVariant:
 
 
 LOSS_VARIANTS = {
-    "grpo": LossVariant(_clipped_surrogate, _reduce_seq_mean),
-    "bnpo": LossVariant(_clipped_surrogate, _reduce_bnpo),
-    "dr_grpo": LossVariant(_clipped_surrogate, _reduce_dr_grpo, needs_max_completion_length=True),
-    "dapo": LossVariant(_clipped_surrogate, _reduce_dapo),
-    "cispo": LossVariant(_cispo, _reduce_dapo, token_level_only=True),
-    "sapo": LossVariant(_sapo, _reduce_seq_mean, token_level_only=True),
-    "luspo": LossVariant(_clipped_surrogate, _reduce_luspo),
-    "vespo": LossVariant(_vespo, _reduce_dapo, token_level_only=True, whole_sequences=True, folds_is_ratio=True),
+    "grpo": LossVariant(_clipped_surrogate, _clipped_surrogate_grad, _reduce_seq_mean, _weights_seq_mean, "clip"),
+    "bnpo": LossVariant(_clipped_surrogate, _clipped_surrogate_grad, _reduce_bnpo, _weights_bnpo, "clip"),
+    "dr_grpo": LossVariant(_clipped_surrogate, _clipped_surrogate_grad, _reduce_dr_grpo, _weights_dr_grpo, "clip",
+                           needs_max_completion_length=True),
+    "dapo": LossVariant(_clipped_surrogate, _clipped_surrogate_grad, _reduce_dapo, _weights_dapo, "clip"),
+    "cispo": LossVariant(_cispo, _cispo_grad, _reduce_dapo, _weights_dapo, "cispo", token_level_only=True),
+    "sapo": LossVariant(_sapo, _sapo_grad, _reduce_seq_mean, _weights_seq_mean, "sapo", token_level_only=True),
+    "luspo": LossVariant(_clipped_surrogate, _clipped_surrogate_grad, _reduce_luspo, _weights_luspo, "clip"),
+    "vespo": LossVariant(_vespo, _vespo_grad, _reduce_dapo, _weights_dapo, None, token_level_only=True,
+                         whole_sequences=True, folds_is_ratio=True),
 }
 LOSS_TYPES = tuple(LOSS_VARIANTS)
 
@@ -297,6 +370,109 @@ def _grpo_core(t: _Tokens, n: _Norm, cfg: GRPOLossConfig, entropy: torch.Tensor 
     return loss, metrics
 
 
+METRIC_NAMES = ("kl", "clip_ratio", "ratio_mean")  # then "entropy" when computed
+
+
+def _grpo_grads(t: _Tokens, w: torch.Tensor, m: torch.Tensor, cfg: GRPOLossConfig, entropy: torch.Tensor | None):
+    """Closed form of _grpo_core (no autograd) on rows whose log-probs are t.logp (R,) fp32.
+
+    w, m: (R,) loss and metric weights of the rows (LossVariant.weights; metric_w: the metric
+    sums are divided by metric_den once per call).
+    Sequence-level ratios need the rows of whole sequences. Returns (values (K, R): each row's
+    term of the loss, then of each metric in METRIC_NAMES (+ entropy), so that sums over rows
+    give _grpo_core's; g_logp (R,) = ∂loss/∂logp; g_entropy (R,) = ∂loss/∂entropy or None).
+    """
+    logp = t.logp
+    log_ratio = logp - t.old
+    sequence = cfg.importance_sampling_level == "sequence"
+    if sequence:  # coef_s = exp(Σ_s mask·log_ratio / len_s): ∂coef_s/∂logp_j = coef_s·mask_j / len_s
+        num_seqs = t.seq_len.shape[0]
+        inv_len = 1.0 / t.seq_len.clamp(min=1.0)
+        log_w = (_segment_sum(log_ratio * t.mask, t.seg, num_seqs) * inv_len)[t.seg]
+    else:
+        log_w = log_ratio
+    coef = torch.exp(log_w)
+    variant = LOSS_VARIANTS[cfg.loss_type]
+    per_token, d_coef, d_logp, clipped = variant.grad(t, coef, log_ratio, cfg)
+    if t.vllm is not None and not variant.folds_is_ratio:
+        per_token = per_token * t.vllm
+        d_coef = None if d_coef is None else d_coef * t.vllm
+        d_logp = None if d_logp is None else d_logp * t.vllm
+    zero = torch.zeros_like(logp)
+    d_coef = zero if d_coef is None else d_coef
+    d_logp = zero if d_logp is None else d_logp
+    kl = zero  # k3 against ref = logp.detach() when there is no reference: 0, and so is its gradient
+    if t.ref is not None:
+        e = torch.exp(t.ref - logp)
+        kl, d_kl = e - (t.ref - logp) - 1.0, 1.0 - e
+        if cfg.use_bias_correction_kl:  # ∂(kl·coef) = coef·∂kl + kl·∂coef
+            if cfg.beta != 0.0:
+                d_coef = d_coef + cfg.beta * kl
+            d_kl = d_kl * coef
+            kl = kl * coef
+        if cfg.beta != 0.0:
+            per_token = per_token + cfg.beta * kl
+            d_logp = d_logp + cfg.beta * d_kl
+    w_coef = w * d_coef * coef
+    if sequence:
+        g = (_segment_sum(w_coef, t.seg, num_seqs) * inv_len)[t.seg] * t.mask + w * d_logp
+    else:
+        g = w_coef + w * d_logp
+    loss = w * per_token
+    g_entropy = None
+    if entropy is not None and cfg.entropy_coef != 0.0:
+        g_entropy = -cfg.entropy_coef * w
+        loss = loss + g_entropy * entropy
+    values = [loss, m * kl, m * clipped, m * coef] + ([m * entropy] if entropy is not None else [])
+    return torch.stack(values), g, g_entropy
+
+
+@dataclass(frozen=True)
+class _LossTerms:
+    """One call's loss as the fused pass sees it (fused.Plan.terms): per-row closed-form gradient
+    and value terms, in torch (`grads`) or as arguments of the Triton row kernel (`kernel_args`)."""
+
+    tokens: _Tokens
+    w: torch.Tensor  # (N,) loss weights
+    m: torch.Tensor  # (N,) metric weights (metric_w; sums divided by metric_den once per call)
+    cfg: GRPOLossConfig
+    with_entropy: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return METRIC_NAMES + (("entropy",) if self.with_entropy else ())
+
+    @property
+    def whole_sequences(self) -> bool:
+        """A token's gradient needs its whole sequence's log-probs (GSPO's ratio, VESPO's phi)."""
+        return _needs_whole_sequences(self.cfg)
+
+    @property
+    def has_entropy_grad(self) -> bool:
+        return self.with_entropy and self.cfg.entropy_coef != 0.0
+
+    def grads(self, r0: int, r1: int, logp, entropy):
+        """(values (K, R), g_logp (R,), g_entropy (R,) | None) of rows [r0, r1) (see _grpo_grads)."""
+        return _grpo_grads(self.tokens.rows(r0, r1, logp), self.w[r0:r1], self.m[r0:r1], self.cfg, entropy)
+
+    def kernel_args(self, r0: int, r1: int) -> dict | None:
+        """Rows [r0, r1)'s inputs and options for the Triton row kernel's closed form, or None
+        where it cannot run there (a sequence-level term)."""
+        code = LOSS_VARIANTS[self.cfg.loss_type].kernel
+        if code is None or self.whole_sequences:
+            return None
+        t, c = self.tokens, self.cfg
+
+        def cut(x):
+            return None if x is None else x[r0:r1]
+
+        return dict(loss=code, old=cut(t.old), ref=cut(t.ref), adv=t.adv[r0:r1], w=self.w[r0:r1], m=self.m[r0:r1],
+                    vllm=cut(t.vllm), eps_low=c.epsilon_low, eps_high=c.epsilon_high, delta=c.delta,
+                    tau_pos=c.sapo_temperature_pos, tau_neg=c.sapo_temperature_neg, beta=c.beta,
+                    bias_correction=c.use_bias_correction_kl, entropy_coef=c.entropy_coef if self.has_entropy_grad
+                    else 0.0)
+
+
 def _needs_whole_sequences(cfg: GRPOLossConfig) -> bool:
     """Losses whose per-token gradient depends on the whole sequence (GSPO's ratio, VESPO's phi)."""
     return cfg.importance_sampling_level == "sequence" or LOSS_VARIANTS[cfg.loss_type].whole_sequences
@@ -316,15 +492,14 @@ def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm
         raise ValueError(f"weight_16bit must be a {tuple(weight.shape)} {hidden.dtype} copy of an fp32 weight, "
                          f"got {tuple(weight_16bit.shape)} {weight_16bit.dtype} for {weight.dtype}")
 
-    def loss_fn(r0, r1, logp, entropy):
-        return _grpo_core(tokens.rows(r0, r1, logp), norm.rows(r0, r1), cfg, entropy)
-
-    metric_names = ("kl", "clip_ratio", "ratio_mean") + (("entropy",) if want_entropy else ())
-    plan = fused.Plan(targets.long(), seq_starts, _needs_whole_sequences(cfg), want_entropy, float(cfg.temperature),
-                      loss_fn, metric_names, resolve_backend(backend, hidden), cfg.memory_budget,
-                      cfg.fp32_weight_grad, keep_logprobs, None if weight_16bit is None else weight_16bit.detach())
+    weights = LOSS_VARIANTS[cfg.loss_type].weights(tokens, norm).float()
+    terms = _LossTerms(tokens, weights, norm.metric_w.float(), cfg, want_entropy)
+    plan = fused.Plan(targets.long(), seq_starts, want_entropy, float(cfg.temperature), terms,
+                      resolve_backend(backend, hidden), cfg.memory_budget, cfg.fp32_weight_grad, keep_logprobs,
+                      None if weight_16bit is None else weight_16bit.detach(), cfg.overlap_streams)
     loss, metrics, logp = fused.FusedLinearLoss.apply(hidden, weight, bias, plan)
-    out = dict(zip(metric_names, metrics.unbind()))
+    # Σ x·metric_w / metric_den as the definition divides: a ratio of exactly 1 averages to 1.0
+    out = dict(zip(terms.names, (metrics / norm.metric_den).unbind()))
     if keep_logprobs:
         out["logprobs"] = logp
     return loss, out

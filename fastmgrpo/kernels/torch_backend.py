@@ -1,9 +1,9 @@
 """PyTorch row pass over one chunk of fp32 logits (the CPU backend and the reference backend).
 
 A backend of the fused loss (``fused.py``) provides two in-place functions on a chunk
-``z`` (R, V) fp32 holding (h·Wᵀ + b) / T:
+``z`` (R, V) fp32 holding h·Wᵀ + b (the logits are z · inv_t, inv_t = 1 / T):
 
-    state = row_stats_(z, targets, with_entropy) -> RowStats (logp, entropy, backend state)
+    state = row_stats_(z, targets, with_entropy, out, fold, inv_t) -> RowStats (logp, entropy, state)
     dz    = dlogits_(z, targets, stats, g_logp, g_entropy, inv_t, out_dtype) -> (R, V) out_dtype
 
 ``dlogits_`` returns d loss / d (h·Wᵀ + b), the chunk's logits before the temperature, in the
@@ -18,6 +18,8 @@ Here ``row_stats_`` leaves log p in ``z`` (one in-place log-softmax: no (R, V) t
 from dataclasses import dataclass
 
 import torch
+
+FOLDS_LOSS = False  # the loss's closed-form gradient runs in torch between the two passes
 
 # Row block of the entropy terms: their (rows, V) temporaries stay ≤ _ENTROPY_ROWS·V·4 bytes.
 ENTROPY_ROWS = 64
@@ -37,16 +39,25 @@ def extra_bytes_per_row(vocab: int, dtype: torch.dtype) -> int:
     return 0 if dtype == torch.float32 else vocab * torch.finfo(dtype).bits // 8
 
 
-def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> RowStats:
-    """Target log-probs (and entropy) of each row; z (R, V) fp32 becomes log_softmax(z) in place."""
+def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=None, fold=None,
+               inv_t: float = 1.0) -> RowStats:
+    """Target log-probs (and entropy) of each row of logits z·inv_t; z (R, V) fp32 becomes
+    log_softmax(z·inv_t) in place.
+
+    out: (logp (R,), entropy (R,) or None) fp32 to write them into (else new tensors). fold must
+    be None: this backend leaves the loss's gradient to the caller (FOLDS_LOSS is False)."""
+    assert fold is None, "the torch backend does not fold the loss into its row pass"
+    logp_out, ent_out = out if out is not None else (None, None)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
     torch._log_softmax(z, 1, False, out=z)  # in place (row max and sum read z before the write)
-    logp = z.gather(1, targets[:, None]).squeeze(1)  # (R,)
+    logp = torch.gather(z, 1, targets[:, None], out=None if logp_out is None else logp_out[:, None]).squeeze(1)
     entropy = None
     if with_entropy:
-        entropy = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if ent_out is None else ent_out
         for r0 in range(0, z.shape[0], ENTROPY_ROWS):
             blk = z[r0 : r0 + ENTROPY_ROWS]
-            entropy[r0 : r0 + ENTROPY_ROWS] = -(blk.exp() * blk).sum(1)
+            torch.sum(blk.exp().mul_(blk), 1, out=entropy[r0 : r0 + ENTROPY_ROWS]).neg_()
     return RowStats(logp, entropy)
 
 

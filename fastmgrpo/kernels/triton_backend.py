@@ -8,13 +8,16 @@ t = Σ exp(z − m)·(z − m) (the shifted form keeps the entropy free of the l
 cancellation), plus the target logit. The (SPLITS, N) partials merge in O(N·SPLITS) torch ops.
 
 Row pass of the fused loss (``row_stats_`` / ``dlogits_``, same contract as
-``torch_backend``): on a chunk z (R, V) of fp32 logits written by cuBLAS, one program per row
-  1. reads z once: max, log-sum-exp, target log-prob, entropy (online, fp32);
-  2. (the per-token loss gradient g is computed between the two kernels, O(R) torch)
-  3. reads z again and writes dlogits = (g·(onehot − p) − g_H·p·(z − lse + H)) / T in the
-     products' dtype *into z's own storage*: a 16-bit row r lands in the first half of fp32 row
+``torch_backend``): on a chunk z (R, V) of fp32 h·Wᵀ + b written by cuBLAS, one program per row
+  1. reads z once, times 1/T as it loads it: max, log-sum-exp, target log-prob, entropy (online,
+     fp32), and the per-token loss gradient g in closed form (``_loss_terms``; sequence-level
+     losses compute it between the two kernels, O(R) torch);
+  2. reads z again (times 1/T) and writes dlogits = (g·(onehot − p) − g_H·p·(z − lse + H)) / T
+     in the products' dtype *into z's own storage*: a 16-bit row r lands in the first half of fp32 row
      r's bytes, so the result is a (R, V) view with row stride 2V that cuBLAS reads directly.
-     Block j's 16-bit store covers fp32 elements [j·B/2, (j+1)·B/2) of the row, all read by then.
+     Block j's 16-bit store covers fp32 elements [j·B/2, (j+1)·B/2) of the row; a barrier
+     between each block's loads and its store makes them all read by then, across warps too
+     (the argument is written beside ``_dlogits_kernel``).
 
 Under TRITON_INTERPRET=1 (CPU tests) 16-bit dots are done on fp32-upcast operands and the row
 reductions go through tl.reduce directly (see _mma, _rsum). Grids are 1-D (axis 0 allows
@@ -50,7 +53,7 @@ DEFAULT_OPTIONS = TritonOptions()
 
 def interpreting() -> bool:
     """True when the kernels were decorated under TRITON_INTERPRET=1 (decided at import)."""
-    return type(_linear_logprob_fwd_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 # --------------------------------------------------------------------------------------
@@ -158,6 +161,9 @@ def _linear_logprob_fwd_kernel(
         tl.store(t_out + out, t_i, mask=mask_m)
 
 
+_INTERPRETED = type(_linear_logprob_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 # --------------------------------------------------------------------------------------
 # Launchers: reshape, allocate, choose grid / blocks / warps
 # --------------------------------------------------------------------------------------
@@ -230,8 +236,13 @@ def linear_logprob_fwd(hidden, weight, bias, targets, temperature, with_entropy,
 # Row pass of the fused loss
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
-                      WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr):
+def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, inv_temp,
+                      old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vllm_ptr, g_ptr, ge_ptr, val_ptr, val_stride,
+                      eps_low, eps_high, delta, tau_pos, tau_neg, beta, entropy_coef,
+                      WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr,
+                      FOLD: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                      HAS_VLLM: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BETA: tl.constexpr,
+                      BIAS_CORRECTION: tl.constexpr, HAS_GENT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * z_stride
     offs = tl.arange(0, BLOCK_V)
@@ -240,7 +251,7 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
     t_i = tl.full((BLOCK_V,), 0.0, tl.float32)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + offs < V
-        z = tl.load(base + v0 + offs, mask=mask, other=-float("inf"))
+        z = tl.load(base + v0 + offs, mask=mask, other=-float("inf")) * inv_temp
         m_new = tl.maximum(m_i, z)
         alpha = tl.exp(m_i - m_new)
         zs = tl.where(mask, z - m_new, 0.0)
@@ -253,14 +264,109 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V,
     scale = tl.exp(m_i - m)
     s = _rsum(s_i * scale, 0, INTERP)
     lse = m + tl.log(s)
-    zt = tl.load(base + tl.load(tgt_ptr + row))
+    logp = tl.load(base + tl.load(tgt_ptr + row)) * inv_temp - lse
     tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, zt - lse)
+    tl.store(logp_ptr + row, logp)
+    entropy = 0.0
     if WITH_ENTROPY:
         t = _rsum(scale * (t_i + (m_i - m) * s_i), 0, INTERP)  # Σ exp(z − m)·(z − m)
-        tl.store(ent_ptr + row, tl.log(s) - t / s)
+        entropy = tl.log(s) - t / s
+        tl.store(ent_ptr + row, entropy)
+    if FOLD:
+        _loss_terms(row, logp, entropy, old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vllm_ptr, g_ptr, ge_ptr,
+                    val_ptr, val_stride, eps_low, eps_high, delta, tau_pos, tau_neg, beta, entropy_coef,
+                    WITH_ENTROPY, LOSS, HAS_OLD, HAS_REF, HAS_VLLM, HAS_DELTA, HAS_BETA, BIAS_CORRECTION, HAS_GENT)
 
 
+@triton.jit
+def _loss_terms(row, logp, entropy, old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vllm_ptr, g_ptr, ge_ptr,
+                val_ptr, val_stride, eps_low, eps_high, delta, tau_pos, tau_neg, beta, entropy_coef,
+                WITH_ENTROPY: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                HAS_VLLM: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BETA: tl.constexpr,
+                BIAS_CORRECTION: tl.constexpr, HAS_GENT: tl.constexpr):
+    """One token's closed-form loss gradient and terms: grpo_loss._grpo_grads for token-level
+    importance sampling (the torch version is the reference; both are tested against autograd).
+    Writes g = ∂loss/∂logp, ∂loss/∂entropy and the row's loss / kl / clipped / ratio (/ entropy)
+    terms (column `row` of the (K, N) values)."""
+    adv = tl.load(adv_ptr + row)
+    coef = 1.0 + 0.0 * logp  # on-policy (no old log-probs): the ratio is exactly 1
+    if HAS_OLD:
+        coef = tl.exp(logp - tl.load(old_ptr + row))
+    zero = 0.0 * logp
+    d_logp = zero
+    clipped = zero
+    if LOSS == 0:  # clipped surrogate; at a tie of the min each side gets half (torch.minimum)
+        lo = 1.0 - eps_low
+        hi = 1.0 + eps_high
+        coef_1 = coef
+        da = adv + zero
+        if HAS_DELTA:
+            coef_1 = tl.minimum(coef, delta)
+            da = tl.where(coef <= delta, adv, 0.0)
+        a = coef_1 * adv
+        b = tl.minimum(tl.maximum(coef, lo), hi) * adv
+        db = tl.where((coef >= lo) & (coef <= hi), adv, 0.0)
+        per_token = -tl.minimum(a, b)
+        d_coef = -tl.where(a < b, da, tl.where(a > b, db, 0.5 * (da + db)))
+        clipped = tl.where(((coef < lo) & (adv < 0)) | ((coef > hi) & (adv > 0)), 1.0, 0.0)
+    elif LOSS == 1:  # cispo: detached min(ratio, eps_high) times the log-prob
+        weight_adv = tl.minimum(coef, eps_high) * adv
+        per_token = -weight_adv * logp
+        d_coef = zero
+        d_logp = -weight_adv
+        clipped = tl.where((coef > eps_high) & (adv > 0), 1.0, 0.0)
+    else:  # sapo: 4/tau · sigmoid(tau (ratio − 1))
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        sg = 1.0 / (1.0 + tl.exp(tau * (1.0 - coef)))  # sigmoid (tl.sigmoid is a @jit: see _rsum)
+        per_token = -sg * 4.0 / tau * adv
+        d_coef = -4.0 * sg * (1.0 - sg) * adv
+    if HAS_VLLM:
+        v = tl.load(vllm_ptr + row)
+        per_token = per_token * v
+        d_coef = d_coef * v
+        d_logp = d_logp * v
+    kl = zero
+    if HAS_REF:
+        x = tl.load(ref_ptr + row) - logp
+        e = tl.exp(x)
+        kl = e - x - 1.0
+        d_kl = 1.0 - e
+        if BIAS_CORRECTION:
+            if HAS_BETA:
+                d_coef = d_coef + beta * kl
+            d_kl = d_kl * coef
+            kl = kl * coef
+        if HAS_BETA:
+            per_token = per_token + beta * kl
+            d_logp = d_logp + beta * d_kl
+    w = tl.load(w_ptr + row)
+    mw = tl.load(m_ptr + row)
+    tl.store(g_ptr + row, w * d_coef * coef + w * d_logp)
+    loss = w * per_token
+    if HAS_GENT:
+        ge = -entropy_coef * w
+        tl.store(ge_ptr + row, ge)
+        loss = loss + ge * entropy
+    tl.store(val_ptr + row, loss)
+    tl.store(val_ptr + val_stride + row, mw * kl)
+    tl.store(val_ptr + 2 * val_stride + row, mw * clipped)
+    tl.store(val_ptr + 3 * val_stride + row, mw * coef)
+    if WITH_ENTROPY:
+        tl.store(val_ptr + 4 * val_stride + row, mw * entropy)
+
+
+# Why the in-place write is safe (16-bit output into the fp32 row it reads). Iteration j of a row
+# program loads fp32 elements [j·B, (j+1)·B) and stores 16-bit elements [j·B, (j+1)·B), i.e. the
+# bytes of fp32 elements [j·B/2, (j+1)·B/2) ⊂ [0, (j+1)·B): every byte a store clobbers belongs
+# to a block loaded in this iteration or an earlier one, never a later one. The warps of a
+# program run unsynchronised, though: without a barrier, warp w may store block j's dz while
+# warp ⌊w/2⌋ has not loaded its part of block j (or even of block j − 1) yet. So each iteration
+# loads its whole block, then `tl.debug_barrier()` (bar.sync: every thread of the program has
+# performed all its earlier memory accesses, CTA-wide), then stores. By induction over j, when
+# block j's store runs, every load of iterations 0..j has been performed by every warp, so no
+# load can see a clobbered byte. Software pipelining can only move loads earlier (never a store
+# before the barrier), which keeps the argument. Rows are disjoint across programs (row stride
+# ≥ V fp32 elements). The fp32 output (same thread, same element) needs no barrier but keeps it.
 @triton.jit
 def _dlogits_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
                     V, inv_temp, OUT_DTYPE: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -278,12 +384,13 @@ def _dlogits_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         mask = cols < V
-        z = tl.load(z_row + cols, mask=mask, other=0.0)
+        z = tl.load(z_row + cols, mask=mask, other=0.0) * inv_temp  # the logits (h·Wᵀ + b) / T
         p = tl.exp(z - lse)
         coef = g
         if HAS_GENT:
             coef = g + ge * (z + shift)
         dz = tl.where(cols == tgt, g, 0.0) - coef * p
+        tl.debug_barrier()  # every warp's loads of blocks 0..j precede any store of block j (above)
         tl.store(out_row + cols, dz.to(OUT_DTYPE), mask=mask)
 
 
@@ -296,17 +403,49 @@ def extra_bytes_per_row(vocab: int, dtype: torch.dtype) -> int:
     return 0
 
 
-def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> RowStats:
-    """Per-row log-prob of targets (R,) int64 (and entropy) from fp32 logits z (R, V); z is kept."""
+LOSS_CODES = {"clip": 0, "cispo": 1, "sapo": 2}  # the per-token losses _loss_terms knows
+FOLDS_LOSS = True  # row_stats_ computes the loss's closed-form gradient (token-level losses)
+
+
+def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=None, fold=None,
+               inv_t: float = 1.0) -> RowStats:
+    """Per-row log-prob of targets (R,) int64 (and entropy) from fp32 logits z·inv_t, z (R, V)
+    (scaled as it is loaded: no pass of its own); z is kept.
+
+    out: (logp (R,), entropy (R,) or None) fp32 to write them into (else new tensors).
+    fold: None, or (args, g (R,), g_entropy (R,) or None, values (K, R) with unit column stride):
+    the same launch also computes each row's closed-form loss gradient and terms
+    (grpo_loss._LossTerms.kernel_args gives `args`)."""
     R, V = z.shape
+    logp_out, ent_out = out if out is not None else (None, None)
     lse = torch.empty(R, device=z.device, dtype=torch.float32)
-    logp = torch.empty_like(lse)
-    entropy = torch.empty_like(lse) if with_entropy else None
+    logp = torch.empty_like(lse) if logp_out is None else logp_out
+    entropy = (torch.empty_like(lse) if ent_out is None else ent_out) if with_entropy else None
     if R:
-        _row_stats_kernel[(R,)](z, z.stride(0), targets, lse, logp, entropy if with_entropy else lse, V,
-                                WITH_ENTROPY=with_entropy, BLOCK_V=_ROW_BLOCK, INTERP=interpreting(),
-                                num_warps=8)
+        dummy = torch.empty(1, device=z.device, dtype=torch.float32)
+        _row_stats_kernel[(R,)](z, z.stride(0), targets, lse, logp, entropy if with_entropy else dummy, V, inv_t,
+                                **_fold_args(fold, dummy), WITH_ENTROPY=with_entropy, BLOCK_V=_ROW_BLOCK,
+                                INTERP=interpreting(), num_warps=8)
     return RowStats(logp, entropy, lse)
+
+
+_NO_FOLD = dict(loss="clip", old=None, ref=None, adv=None, w=None, m=None, vllm=None, delta=None, beta=0.0,
+                bias_correction=False, entropy_coef=0.0, eps_low=0.0, eps_high=0.0, tau_pos=1.0, tau_neg=1.0)
+
+
+def _fold_args(fold, dummy: torch.Tensor) -> dict:
+    """The closed-form arguments of _row_stats_kernel; absent inputs point at `dummy` (never read
+    or written: distinct from every output, which the interpreter copies back one by one)."""
+    a, g, ge, values = fold if fold is not None else (_NO_FOLD, dummy, None, dummy[None])
+    assert values.stride(1) == 1
+    pointers = {f"{k}_ptr": dummy if a[k] is None else a[k] for k in ("old", "ref", "adv", "w", "m", "vllm")}
+    return dict(**pointers, g_ptr=g, ge_ptr=dummy if ge is None else ge, val_ptr=values,
+                val_stride=values.stride(0), eps_low=float(a["eps_low"]), eps_high=float(a["eps_high"]),
+                delta=float(a["delta"] or 0.0), tau_pos=float(a["tau_pos"]), tau_neg=float(a["tau_neg"]),
+                beta=float(a["beta"]), entropy_coef=float(a["entropy_coef"]), FOLD=fold is not None,
+                LOSS=LOSS_CODES[a["loss"]], HAS_OLD=a["old"] is not None, HAS_REF=a["ref"] is not None,
+                HAS_VLLM=a["vllm"] is not None, HAS_DELTA=a["delta"] is not None, HAS_BETA=a["beta"] != 0.0,
+                BIAS_CORRECTION=bool(a["bias_correction"]), HAS_GENT=ge is not None)
 
 
 def dlogits_(z, targets, stats: RowStats, g_logp, g_entropy, inv_t: float, out_dtype) -> torch.Tensor:

@@ -151,19 +151,38 @@ def test_any_budget_gives_the_same_result(backend):
             assert abs(metrics[k] - runs[0][2][k]).item() <= 1e-5
 
 
-def test_budget_smaller_than_a_sequence():
-    """Token-level losses split the sequence across chunks; sequence-level ones raise, naming the budget."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_budget_smaller_than_a_sequence(backend):
+    """Token-level losses split a sequence across chunks; sequence-level ones (GSPO here) take the
+    two-pass fallback (log-probs first, then the gradient pass): both match float64. No row fits:
+    a ValueError naming the budget."""
     V = 64
     d = _problem(3, 8, V, torch.float32, False)
-    token = GRPOLossConfig(beta=0.0, memory_budget=2 * V * 4)
-    seq = GRPOLossConfig(beta=0.0, memory_budget=2 * V * 4, importance_sampling_level="sequence")
-    loss, _, _ = _fused_loss(d, torch.float32, token, "torch")
-    gold, _ = _reference_loss(d, torch.float64, token)
-    assert abs(loss - gold).item() <= 1e-5 * abs(gold).item()
-    with pytest.raises(ValueError, match=r"memory_budget=512 bytes holds 2 rows.*9 tokens.*at least 2304 bytes"):
-        _fused_loss(d, torch.float32, seq, "torch")
+    for level in ("token", "sequence"):
+        cfg = GRPOLossConfig(beta=0.04, loss_type="grpo", memory_budget=2 * V * 4, importance_sampling_level=level)
+        loss, grads, _ = _fused_loss(d, torch.float32, cfg, backend)
+        gold_loss, gold = _reference_loss(d, torch.float64, cfg)
+        assert abs(loss - gold_loss).item() <= 1e-5 * abs(gold_loss).item(), level
+        for name, (rel, one_minus_cos) in _errors(grads, gold, d["targets"]).items():
+            assert rel <= 2e-5 and one_minus_cos <= 1e-8, (level, name, rel)
     with pytest.raises(ValueError, match="holds no row"):
-        _fused_loss(d, torch.float32, GRPOLossConfig(beta=0.0, memory_budget=V), "torch")
+        _fused_loss(d, torch.float32, GRPOLossConfig(beta=0.0, memory_budget=V), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vespo_two_pass_equals_whole_sequences(backend):
+    """VESPO's phi needs a whole sequence: at a budget of 3 rows (sequences of up to 14) the two-pass
+    fallback gives what one chunk holding everything gives."""
+    V = 64
+    d = _problem(4, 8, V, torch.float32, False)
+    runs = [_fused_loss(d, torch.float32, GRPOLossConfig(beta=0.04, loss_type="vespo", memory_budget=rows * V * 4),
+                        backend) for rows in (3, 10**4)]
+    (loss, grads, metrics), (loss1, grads1, metrics1) = runs
+    # fp32 summation order of terms larger than their sum (seen: 8e-9 on 7e-4)
+    assert abs(loss - loss1).item() <= 1e-5 * abs(loss1).item() + 1e-7 and loss1 != 0
+    assert _rel(grads[0], grads1[0]) <= 1e-5 and _rel(grads[1], grads1[1]) <= 1e-5
+    for k in metrics1:
+        assert abs(metrics[k] - metrics1[k]).item() <= 1e-6, k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

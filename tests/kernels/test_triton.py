@@ -73,7 +73,7 @@ def test_row_pass_matches_torch_backend(with_entropy, out_dtype):
     results = []
     for mod in (tb, torch_backend):
         z = z0.clone().to(DEV)
-        stats = mod.row_stats_(z, targets.to(DEV), with_entropy)
+        stats = mod.row_stats_(z, targets.to(DEV), with_entropy, inv_t=0.5)
         dz = mod.dlogits_(z, targets.to(DEV), stats, g_logp.to(DEV), None if g_ent is None else g_ent.to(DEV),
                           0.5, out_dtype)
         assert dz.shape == (R, V) and dz.dtype == out_dtype
@@ -84,6 +84,27 @@ def test_row_pass_matches_torch_backend(with_entropy, out_dtype):
         torch.testing.assert_close(ent, ent_r, atol=1e-5, rtol=1e-5)
     atol = 1e-6 if out_dtype == torch.float32 else 2.0 ** -8 * dz_r.abs().max().item()
     torch.testing.assert_close(dz, dz_r, atol=atol, rtol=1e-2 if out_dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="the in-place race needs real warps (the interpreter is sequential)")
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_cuda_in_place_bf16_dlogits_equal_fp32_path_bit_for_bit(with_entropy):
+    """The 16-bit dlogits written into the fp32 logits they are computed from (warps racing ahead
+    would clobber logits not yet read) equal the fp32 path's dlogits rounded to bf16, bit for bit,
+    over many runs at Qwen's V = 151,936."""
+    R, V = 64, 151936
+    g = torch.Generator(device="cuda").manual_seed(19)
+    z0 = torch.randn(R, V, device="cuda", generator=g) * 4
+    targets = torch.randint(0, V, (R,), device="cuda", generator=g)
+    g_logp = torch.randn(R, device="cuda", generator=g)
+    g_ent = torch.randn(R, device="cuda", generator=g) if with_entropy else None
+    z = z0.clone()
+    stats = tb.row_stats_(z, targets, with_entropy, inv_t=0.5)
+    want = tb.dlogits_(z, targets, stats, g_logp, g_ent, 0.5, torch.float32).to(torch.bfloat16)
+    for _ in range(50):
+        z.copy_(z0)
+        got = tb.dlogits_(z, targets, stats, g_logp, g_ent, 0.5, torch.bfloat16)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -145,9 +166,17 @@ def test_compiles_for_sm90(dtype):
                      warps, stages)
     except (TypeError, ImportError, AttributeError) as err:  # API drift across triton versions
         pytest.skip(f"ahead-of-time compile API unavailable: {err}")
-    stats_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, logp_ptr=f, ent_ptr=f, V="i32")
-    _aot_compile(mod._row_stats_kernel, stats_args, dict(WITH_ENTROPY=True, BLOCK_V=mod._ROW_BLOCK, INTERP=False),
-                 8, 1)
+    stats_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, logp_ptr=f, ent_ptr=f, V="i32",
+                      inv_temp="fp32",
+                      **dict.fromkeys(("old_ptr", "ref_ptr", "adv_ptr", "w_ptr", "m_ptr", "vllm_ptr", "g_ptr", "ge_ptr",
+                                       "val_ptr"), f), val_stride="i32",
+                      **dict.fromkeys(("eps_low", "eps_high", "delta", "tau_pos", "tau_neg", "beta", "entropy_coef"),
+                                      "fp32"))
+    for loss in mod.LOSS_CODES.values():  # the closed-form loss folded in, every option on
+        _aot_compile(mod._row_stats_kernel, stats_args,
+                     dict(WITH_ENTROPY=True, BLOCK_V=mod._ROW_BLOCK, INTERP=False, FOLD=True, LOSS=loss,
+                          **dict.fromkeys(("HAS_OLD", "HAS_REF", "HAS_VLLM", "HAS_DELTA", "HAS_BETA",
+                                           "BIAS_CORRECTION", "HAS_GENT"), True)), 8, 1)
     dl_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, ent_ptr=f, g_ptr=f, ge_ptr=f, V="i32",
                    inv_temp="fp32")
     _aot_compile(mod._dlogits_kernel, dl_args,

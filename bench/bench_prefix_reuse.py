@@ -3,7 +3,7 @@
 With reuse, every prompt prefix that several sequences of the step share is prefilled once
 (`sampler._Prefixes`): the exemplars of every prompt, a question's G layer-1 prompts, its
 layer-2 prompts (question prompt + answer + phrase, H samples each). Runs alternate (on, off,
-off, on, ...) in one process with the same seed, so both see the same load and sample the same
+off, on, ...) in one process with the same seed, so the load falls on both alike and they sample the same
 tokens (checked); prints per run the rollout time, the prefill time (prefill forwards and
 prefix building) and the prompt tokens prefilled, with the load average.
 
@@ -28,17 +28,21 @@ from fastmgrpo.prompts import select_shots, stop_strings, training_prompts
 _PREFILL = {"s": 0.0, "tokens": 0}
 
 
-def _timed(fn, count: bool = False):
-    """`fn` with its wall time (and, for `extend`, the prompt tokens it computes) added to _PREFILL."""
+def _timed(fn):
+    """`fn` with its wall time added to _PREFILL."""
     def run(*args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
-        _PREFILL["s"] += time.perf_counter() - t0 if not count else 0.0
-        if count:  # extend(self, cache, rows, seqs, known, pad_id)
-            seqs, known = args[3], args[4]
-            _PREFILL["tokens"] += sum(len(p) - (0 if known is None else c) for p, (c, _) in
-                                      zip(seqs, known or [(0, None)] * len(seqs)))
+        _PREFILL["s"] += time.perf_counter() - t0
         return out
+    return run
+
+
+def _counted(extend):
+    """`_Decoder.extend` counting the prompt tokens it computes (each prompt less its cached context)."""
+    def run(self, cache, rows, seqs, known, *args, **kwargs):
+        _PREFILL["tokens"] += sum(map(len, seqs)) - sum(c for c, _ in known or ())
+        return extend(self, cache, rows, seqs, known, *args, **kwargs)
     return run
 
 
@@ -69,7 +73,7 @@ def main() -> None:
     kw = dict(stop_ids=stop_ids, pad_id=padding_id(tok, stop_ids), stop_strings=stop_strings(tok, None))
     sampler._Decoder.prefill = _timed(sampler._Decoder.prefill)
     sampler._Prefixes.build = _timed(sampler._Prefixes.build)
-    sampler._Decoder.extend = _timed(sampler._Decoder.extend, count=True)
+    sampler._Decoder.extend = _counted(sampler._Decoder.extend)
     print(f"threads {torch.get_num_threads()}, cpus {os.cpu_count()}, {args.questions} questions x G={args.group_size}"
           f" x H={args.l2_samples}, {args.shots} shots, layer-1 prompts {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens", flush=True)

@@ -144,8 +144,9 @@ def median_time(fn, reps: int = 5, warmup: int = 1) -> float:
     return times[len(times) // 2]
 
 
-def matmul_floor_target(hidden: torch.Tensor, weight: torch.Tensor):
-    """The three GEMMs any exact fused LM-head loss needs: h·Wᵀ, dlogits·W, dlogitsᵀ·h.
+def matmul_floor_target(hidden: torch.Tensor, weight: torch.Tensor, frozen_head: bool = False):
+    """The three GEMMs any exact fused LM-head loss needs: h·Wᵀ, dlogits·W, dlogitsᵀ·h; the
+    first two only with `frozen_head` (a head that needs no gradient: LoRA).
 
     hidden (N, H) or (B, L, H), weight (V, H). Returns a synchronising callable."""
     h = hidden.detach().reshape(-1, hidden.shape[-1])       # (N, H)
@@ -154,7 +155,8 @@ def matmul_floor_target(hidden: torch.Tensor, weight: torch.Tensor):
     def step():
         logits = h @ w.T                                    # (N, V), stands in for dlogits
         logits @ w                                          # d_hidden (N, H)
-        logits.T @ h                                        # d_W (V, H)
+        if not frozen_head:
+            logits.T @ h                                    # d_W (V, H)
         sync()
     return step
 

@@ -4,7 +4,7 @@ Usage: python3 bench/gpu_plan.py OUT_DIR SHAPE [SHAPE ...]   (SHAPE = "B,L,H,V")
 Order: our providers at every shape first, then peers, then Liger chunked (it compiles per
 shape and is the slowest), so a tight budget costs peers' numbers, never ours. Providers that
 would only skip are not planned (each run is a process start) and go to OUT_DIR/not_run.txt with
-the reason: matmul_floor (every run records the floor), liger_* without liger-kernel,
+the reason: matmul_floor and matmul_floor_frozen_head (runs record the floors), liger_* without liger-kernel,
 torch_lce without F.linear_cross_entropy. $DRY=1 plans without importing torch.
 Timeouts (s): T_OURS, T_PEER, T_SLOW; the first run of each suite adds T_COLD (cold Triton cache).
 $PLAN_ONLY="p q" plans only those providers.
@@ -33,6 +33,8 @@ def suite_providers(suite: str) -> list:
 def why_not(provider: str, dry: bool) -> str | None:
     if provider == "matmul_floor":
         return "every run records the floor (extra_info matmul_floor_s)"
+    if provider == "matmul_floor_frozen_head":
+        return "every frozen_head run records its two-GEMM floor (extra_info frozen_head_floor_s)"
     if dry:
         return None
     if provider.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:

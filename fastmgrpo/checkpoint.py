@@ -1,7 +1,9 @@
 """Atomic checkpoints: a run can be killed at any moment and still resume from the last one.
 
 Layout under `<output_dir>/checkpoints/`:
-    step-000004/        model.safetensors, config.json, tokenizer files (loads with from_pretrained)
+    step-000004/        model.safetensors, config.json, tokenizer files (loads with from_pretrained);
+                        under LoRA adapter_model.safetensors + adapter_config.json instead
+                        (PEFT's format: PeftModel.from_pretrained(base, path) loads it)
                         trainer_state.pt  (optimizer keyed by parameter name, scheduler, torch RNG
                                            state; weights_only-safe)
                         trainer_state.json (step, bad-step count, run config)
@@ -31,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from . import files
 from .files import WriteError, atomic_write, file_sha256, safetensors_problem, why_write_failed
+from .lora import ADAPTER_WEIGHTS, is_lora
 from .outdir import LOCK_NAME, lock_output_dir, unlock_output_dir
 
 # What a run leaves in its output directory (and --overwrite deletes); nothing else is touched.
@@ -97,10 +100,10 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
                                   "model's?): a run would replace it; pick another --output-dir")
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held and not (resume or overwrite):
-            saved = ("" if any((out / "checkpoints").glob("step-*"))
-                     else " (no checkpoint yet: only --overwrite can reuse it)")
-            raise CheckpointError(f"output directory {out} holds a run ({', '.join(held)}){saved}: pass "
-                                  "--resume to continue it, --overwrite to delete it, or another --output-dir")
+            way = ("--resume to continue it, --overwrite to delete it" if any((out / "checkpoints").glob("step-*"))
+                   else "--overwrite to delete it (no checkpoint yet: --resume cannot continue it)")
+            raise CheckpointError(f"output directory {out} holds a run ({', '.join(held)}): pass {way}, "
+                                  "or another --output-dir")
         if overwrite:
             foreign = sorted(p.name for p in out.iterdir() if not _run_owned(p.name))
             if foreign:
@@ -143,9 +146,12 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, tensors
         if (root / prev.name.removeprefix(".prev-")).is_dir():
             shutil.rmtree(prev, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+    # A PEFT model writes its adapter only; whether the embeddings changed it would otherwise find
+    # out by reading the base model's config (from the Hub when it is not a local folder).
+    adapter = {"save_embedding_layers": False} if is_lora(model) else {}
     try:
         tmp.chmod(files.default_mode(directory=True))  # mkdtemp's 0700 would outlive the rename
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True, **adapter)
         tokenizer.save_pretrained(tmp)
         torch.save(tensors, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -301,8 +307,9 @@ def checkpoint_to_resume(output_dir: str | Path, config: dict, allow_config_chan
 def gather_state(model, optimizer, scheduler) -> tuple[dict, dict]:
     """(weights, tensors) to save: the full model and optimizer state gathered from every rank
     (FSDP2 shards included; call it on every rank), the scheduler state and the torch RNG. Tied
-    weights (gathered into separate copies) come back once, under the model's own name."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights (gathered into separate copies) come back once, under the model's own name. Under
+    LoRA the weights are the adapters' only: the frozen base is the run's --model."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=is_lora(model))
     named = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in named}
     tensors = {"optimizer": get_optimizer_state_dict(model, optimizer, options=full),
@@ -311,13 +318,31 @@ def gather_state(model, optimizer, scheduler) -> tuple[dict, dict]:
 
 
 def load_weights(model, path: Path, device: torch.device) -> None:
-    """Load a checkpoint's model.safetensors into `model` (before FSDP2 shards it)."""
+    """Load a checkpoint's model.safetensors into `model` (before FSDP2 shards it), or its
+    adapter_model.safetensors into a PEFT model's adapters."""
     from safetensors.torch import load_file
 
+    lora = is_lora(model)
+    name = ADAPTER_WEIGHTS if lora else "model.safetensors"
+    if lora != (path / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: holds {'full weights' if lora else 'a LoRA adapter'}, but this "
+                              f"run trains {'LoRA adapters' if lora else 'every weight'} (--lora-rank)")
     try:
-        weights = load_file(str(path / "model.safetensors"), device=str(device))
+        weights = load_file(str(path / name), device=str(device))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"{path}: cannot load model.safetensors ({e})") from e
+        raise CheckpointError(f"{path}: cannot load {name} ({e})") from e
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        mismatch = f"{path}: the adapter does not match this run's --lora-targets / --lora-rank"
+        try:
+            result = set_peft_model_state_dict(model, weights)
+        except RuntimeError as e:  # shapes differ: another rank
+            raise CheckpointError(f"{mismatch} ({str(e).splitlines()[-1].strip()})") from e
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{mismatch} (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+        return
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
         raise CheckpointError(f"{path}: checkpoint does not match the model "

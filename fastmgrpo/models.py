@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from . import env
 from .config import ConfigError
 from .files import default_mode, safetensors_problem
+from .lora import ADAPTER_CONFIG, load_merged
 
 DEFAULT_CACHE_NAME = "gemma3-270m"
 # Every from_pretrained here passes use_kernels=False: transformers >= 5.25 defaults it to True,
@@ -105,7 +106,8 @@ def load_model(
 
     spec: None or "default" (embedded Gemma 3 270M GGUF: the pretrained base model, not the
         instruction-tuned one, so its tokenizer has no chat template), a local Hugging Face model
-        directory, or a `.gguf` file. GGUF files are converted once and cached (see module doc).
+        directory, a LoRA checkpoint (adapter_config.json: merged into its base, `lora.load_merged`),
+        or a `.gguf` file. GGUF files are converted once and cached (see module doc).
     attn_implementation: passed to transformers; None picks "flash_attention_2" on CUDA when
         flash-attn is installed, else "sdpa".
     Raises FileNotFoundError when a path spec does not exist, ModelError when it is not a
@@ -127,6 +129,8 @@ def load_model(
                 hf_dir = _converted_gguf(lambda _scratch: path, f"{path.stem}-{key}")
             except Exception as e:  # noqa: BLE001 - the GGUF reader raises anything on bad files
                 raise ModelError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
+        elif (path / ADAPTER_CONFIG).is_file():  # a LoRA checkpoint: its base with the adapter merged
+            return load_merged(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
         elif path.is_dir():
             hf_dir = path
             check_model_dir(path)

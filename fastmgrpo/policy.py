@@ -20,6 +20,7 @@ from .attention import VARLEN
 from .config import MGRPOConfig
 from .distributed import Dist, Probe, equalise, no_grad_sync, wrap
 from .kernels import GRPOLossConfig, packed_grpo_loss, token_logprobs
+from .lora import reference_weights
 from .metrics import Stopwatch
 from .models import decoder, lm_head
 from .packing import microbatches, pack
@@ -161,7 +162,8 @@ class StepStats:
 @dataclass
 class Policy:
     """The trained model's loss over a step's micro-batches: the DDP/FSDP2-wrapped `PolicyLoss`
-    (`module`), the frozen reference model (None when beta is 0) and the zero-weight probe
+    (`module`), the frozen reference model (None when beta is 0; under LoRA the policy itself,
+    run with its adapters off) and the zero-weight probe
     micro-batch that keeps ranks in step (distributed.Probe)."""
 
     ref_model: torch.nn.Module | None
@@ -228,8 +230,8 @@ class Policy:
 
     def _backward(self, mb: MicroBatch, stats: StepStats) -> torch.Tensor:
         if self.ref_model is not None and mb.ref is None:
-            with stats.ref_time:
-                mb.ref = reference_logprobs(self.ref_model, mb.batch, self.loss_cfg, self.dtype)
+            with stats.ref_time, reference_weights(self.ref_model) as ref_model:
+                mb.ref = reference_logprobs(ref_model, mb.batch, self.loss_cfg, self.dtype)
         loss, metrics, logp = self.module(mb.batch, mb.ref, mb.old, mb.normaliser)
         if logp is not None:  # the first update: these log-probs are the old policy's from now on
             mb.old = logp

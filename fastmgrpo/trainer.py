@@ -30,6 +30,7 @@ from .data import DatasetError, load_problems, step_questions
 from .decode_weights import DecodeWeights
 from .distributed import Dist, full_weights
 from .files import atomic_write
+from .lora import apply_lora
 from .metrics import Max, Same, Sum, peak_memory_gb
 from .mgrpo import Rollout, collect
 from .models import check_trainable, compute_dtype, load_model, padding_id, resolve_device, stop_token_ids
@@ -147,24 +148,31 @@ class Trainer:
             model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=self.device)
         check_trainable(model, cfg.model)
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        if cfg.lora_rank:  # adapters train; the base (the reference too) stays frozen in self.dtype
+            self.model = apply_lora(self.model, cfg, self.dtype)
         use_varlen_attention(self.model)  # packed micro-batches: attention within each sequence
         if checkpointing(cfg, self.device):
             self.model.gradient_checkpointing_enable()
+            if cfg.lora_rank:  # reentrant checkpoints pass gradients only to inputs that need them
+                self.model.enable_input_require_grads()
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_strings = stop_strings(tokenizer, cfg.stop)
         self.pad_id = padding_id(tokenizer, self.stop_ids)
         self.problems, self.prompts, self.data_stats = training_prompts(
             tokenizer, problems, self.shots, cfg.max_prompt_length, cfg.prompt_overflow, held_out)
         # The frozen reference is the initial model (copied before a resume loads its weights), and
-        # it only runs in the compute dtype: kept in it (2 bytes a parameter in bf16).
-        ref_model = copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False) if cfg.beta > 0 else None
+        # it only runs in the compute dtype: kept in it (2 bytes a parameter in bf16). Under LoRA
+        # it is the policy itself with the adapters off (lora.reference_weights): no copy.
+        ref_model = None
+        if cfg.beta > 0:
+            ref_model = self.model if cfg.lora_rank else copy.deepcopy(self.model).to(self.dtype).eval().requires_grad_(False)
         if checkpoint is not None:
             load_weights(self.model, checkpoint, self.device)  # before wrapping: FSDP2 shards what it holds
         # Sampling reads a compute-dtype copy refreshed in place before each rollout (the model
         # itself in fp32), so kept CUDA graphs read weights at fixed addresses, never autocast's.
         self.decode_weights = DecodeWeights(self.model, self.dtype)
         self.policy = Policy.build(self.model, ref_model, cfg, self.dtype, self.dist, self.pad_id)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                            betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step_idx, self.bad_steps = 0, 0

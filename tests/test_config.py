@@ -133,7 +133,8 @@ def _random_config(rng: random.Random) -> MGRPOConfig:
         if choices:
             values[f.name] = rng.choice([c for c in choices if c != default])
         elif _field_type(MGRPOConfig, f) is bool:  # None (an automatic default) included
-            values[f.name] = default if f.name == "overwrite" else default is not True  # not with resume
+            # overwrite is refused with resume, fsdp with lora_rank
+            values[f.name] = default if f.name in ("overwrite", "fsdp") else default is not True
         elif isinstance(default, int):
             values[f.name] = default + rng.randint(1, 5)
         elif isinstance(default, float) or f.name in ("delta", "sampler_is_cap"):
@@ -152,7 +153,7 @@ def test_to_dict_from_dict_round_trip(_seed):
     cfg = _random_config(rng)
     saved = json.loads(json.dumps(cfg.to_dict()))  # as in config.json and checkpoints
     assert set(saved) == {f.name for f in dataclasses.fields(MGRPOConfig)}
-    assert all(saved[k] != v for k, v in MGRPOConfig().to_dict().items() if k != "overwrite")
+    assert all(saved[k] != v for k, v in MGRPOConfig().to_dict().items() if k not in ("overwrite", "fsdp"))
     again = MGRPOConfig.from_dict(saved)
     assert again == cfg and again.to_dict() == cfg.to_dict()
     assert isinstance(MGRPOConfig.from_dict({"learning_rate": 1}).learning_rate, float)

@@ -210,6 +210,20 @@ def test_graph_mode_sampling_reproducible_and_exact_logprobs(tiny, graph_mode):
                                    _full_forward_logprobs(model, p, x.token_ids, 0.8), atol=1e-4, rtol=0)
 
 
+def test_graph_mode_reuses_shared_prefixes(tiny, graph_mode, monkeypatch):
+    """A kept decoder (graph mode) takes copied prefix K/V too: the tokens of whole prefills."""
+    model, tok = tiny
+    monkeypatch.setitem(sampler._FORWARD_TOKENS, "cpu", 0)  # read when the decoder is made
+    head = tok.encode(TEXTS[0])  # past both sliding windows
+    prompts = [head + tok.encode(t) for t in TEXTS[:4] for _ in range(2)]
+    kw = dict(max_new_tokens=10, temperature=0.8, stop_ids=set(), pad_id=tok.pad_token_id, batch_size=4)
+    a, b = (sampler.sample(model, prompts, generator=torch.Generator().manual_seed(2), prefix_reuse=reuse, **kw)
+            for reuse in (True, False))
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    for x, y in zip(a, b):
+        assert x.logprobs == pytest.approx(y.logprobs, abs=2e-5)
+
+
 def test_graph_mode_sampled_distribution_matches_softmax(graph_mode):
     """Second tokens drawn by the captured step (first ones by prefill) against the model's
     marginal sum_t1 p(t1 | prompt) p(t2 | prompt, t1), each frequency within 5 binomial sigmas."""

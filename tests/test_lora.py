@@ -166,7 +166,8 @@ def test_merged_export_and_eval_of_an_adapter_checkpoint(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     cfg = MGRPOConfig(model=str(tmp_path / "tiny"), dataset="synthetic:8", output_dir=str(tmp_path / "run"),
-                      device="cpu", max_completion_length=6, group_size=8, questions_per_step=3,
+                      device="cpu", prompt_shots=0, eval_dataset="none", max_completion_length=6, group_size=8,
+                      questions_per_step=3,
                       learning_rate=2e-2, warmup_ratio=0.0, max_steps=2, **LORA)
     tr = Trainer(cfg)
     tr.step()
@@ -211,6 +212,7 @@ def test_lora_learns_the_one_token_task(tmp_path):
         lm_head(model)[0][tok.convert_tokens_to_ids("7")].mul_(8.0)
     problems = [Problem("Say seven.", "7", "synthetic", uid=i) for i in range(8)]
     cfg = MGRPOConfig(model="tiny", dataset="synthetic", output_dir=str(tmp_path), device="cpu", layers=1,
+                      prompt_shots=0, eval_dataset="none",
                       group_size=16, questions_per_step=4, max_completion_length=1, learning_rate=2e-2,
                       warmup_ratio=0.0, beta=0.0, temperature=1.5, lr_schedule="constant", seed=seed,
                       max_steps=30, lora_rank=8, lora_alpha=16.0)

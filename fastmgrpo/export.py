@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, check_writable_dir
+from .files import default_mode, fsync_tree
 from .models import ModelError, load_model
 
 
@@ -45,10 +46,11 @@ def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.f
     model, tokenizer = load_model(str(checkpoint), dtype=torch.float32, device="cpu")
     check_writable_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; OUT is an ordinary folder
+    tmp.chmod(default_mode(directory=True))  # mkdtemp makes it private; OUT is an ordinary folder
     try:
         model.to(dtype).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)  # the rename publishes durable files, as a checkpoint's does
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

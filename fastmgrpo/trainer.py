@@ -24,8 +24,7 @@ from torch.distributed.tensor import DTensor
 from .attention import use_varlen_attention
 from .checkpoint import (RUN_FILES, checkpoint_dir, checkpoint_to_resume, gather_state, load_state,
                          load_weights, prepare_output_dir, save_checkpoint)
-from .config import MGRPOConfig
-from .config import ConfigError
+from .config import ConfigError, MGRPOConfig
 from .data import DatasetError, load_problems, step_questions
 from .decode_weights import DecodeWeights
 from .distributed import Dist, full_weights

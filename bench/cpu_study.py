@@ -40,11 +40,12 @@ def run_all(root: Path, seeds: list[int], extra: list[str]) -> None:
             out = run_dir(root, arm, seed)
             if (out / "summary.json").exists():
                 continue
-            out.mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "fastmgrpo.train", *flags, "--seed", str(seed), "--output-dir", str(out),
                    "--overwrite", *extra]
             t0 = time.time()
-            with open(out / "train.log", "w") as log:
+            # the log lies beside the run folder: --overwrite refuses folders holding foreign files
+            with open(out.with_suffix(".log"), "w") as log:
                 status = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
             print(f"{arm} seed {seed}: exit {status} in {time.time() - t0:.0f} s ({out})", flush=True)
 

@@ -215,7 +215,8 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
     and the d_W GEMM (none for a frozen head). Every row's terms land in one (K+1, N) buffer,
     summed once at the end. Two-pass fallback (a sequence-level loss with a sequence longer than
     the budget's chunk): pass 1 computes every row's log-prob chunk by chunk (one GEMM each),
-    then the whole batch's closed-form gradient; pass 2 is the usual loop with that gradient
+    then the whole batch's closed-form gradient (the backend's sequence kernel where it has
+    one); pass 2 is the usual loop with that gradient
     (4 GEMMs in all instead of 3).
     """
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -267,9 +268,13 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
                 torch.sum(dz, 0, dtype=torch.float32, out=d_b) if first else d_b.add_(dz.sum(0, dtype=torch.float32))
             first = False
         if not grads_here:  # two-pass: every row's log-prob is known, so is every row's gradient
-            values[:], g[:], ge = terms.grads(0, n, logp, entropy)
-            if g_ent is not None:
-                g_ent[:] = ge
+            args = terms.kernel_args(0, n) if getattr(backend, "FOLDS_LOSS", False) else None
+            if args is not None:
+                backend.sequence_terms_((args, g, g_ent, values), logp, entropy)
+            else:
+                values[:], g[:], ge = terms.grads(0, n, logp, entropy)
+                if g_ent is not None:
+                    g_ent[:] = ge
     if d_w is not None and d_w.dtype != grad_dtype:
         d_w = d_w.to(grad_dtype)
     totals = values.sum(1)  # the metrics' one reduction per call

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .torch_backend import RowStats
 
-__all__ = ["TritonOptions", "linear_logprob_fwd", "row_stats_", "dlogits_", "extra_bytes_per_row"]
+__all__ = ["TritonOptions", "linear_logprob_fwd", "row_stats_", "sequence_terms_", "dlogits_", "extra_bytes_per_row"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,18 +560,21 @@ def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=N
                                 FOLD=fold is not None and not per_sequence, WITH_ENTROPY=with_entropy,
                                 BLOCK_V=_ROW_BLOCK, INTERP=interpreting(), num_warps=8)
         if per_sequence:
-            _sequence_terms(fold, logp, entropy, dummy)
+            sequence_terms_(fold, logp, entropy)
     return RowStats(logp, entropy, lse)
 
 
-def _sequence_terms(fold, logp, entropy, dummy) -> None:
-    """Launch _sequence_terms_kernel on a chunk of S whole sequences once its log-probs are known.
-    fold[0]["sequences"]: starts (S+1,) int64 row offsets on the device, row0 (the chunk's first
+def sequence_terms_(fold, logp: torch.Tensor, entropy: torch.Tensor | None) -> None:
+    """The closed form of losses whose tokens need their whole sequence, on R rows of S whole
+    sequences whose log-probs logp (R,) (and entropy) are known: one launch of
+    _sequence_terms_kernel, one program per sequence. fold: as row_stats_'s, with
+    fold[0]["sequences"]: starts (S+1,) int64 row offsets on the device, row0 (the rows' first
     row), mask (R,) fp32 completion-token mask, lengths / adv / vllm_log (S,) fp32 (vllm_log may
     be None), ratio (GSPO's sequence ratio) and the VESPO constants."""
     seq = fold[0]["sequences"]
     num_seqs = seq["starts"].shape[0] - 1
     if num_seqs:
+        dummy = torch.empty(1, device=logp.device, dtype=torch.float32)
         _sequence_terms_kernel[(num_seqs,)](
             seq["starts"], seq["row0"], logp, dummy if entropy is None else entropy, tmask_ptr=seq["mask"],
             len_ptr=seq["lengths"], adv_seq_ptr=seq["adv"], vlog_ptr=dummy if seq["vllm_log"] is None else seq["vllm_log"],

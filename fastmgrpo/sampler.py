@@ -382,11 +382,12 @@ class _SlotCache:
         k, v = self._buffers(layer_idx, key, value)
         if self.cols is None:
             return self._write(k, key), self._write(v, value)
-        k, v = k[: self.n], v[: self.n]  # views: a graph of n slots reads the same storage
-        at = self.cols.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])  # (n, Hkv, 1, D)
-        k.scatter_(2, at, key)
-        v.scatter_(2, at, value)
-        return k[:, :, : self.width], v[:, :, : self.width]
+        # index_put_ into the whole buffer: inductor re-inplaces it, while a compiled scatter_, or
+        # a write into a view of the first n slots, copies the buffer (or view) out and back
+        at = (torch.arange(self.n, device=k.device), slice(None), self.cols)  # slot s -> column cols[s]
+        k[at] = key[:, :, 0]  # (n, Hkv, D)
+        v[at] = value[:, :, 0]
+        return k[: self.n, :, : self.width], v[: self.n, :, : self.width]  # views: graphs read the buffers
 
     def _write(self, buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Prefill: `new` (n, Hkv, S, D) into `buf` as `update` says; returns (n, Hkv, width, D)."""

@@ -61,6 +61,11 @@ CHECK_EVERY = 8  # decode steps between host looks: one host sync per 8 steps
 _LEN_ROUND = 128  # graph mode: max_len rounded up to this, so calls of similar lengths share graphs
 _KEPT = 2  # decoders (K/V buffers + graphs) kept per model: layer-1 and layer-2 lengths differ
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> _Decoder)
+# Compiled shapes of the decode step dynamo may keep (its default, 8, is the limit of all
+# `torch.compile(_Decoder._logits)` together): a shape per bucket (7 at 64 slots), kept decoder
+# length and model; past it a decoder captures its steps uncompiled (with one warning).
+_RECOMPILE_LIMIT = 64
+COMPILES = {"compiled": 0, "eager": 0}  # decode-step shapes compiled / left uncompiled at the limit
 
 
 def sample(
@@ -643,17 +648,32 @@ class _Decoder:
         return lambda: self._advance(b, *_pick(graph(), *pick, self.generator), stop)
 
     def _compiled(self, b: int):
-        """torch.compile'd `_logits`, tried once; `_logits` itself (with a warning) if that fails."""
+        """torch.compile'd `_logits`, tried once; `_logits` itself if that fails (with a warning)
+        or if dynamo's recompile limit is reached (`_RECOMPILE_LIMIT`; one warning a process)."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit  # lazy: importing dynamo takes seconds
+
         fn = _compile(self._logits)
         try:
-            with self._state_kept(b), _uncached_autocast(self.device.type):
+            # the limit counts every compiled shape of `_logits`, across decoders; at it, dynamo
+            # would run the step eagerly without a word: fail instead, and say so below
+            with (self._state_kept(b), _uncached_autocast(self.device.type),
+                  torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)):
                 fn(self.model(), b, self.max_len)  # compiles now; writes only columns a step rewrites
-            self.compiled = fn
-            return fn
+        except FailOnRecompileLimitHit:
+            COMPILES["eager"] += 1
+            if COMPILES["eager"] == 1:
+                warnings.warn(f"the sampler's decode step reached torch.compile's recompile limit ({_RECOMPILE_LIMIT}"
+                              f" shapes, {COMPILES['compiled']} compiled here); new shapes decode uncompiled",
+                              stacklevel=5)
+            self.compile = False
+            return self._logits
         except Exception as e:  # dynamo/inductor raise many types; eager decoding still works
             warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)
             self.compile = False
             return self._logits
+        COMPILES["compiled"] += 1
+        self.compiled = fn
+        return fn
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.start, self.col, self.left, self.live, self.logp

@@ -1,14 +1,17 @@
-"""The sampler's decode step under torch.compile (inductor, CPU): K/V written into the cache
-buffers in place, read from the generated code."""
+"""The sampler's decode step under torch.compile (CPU): K/V written into the cache buffers in
+place (read from inductor's generated code), and dynamo's recompile limit met with one warning."""
 
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
+from test_sampler_engine import TEXTS, _greedy_no_cache, graph_mode  # noqa: F401 - graph_mode is a fixture
 from torch._inductor.utils import run_and_get_code
 
 from fastmgrpo import sampler
+from fastmgrpo.testing import build_tiny_model
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                     reason="inductor's CPU backend needs a C++ compiler")
@@ -52,3 +55,30 @@ def test_kv_write_compiles_in_place(n):
     extents = {int(x) for x in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", src)}
     assert d in extents  # the loop pattern matches this codegen (the head dim loop of the write)
     assert not extents & {m * hkv * max_len * d for m in (slots, n)}, sorted(extents)
+
+
+@pytest.mark.parametrize("graph_mode", [True], indirect=True)
+def test_recompile_limit_warns_once_and_decodes_uncompiled(graph_mode, monkeypatch):
+    """With room for one compiled decode shape, the first decoder compiles and the next two
+    (other lengths) decode uncompiled after a single one-line warning; every completion equals
+    the no-cache greedy loop. Dynamo traces for real (its `eager` backend: no inductor)."""
+    model, tok = build_tiny_model(arch="gemma3", seed=0)
+    monkeypatch.setattr(sampler, "_compile", lambda fn: torch.compile(fn, backend="eager", dynamic=False))
+    monkeypatch.setattr(sampler, "_RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(sampler, "COMPILES", {"compiled": 0, "eager": 0})
+    monkeypatch.setattr(sampler, "_LEN_ROUND", 8)  # decoders of lengths 32, 40, 64 below
+    torch._dynamo.reset()  # no compiled shapes of other tests count
+    prompts = [tok.encode(s) for s in TEXTS[1:5]]  # 1..20 tokens
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for new in (6, 20, 6, 40):  # the third call replays the first decoder's graphs
+                out = sampler.sample(model, prompts, max_new_tokens=new, temperature=0.0, stop_ids=set(),
+                                     pad_id=tok.pad_token_id, batch_size=4)
+                assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, new) for p in prompts], new
+    finally:
+        torch._dynamo.reset()
+    limit = [str(w.message) for w in seen if "recompile limit" in str(w.message)]
+    assert len(limit) == 1 and "\n" not in limit[0], limit
+    assert sampler.COMPILES == {"compiled": 1, "eager": 2}
+    assert [d.compile for d in sampler._DECODERS[model].values()] == [True, False]  # kept: lengths 32, 64

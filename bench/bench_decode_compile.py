@@ -3,9 +3,9 @@
 Builds a `sampler._Decoder` (slots x max_len K/V buffers), prefills every slot with a random
 prompt, then torch.compiles its decode forward (`_Decoder._logits`, as the CUDA-graph path
 does) for the first `--bucket` slots over all columns and reports, per decode step: kernels
-called (inductor's fused C++ loops plus aten/extern calls), allocations of a whole K/V buffer
-(or of the bucket's rows of one), loops over that many elements (a whole-buffer copy), and the
-mean time of a compiled step against the same step run eagerly.
+called (inductor's fused C++ loops plus aten/extern calls) against the aten ops of the same
+step run eagerly, allocations of a whole K/V buffer (or of the bucket's rows of one), loops over
+that many elements (a whole-buffer copy), and the mean time of a compiled and an eager step.
 
     python bench/bench_decode_compile.py                          # tiny Gemma 3, 64 x 512
     python bench/bench_decode_compile.py --model default --steps 5 # Gemma 3 270M (slow compile)
@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 from torch._inductor.utils import run_and_get_code
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmgrpo import sampler
 from fastmgrpo.models import load_model
@@ -36,6 +37,18 @@ def code_counts(src: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
     numel = {int(np.prod(s)) for s in shapes}
     loops = sum(int(x) in numel for x in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", src))
     return {"kernels": kernels, "buffer_allocs": allocs, "buffer_loops": loops}
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten ops run under it (an eager step's kernels, views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -67,6 +80,8 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         k = next(iter(dec.cache.k.values()))
         counts = code_counts("\n".join(code), [tuple(k.shape), (bucket, *k.shape[1:])])
+        with _OpCount() as eager_ops:
+            dec._logits(model, bucket, args.max_len)
         times = {}
         for name, fn in (("eager", dec._logits), ("compiled", compiled)):
             fn(model, bucket, args.max_len)
@@ -77,7 +92,8 @@ def main() -> None:
     layers = len(dec.cache.k)
     print(f"model {args.model}, {layers} layers, K/V buffer {tuple(k.shape)} x {2 * layers}, bucket {bucket}, "
           f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
-    print(f"compile {compile_s:.1f} s; per step: {counts['kernels']} kernels, {counts['buffer_allocs']} "
+    print(f"compile {compile_s:.1f} s; per step: {counts['kernels']} kernels (eager: {eager_ops.ops} aten ops), "
+          f"{counts['buffer_allocs']} "
           f"buffer-sized allocations, {counts['buffer_loops']} buffer-sized loops; "
           f"eager {times['eager'] * 1e3:.1f} ms, compiled {times['compiled'] * 1e3:.1f} ms")
 

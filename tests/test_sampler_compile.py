@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from test_sampler_engine import TEXTS, _greedy_no_cache, graph_mode  # noqa: F401 - graph_mode is a fixture
+from test_sampler_engine import TEXTS, _greedy_no_cache, _stop_with_spread, graph_mode  # noqa: F401 - a fixture
 from torch._inductor.utils import run_and_get_code
 
 from fastmgrpo import sampler
@@ -57,28 +57,59 @@ def test_kv_write_compiles_in_place(n):
     assert not extents & {m * hkv * max_len * d for m in (slots, n)}, sorted(extents)
 
 
+@pytest.fixture
+def traced(graph_mode, monkeypatch):
+    """The CUDA-graph branch on CPU (`graph_mode`) with `_compile` traced by dynamo for real, into
+    a backend that records each graph and runs it eagerly (no inductor: fast); dynamo's compiled
+    shapes and `sampler.COMPILES` start empty. Yields the recorded graphs."""
+    graphs = []
+    monkeypatch.setattr(sampler, "_compile", lambda fn: torch.compile(
+        fn, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, dynamic=False))
+    monkeypatch.setattr(sampler, "COMPILES", {"compiled": 0, "eager": 0})
+    torch._dynamo.reset()  # compiled shapes of other tests would count against the limit
+    yield graphs
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("graph_mode", [True], indirect=True)
-def test_recompile_limit_warns_once_and_decodes_uncompiled(graph_mode, monkeypatch):
+def test_recompile_limit_warns_once_and_decodes_uncompiled(traced, monkeypatch):
     """With room for one compiled decode shape, the first decoder compiles and the next two
     (other lengths) decode uncompiled after a single one-line warning; every completion equals
-    the no-cache greedy loop. Dynamo traces for real (its `eager` backend: no inductor)."""
+    the no-cache greedy loop."""
     model, tok = build_tiny_model(arch="gemma3", seed=0)
-    monkeypatch.setattr(sampler, "_compile", lambda fn: torch.compile(fn, backend="eager", dynamic=False))
     monkeypatch.setattr(sampler, "_RECOMPILE_LIMIT", 1)
-    monkeypatch.setattr(sampler, "COMPILES", {"compiled": 0, "eager": 0})
     monkeypatch.setattr(sampler, "_LEN_ROUND", 8)  # decoders of lengths 32, 40, 64 below
-    torch._dynamo.reset()  # no compiled shapes of other tests count
     prompts = [tok.encode(s) for s in TEXTS[1:5]]  # 1..20 tokens
-    try:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            for new in (6, 20, 6, 40):  # the third call replays the first decoder's graphs
-                out = sampler.sample(model, prompts, max_new_tokens=new, temperature=0.0, stop_ids=set(),
-                                     pad_id=tok.pad_token_id, batch_size=4)
-                assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, new) for p in prompts], new
-    finally:
-        torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for new in (6, 20, 6, 40):  # the third call replays the first decoder's graphs
+            out = sampler.sample(model, prompts, max_new_tokens=new, temperature=0.0, stop_ids=set(),
+                                 pad_id=tok.pad_token_id, batch_size=4)
+            assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, new) for p in prompts], new
     limit = [str(w.message) for w in seen if "recompile limit" in str(w.message)]
     assert len(limit) == 1 and "\n" not in limit[0], limit
-    assert sampler.COMPILES == {"compiled": 1, "eager": 2}
+    assert sampler.COMPILES == {"compiled": 1, "eager": 2} and traced
     assert [d.compile for d in sampler._DECODERS[model].values()] == [True, False]  # kept: lengths 32, 64
+
+
+@pytest.mark.parametrize("graph_mode", [True], indirect=True)
+def test_every_bucket_compiled_once_across_calls(traced):
+    """Refills, then compaction to smaller buckets: each bucket's step is compiled once (traced
+    by dynamo) and a second call compiles nothing, replays included; greedy completions equal
+    the no-cache loop."""
+    model, tok = build_tiny_model(arch="gemma3", seed=0)
+    prompts = [tok.encode(s) for s in TEXTS]
+    free = [_greedy_no_cache(model, p, 20) for p in prompts]
+    stop = _stop_with_spread(free)
+    want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
+    for run in range(2):
+        out = sampler.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
+                             pad_id=tok.pad_token_id, batch_size=4)
+        assert [c.token_ids for c in out] == want, run
+        if run == 0:
+            first = len(traced)
+    (dec,) = sampler._DECODERS[model].values()
+    buckets = sorted({k[0] for k in dec.steps})
+    assert len(buckets) >= 2 and buckets[-1] == 4  # the full bucket and a compacted tail
+    assert sorted(dec.compiled) == buckets and sampler.COMPILES == {"compiled": len(buckets), "eager": 0}
+    assert first >= len(buckets) and len(traced) == first  # each bucket traced; nothing more on replays

@@ -5,8 +5,9 @@ For each chunk of rows (whole sequences when the loss needs them):
     row pass on z / T                         max, lse, target log-prob, entropy (backend kernel:
                                               Triton scales z as it loads it, torch in place),
                                               and g = d loss / d (logp, entropy) in closed form
-                                              with each row's loss and metric terms (the Triton
-                                              kernel folds it in; O(R) torch otherwise)
+                                              with each row's loss and metric terms (Triton: in
+                                              the stats kernel, or a per-sequence kernel after it
+                                              for GSPO / VESPO; O(R) torch ops otherwise)
     dz = dlogits from g, in place of z        backend kernel, in the products' dtype
     d_h[chunk] = dz·W  (written once);  d_W (=, then +=) dzᵀ·h;  d_b += Σ dz
 The loss is a sum over rows (its normalisers are global), so summing row terms and chunk

@@ -11,6 +11,7 @@ a time (``_Tokens.rows``), in torch or folded into the Triton row kernel (``_Los
 Semantics follow ``liger_kernel.chunked_loss.grpo_loss`` (Liger 0.8.5) and TRL's GRPOTrainer.
 """
 
+import bisect
 import math
 import warnings
 from collections.abc import Callable
@@ -303,8 +304,8 @@ class LossVariant:
     per_token: (tokens, coef, log_ratio, cfg) -> (loss (N,), is_clipped (N,) bool).
     grad: its closed form (see the per-token losses).
     reduce: (per-token values (N,), tokens, norm) -> () scalar, equal to Σ weights(tokens, norm)·x.
-    kernel: the per-token loss's code in the Triton row kernel (triton_backend.LOSS_CODES), or
-        None where a token's gradient needs its whole sequence (computed between the kernels).
+    kernel: the per-token loss's code in the Triton kernels (triton_backend.LOSS_CODES): the row
+        kernel's, or the sequence kernel's where a token's gradient needs its whole sequence.
     token_level_only: sequence-level importance sampling is refused (as Liger does).
     whole_sequences: a token's gradient depends on its whole sequence, so a chunk of the fused
         pass must hold whole sequences (also the case for any sequence-level IS).
@@ -332,7 +333,7 @@ LOSS_VARIANTS = {
     "cispo": LossVariant(_cispo, _cispo_grad, _reduce_dapo, _weights_dapo, "cispo", token_level_only=True),
     "sapo": LossVariant(_sapo, _sapo_grad, _reduce_seq_mean, _weights_seq_mean, "sapo", token_level_only=True),
     "luspo": LossVariant(_clipped_surrogate, _clipped_surrogate_grad, _reduce_luspo, _weights_luspo, "clip"),
-    "vespo": LossVariant(_vespo, _vespo_grad, _reduce_dapo, _weights_dapo, None, token_level_only=True,
+    "vespo": LossVariant(_vespo, _vespo_grad, _reduce_dapo, _weights_dapo, "vespo", token_level_only=True,
                          whole_sequences=True, folds_is_ratio=True),
 }
 LOSS_TYPES = tuple(LOSS_VARIANTS)
@@ -437,6 +438,8 @@ class _LossTerms:
     m: torch.Tensor  # (N,) metric weights (metric_w; sums divided by metric_den once per call)
     cfg: GRPOLossConfig
     with_entropy: bool
+    seq_starts: list[int] | None = None  # host row offsets (B+1,): where whole-sequence chunks start
+    starts: torch.Tensor | None = None  # the same on the device, int64, for the sequence kernel
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -456,21 +459,34 @@ class _LossTerms:
         return _grpo_grads(self.tokens.rows(r0, r1, logp), self.w[r0:r1], self.m[r0:r1], self.cfg, entropy)
 
     def kernel_args(self, r0: int, r1: int) -> dict | None:
-        """Rows [r0, r1)'s inputs and options for the Triton row kernel's closed form, or None
-        where it cannot run there (a sequence-level term)."""
-        code = LOSS_VARIANTS[self.cfg.loss_type].kernel
-        if code is None or self.whole_sequences:
-            return None
+        """Rows [r0, r1)'s inputs and options for the Triton row pass's closed form. Losses that
+        need whole sequences (the chunk then holds whole sequences) add "sequences": what the
+        sequence kernel reads; None where the sequence offsets are not known."""
         t, c = self.tokens, self.cfg
 
         def cut(x):
             return None if x is None else x[r0:r1]
 
-        return dict(loss=code, old=cut(t.old), ref=cut(t.ref), adv=t.adv[r0:r1], w=self.w[r0:r1], m=self.m[r0:r1],
-                    vllm=cut(t.vllm), eps_low=c.epsilon_low, eps_high=c.epsilon_high, delta=c.delta,
-                    tau_pos=c.sapo_temperature_pos, tau_neg=c.sapo_temperature_neg, beta=c.beta,
-                    bias_correction=c.use_bias_correction_kl, entropy_coef=c.entropy_coef if self.has_entropy_grad
-                    else 0.0)
+        args = dict(loss=LOSS_VARIANTS[c.loss_type].kernel, old=cut(t.old), ref=cut(t.ref), adv=t.adv[r0:r1],
+                    w=self.w[r0:r1], m=self.m[r0:r1], vllm=cut(t.vllm), eps_low=c.epsilon_low,
+                    eps_high=c.epsilon_high, delta=c.delta, tau_pos=c.sapo_temperature_pos,
+                    tau_neg=c.sapo_temperature_neg, beta=c.beta, bias_correction=c.use_bias_correction_kl,
+                    entropy_coef=c.entropy_coef if self.has_entropy_grad else 0.0, sequences=None)
+        if not self.whole_sequences:
+            return args
+        if self.starts is None:
+            return None
+        # the chunk's sequences: those lying in [r0, r1) (an empty one on a boundary in both: no rows)
+        s0, s1 = bisect.bisect_left(self.seq_starts, r0), bisect.bisect_right(self.seq_starts, r1) - 1
+        folds_ratio = LOSS_VARIANTS[c.loss_type].folds_is_ratio
+        args["vllm"] = None if folds_ratio else args["vllm"]
+        args["sequences"] = dict(
+            starts=self.starts[s0:s1 + 1], row0=r0, mask=t.mask[r0:r1], lengths=t.seq_len[s0:s1],
+            adv=t.adv_seq[s0:s1], vllm_log=None if t.vllm_log_seq is None or not folds_ratio else t.vllm_log_seq[s0:s1],
+            ratio=c.importance_sampling_level == "sequence",
+            vespo=dict(k_pos=c.vespo_k_pos, lam_pos=c.vespo_lambda_pos, k_neg=c.vespo_k_neg,
+                       lam_neg=c.vespo_lambda_neg, log_eps=_LOG_EPS))
+        return args
 
 
 def _needs_whole_sequences(cfg: GRPOLossConfig) -> bool:
@@ -493,7 +509,10 @@ def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm
                          f"got {tuple(weight_16bit.shape)} {weight_16bit.dtype} for {weight.dtype}")
 
     weights = LOSS_VARIANTS[cfg.loss_type].weights(tokens, norm).float()
-    terms = _LossTerms(tokens, weights, norm.metric_w.float(), cfg, want_entropy)
+    starts = None
+    if _needs_whole_sequences(cfg):  # one small host-to-device copy per call, for the sequence kernel
+        starts = torch.tensor(seq_starts, dtype=torch.int64).to(hidden.device, non_blocking=True)
+    terms = _LossTerms(tokens, weights, norm.metric_w.float(), cfg, want_entropy, list(seq_starts), starts)
     plan = fused.Plan(targets.long(), seq_starts, want_entropy, float(cfg.temperature), terms,
                       resolve_backend(backend, hidden), cfg.memory_budget, cfg.fp32_weight_grad, keep_logprobs,
                       None if weight_16bit is None else weight_16bit.detach(), cfg.overlap_streams)

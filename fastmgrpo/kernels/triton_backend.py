@@ -10,8 +10,9 @@ cancellation), plus the target logit. The (SPLITS, N) partials merge in O(N·SPL
 Row pass of the fused loss (``row_stats_`` / ``dlogits_``, same contract as
 ``torch_backend``): on a chunk z (R, V) of fp32 h·Wᵀ + b written by cuBLAS, one program per row
   1. reads z once, times 1/T as it loads it: max, log-sum-exp, target log-prob, entropy (online,
-     fp32), and the per-token loss gradient g in closed form (``_loss_terms``; sequence-level
-     losses compute it between the two kernels, O(R) torch);
+     fp32), and the per-token loss gradient g in closed form (``_loss_terms``; losses whose
+     tokens need their whole sequence, GSPO and VESPO, take it from ``_sequence_terms_kernel``,
+     one program per sequence, launched between the two row kernels);
   2. reads z again (times 1/T) and writes dlogits = (g·(onehot − p) − g_H·p·(z − lse + H)) / T
      in the products' dtype *into z's own storage*: a 16-bit row r lands in the first half of fp32 row
      r's bytes, so the result is a (R, V) view with row stride 2V that cuBLAS reads directly.
@@ -279,19 +280,13 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, i
 
 
 @triton.jit
-def _loss_terms(row, logp, entropy, old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vllm_ptr, g_ptr, ge_ptr,
-                val_ptr, val_stride, eps_low, eps_high, delta, tau_pos, tau_neg, beta, entropy_coef,
-                WITH_ENTROPY: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
-                HAS_VLLM: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BETA: tl.constexpr,
-                BIAS_CORRECTION: tl.constexpr, HAS_GENT: tl.constexpr):
-    """One token's closed-form loss gradient and terms: grpo_loss._grpo_grads for token-level
-    importance sampling (the torch version is the reference; both are tested against autograd).
-    Writes g = ∂loss/∂logp, ∂loss/∂entropy and the row's loss / kl / clipped / ratio (/ entropy)
-    terms (column `row` of the (K, N) values)."""
-    adv = tl.load(adv_ptr + row)
-    coef = 1.0 + 0.0 * logp  # on-policy (no old log-probs): the ratio is exactly 1
-    if HAS_OLD:
-        coef = tl.exp(logp - tl.load(old_ptr + row))
+def _token_terms(logp, coef, adv, phi, ref, vllm, eps_low, eps_high, delta, tau_pos, tau_neg, beta,
+                 LOSS: tl.constexpr, HAS_REF: tl.constexpr, HAS_VLLM: tl.constexpr, HAS_DELTA: tl.constexpr,
+                 HAS_BETA: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
+    """The per-token part of grpo_loss._grpo_grads, on a scalar (one row) or a block of tokens:
+    (loss term, ∂/∂coef, ∂/∂logp at fixed coef, clipped (0/1), kl). coef: the importance ratio
+    (the token's, or GSPO's sequence ratio); phi: VESPO's sequence weight (LOSS 3 only); ref and
+    vllm are read only when HAS_REF / HAS_VLLM."""
     zero = 0.0 * logp
     d_logp = zero
     clipped = zero
@@ -315,19 +310,22 @@ def _loss_terms(row, logp, entropy, old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vll
         d_coef = zero
         d_logp = -weight_adv
         clipped = tl.where((coef > eps_high) & (adv > 0), 1.0, 0.0)
-    else:  # sapo: 4/tau · sigmoid(tau (ratio − 1))
+    elif LOSS == 2:  # sapo: 4/tau · sigmoid(tau (ratio − 1))
         tau = tl.where(adv > 0, tau_pos, tau_neg)
         sg = 1.0 / (1.0 + tl.exp(tau * (1.0 - coef)))  # sigmoid (tl.sigmoid is a @jit: see _rsum)
         per_token = -sg * 4.0 / tau * adv
         d_coef = -4.0 * sg * (1.0 - sg) * adv
+    else:  # vespo: the detached sequence weight phi times A·logp (the rollout IS ratio is in phi)
+        per_token = -phi * adv * logp
+        d_coef = zero
+        d_logp = -phi * adv
     if HAS_VLLM:
-        v = tl.load(vllm_ptr + row)
-        per_token = per_token * v
-        d_coef = d_coef * v
-        d_logp = d_logp * v
+        per_token = per_token * vllm
+        d_coef = d_coef * vllm
+        d_logp = d_logp * vllm
     kl = zero
     if HAS_REF:
-        x = tl.load(ref_ptr + row) - logp
+        x = ref - logp
         e = tl.exp(x)
         kl = e - x - 1.0
         d_kl = 1.0 - e
@@ -339,20 +337,152 @@ def _loss_terms(row, logp, entropy, old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vll
         if HAS_BETA:
             per_token = per_token + beta * kl
             d_logp = d_logp + beta * d_kl
-    w = tl.load(w_ptr + row)
-    mw = tl.load(m_ptr + row)
-    tl.store(g_ptr + row, w * d_coef * coef + w * d_logp)
+    return per_token, d_coef, d_logp, clipped, kl
+
+
+@triton.jit
+def _store_terms(idx, valid, g, per_token, w, mw, kl, clipped, coef, entropy, g_ptr, ge_ptr, val_ptr, val_stride,
+                 entropy_coef, WITH_ENTROPY: tl.constexpr, HAS_GENT: tl.constexpr):
+    """Store g = ∂loss/∂logp, ∂loss/∂entropy and the loss / kl / clipped / ratio (/ entropy) terms
+    of tokens idx (columns of the (K, N) values) where `valid` (None: all)."""
+    tl.store(g_ptr + idx, g, mask=valid)
     loss = w * per_token
     if HAS_GENT:
         ge = -entropy_coef * w
-        tl.store(ge_ptr + row, ge)
+        tl.store(ge_ptr + idx, ge, mask=valid)
         loss = loss + ge * entropy
-    tl.store(val_ptr + row, loss)
-    tl.store(val_ptr + val_stride + row, mw * kl)
-    tl.store(val_ptr + 2 * val_stride + row, mw * clipped)
-    tl.store(val_ptr + 3 * val_stride + row, mw * coef)
+    tl.store(val_ptr + idx, loss, mask=valid)
+    tl.store(val_ptr + val_stride + idx, mw * kl, mask=valid)
+    tl.store(val_ptr + 2 * val_stride + idx, mw * clipped, mask=valid)
+    tl.store(val_ptr + 3 * val_stride + idx, mw * coef, mask=valid)
     if WITH_ENTROPY:
-        tl.store(val_ptr + 4 * val_stride + row, mw * entropy)
+        tl.store(val_ptr + 4 * val_stride + idx, mw * entropy, mask=valid)
+
+
+@triton.jit
+def _loss_terms(row, logp, entropy, old_ptr, ref_ptr, adv_ptr, w_ptr, m_ptr, vllm_ptr, g_ptr, ge_ptr,
+                val_ptr, val_stride, eps_low, eps_high, delta, tau_pos, tau_neg, beta, entropy_coef,
+                WITH_ENTROPY: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                HAS_VLLM: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BETA: tl.constexpr,
+                BIAS_CORRECTION: tl.constexpr, HAS_GENT: tl.constexpr):
+    """One token's closed-form loss gradient and terms, token-level importance sampling
+    (grpo_loss._grpo_grads is the reference; both are tested against autograd)."""
+    coef = 1.0 + 0.0 * logp  # on-policy (no old log-probs): the ratio is exactly 1
+    if HAS_OLD:
+        coef = tl.exp(logp - tl.load(old_ptr + row))
+    ref = 0.0
+    if HAS_REF:
+        ref = tl.load(ref_ptr + row)
+    vllm = 1.0
+    if HAS_VLLM:
+        vllm = tl.load(vllm_ptr + row)
+    w = tl.load(w_ptr + row)
+    per_token, d_coef, d_logp, clipped, kl = _token_terms(
+        logp, coef, tl.load(adv_ptr + row), 0.0, ref, vllm, eps_low, eps_high, delta, tau_pos, tau_neg, beta,
+        LOSS, HAS_REF, HAS_VLLM, HAS_DELTA, HAS_BETA, BIAS_CORRECTION)
+    _store_terms(row, None, w * d_coef * coef + w * d_logp, per_token, w, tl.load(m_ptr + row), kl, clipped, coef,
+                 entropy, g_ptr, ge_ptr, val_ptr, val_stride, entropy_coef, WITH_ENTROPY, HAS_GENT)
+
+
+@triton.jit
+def _block_terms(rows, valid, seq_log_ratio, phi, logp_ptr, old_ptr, ref_ptr, adv_ptr, vllm_ptr, eps_low,
+                 eps_high, delta, tau_pos, tau_neg, beta, LOSS: tl.constexpr, SEQ_RATIO: tl.constexpr,
+                 HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_VLLM: tl.constexpr, HAS_DELTA: tl.constexpr,
+                 HAS_BETA: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
+    """_token_terms of a block of one sequence's tokens: (logp, coef, per_token, d_coef, d_logp,
+    clipped, kl), 0 where not valid."""
+    logp = tl.load(logp_ptr + rows, mask=valid, other=0.0)
+    if SEQ_RATIO:  # GSPO: every token takes its sequence's ratio
+        coef = tl.exp(seq_log_ratio + 0.0 * logp)
+    else:
+        coef = 1.0 + 0.0 * logp
+        if HAS_OLD:
+            coef = tl.exp(logp - tl.load(old_ptr + rows, mask=valid, other=0.0))
+    ref = 0.0
+    if HAS_REF:
+        ref = tl.load(ref_ptr + rows, mask=valid, other=0.0)
+    vllm = 1.0
+    if HAS_VLLM:
+        vllm = tl.load(vllm_ptr + rows, mask=valid, other=1.0)
+    adv = tl.load(adv_ptr + rows, mask=valid, other=0.0)
+    per_token, d_coef, d_logp, clipped, kl = _token_terms(
+        logp, coef, adv, phi, ref, vllm, eps_low, eps_high, delta, tau_pos, tau_neg, beta,
+        LOSS, HAS_REF, HAS_VLLM, HAS_DELTA, HAS_BETA, BIAS_CORRECTION)
+    return logp, coef, per_token, d_coef, d_logp, clipped, kl
+
+
+@triton.jit
+def _sequence_terms_kernel(starts_ptr, row0, logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, tmask_ptr, w_ptr, m_ptr,
+                           vllm_ptr, len_ptr, adv_seq_ptr, vlog_ptr, g_ptr, ge_ptr, val_ptr, val_stride,
+                           eps_low, eps_high, delta, tau_pos, tau_neg, beta, entropy_coef,
+                           k_pos, lam_pos, k_neg, lam_neg, log_eps,
+                           WITH_ENTROPY: tl.constexpr, LOSS: tl.constexpr, SEQ_RATIO: tl.constexpr,
+                           HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_VLLM: tl.constexpr,
+                           HAS_VLOG: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BETA: tl.constexpr,
+                           BIAS_CORRECTION: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK: tl.constexpr,
+                           INTERP: tl.constexpr):
+    """Closed-form gradient and terms of losses whose tokens need their whole sequence (GSPO's
+    sequence ratio, VESPO's phi): one program per sequence of the chunk, over its tokens in
+    blocks: (1) the masked sum of log-ratios; (2, GSPO) Σ w·∂loss/∂coef·coef, which reaches every
+    token of the sequence through the shared ratio; (3) each token's g and terms. Token arrays are
+    the chunk's (rows from 0), sequence arrays start at the chunk's first sequence."""
+    s = tl.program_id(0)
+    a = tl.load(starts_ptr + s) - row0
+    b = tl.load(starts_ptr + s + 1) - row0
+    offs = tl.arange(0, BLOCK)
+    inv_len = 1.0 / tl.maximum(tl.load(len_ptr + s), 1.0)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)
+    for r in range(a, b, BLOCK):
+        rows = r + offs
+        valid = rows < b
+        log_ratio = 0.0 * offs
+        if HAS_OLD:
+            log_ratio = tl.load(logp_ptr + rows, mask=valid, other=0.0) - tl.load(old_ptr + rows, mask=valid, other=0.0)
+        if LOSS == 3:
+            log_ratio = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)
+        acc += log_ratio * tl.load(tmask_ptr + rows, mask=valid, other=0.0)
+    total = _rsum(acc, 0, INTERP)
+    phi = 0.0
+    if LOSS == 3:  # phi(w) = e^lam w^k e^(-lam w) of the clamped sequence ratio; 0 where not finite
+        log_w = total
+        if HAS_VLOG:
+            log_w = log_w + tl.load(vlog_ptr + s)
+        log_w = tl.minimum(tl.maximum(log_w, log_eps), 20.0)
+        nonneg = tl.load(adv_seq_ptr + s) >= 0
+        k = tl.where(nonneg, k_pos, k_neg)
+        lam = tl.maximum(tl.where(nonneg, lam_pos, lam_neg), 1e-4)
+        phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+        phi = tl.where((phi == phi) & (phi < float("inf")), phi, 0.0)
+    seq_log_ratio = total * inv_len
+    shared = 0.0
+    if SEQ_RATIO:
+        acc = tl.full((BLOCK,), 0.0, tl.float32)
+        for r in range(a, b, BLOCK):
+            rows = r + offs
+            valid = rows < b
+            _, coef, _, d_coef, _, _, _ = _block_terms(
+                rows, valid, seq_log_ratio, phi, logp_ptr, old_ptr, ref_ptr, adv_ptr, vllm_ptr, eps_low, eps_high,
+                delta, tau_pos, tau_neg, beta, LOSS, SEQ_RATIO, HAS_OLD, HAS_REF, HAS_VLLM, HAS_DELTA, HAS_BETA,
+                BIAS_CORRECTION)
+            acc += tl.load(w_ptr + rows, mask=valid, other=0.0) * d_coef * coef
+        shared = _rsum(acc, 0, INTERP) * inv_len
+    for r in range(a, b, BLOCK):
+        rows = r + offs
+        valid = rows < b
+        logp, coef, per_token, d_coef, d_logp, clipped, kl = _block_terms(
+            rows, valid, seq_log_ratio, phi, logp_ptr, old_ptr, ref_ptr, adv_ptr, vllm_ptr, eps_low, eps_high,
+            delta, tau_pos, tau_neg, beta, LOSS, SEQ_RATIO, HAS_OLD, HAS_REF, HAS_VLLM, HAS_DELTA, HAS_BETA,
+            BIAS_CORRECTION)
+        w = tl.load(w_ptr + rows, mask=valid, other=0.0)
+        if SEQ_RATIO:
+            g = shared * tl.load(tmask_ptr + rows, mask=valid, other=0.0) + w * d_logp
+        else:
+            g = w * d_coef * coef + w * d_logp
+        entropy = 0.0
+        if WITH_ENTROPY:
+            entropy = tl.load(ent_ptr + rows, mask=valid, other=0.0)
+        _store_terms(rows, valid, g, per_token, w, tl.load(m_ptr + rows, mask=valid, other=0.0), kl, clipped, coef,
+                     entropy, g_ptr, ge_ptr, val_ptr, val_stride, entropy_coef, WITH_ENTROPY, HAS_GENT)
 
 
 # Why the in-place write is safe (16-bit output into the fp32 row it reads). Iteration j of a row
@@ -403,7 +533,7 @@ def extra_bytes_per_row(vocab: int, dtype: torch.dtype) -> int:
     return 0
 
 
-LOSS_CODES = {"clip": 0, "cispo": 1, "sapo": 2}  # the per-token losses _loss_terms knows
+LOSS_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}  # the per-token losses _token_terms knows
 FOLDS_LOSS = True  # row_stats_ computes the loss's closed-form gradient (token-level losses)
 
 
@@ -415,7 +545,8 @@ def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=N
     out: (logp (R,), entropy (R,) or None) fp32 to write them into (else new tensors).
     fold: None, or (args, g (R,), g_entropy (R,) or None, values (K, R) with unit column stride):
     the same launch also computes each row's closed-form loss gradient and terms
-    (grpo_loss._LossTerms.kernel_args gives `args`)."""
+    (grpo_loss._LossTerms.kernel_args gives `args`); for losses that need whole sequences
+    (`args["sequences"]`), a second launch after it, one program per sequence."""
     R, V = z.shape
     logp_out, ent_out = out if out is not None else (None, None)
     lse = torch.empty(R, device=z.device, dtype=torch.float32)
@@ -423,10 +554,33 @@ def row_stats_(z: torch.Tensor, targets: torch.Tensor, with_entropy: bool, out=N
     entropy = (torch.empty_like(lse) if ent_out is None else ent_out) if with_entropy else None
     if R:
         dummy = torch.empty(1, device=z.device, dtype=torch.float32)
+        per_sequence = fold is not None and fold[0].get("sequences") is not None
         _row_stats_kernel[(R,)](z, z.stride(0), targets, lse, logp, entropy if with_entropy else dummy, V, inv_t,
-                                **_fold_args(fold, dummy), WITH_ENTROPY=with_entropy, BLOCK_V=_ROW_BLOCK,
-                                INTERP=interpreting(), num_warps=8)
+                                **_fold_args(None if per_sequence else fold, dummy),
+                                FOLD=fold is not None and not per_sequence, WITH_ENTROPY=with_entropy,
+                                BLOCK_V=_ROW_BLOCK, INTERP=interpreting(), num_warps=8)
+        if per_sequence:
+            _sequence_terms(fold, logp, entropy, dummy)
     return RowStats(logp, entropy, lse)
+
+
+def _sequence_terms(fold, logp, entropy, dummy) -> None:
+    """Launch _sequence_terms_kernel on a chunk of S whole sequences once its log-probs are known.
+    fold[0]["sequences"]: starts (S+1,) int64 row offsets on the device, row0 (the chunk's first
+    row), mask (R,) fp32 completion-token mask, lengths / adv / vllm_log (S,) fp32 (vllm_log may
+    be None), ratio (GSPO's sequence ratio) and the VESPO constants."""
+    seq = fold[0]["sequences"]
+    num_seqs = seq["starts"].shape[0] - 1
+    if num_seqs:
+        _sequence_terms_kernel[(num_seqs,)](
+            seq["starts"], seq["row0"], logp, dummy if entropy is None else entropy, tmask_ptr=seq["mask"],
+            len_ptr=seq["lengths"], adv_seq_ptr=seq["adv"], vlog_ptr=dummy if seq["vllm_log"] is None else seq["vllm_log"],
+            **{k: float(v) for k, v in seq["vespo"].items()}, SEQ_RATIO=bool(seq["ratio"]),
+            HAS_VLOG=seq["vllm_log"] is not None, WITH_ENTROPY=entropy is not None, BLOCK=_SEQUENCE_BLOCK,
+            INTERP=interpreting(), num_warps=4, **_fold_args(fold, dummy))
+
+
+_SEQUENCE_BLOCK = 256  # tokens per step of a sequence program
 
 
 _NO_FOLD = dict(loss="clip", old=None, ref=None, adv=None, w=None, m=None, vllm=None, delta=None, beta=0.0,
@@ -434,15 +588,16 @@ _NO_FOLD = dict(loss="clip", old=None, ref=None, adv=None, w=None, m=None, vllm=
 
 
 def _fold_args(fold, dummy: torch.Tensor) -> dict:
-    """The closed-form arguments of _row_stats_kernel; absent inputs point at `dummy` (never read
-    or written: distinct from every output, which the interpreter copies back one by one)."""
+    """The closed-form arguments shared by _row_stats_kernel (with FOLD) and
+    _sequence_terms_kernel; absent inputs point at `dummy` (never read or written: distinct from
+    every output, which the interpreter copies back one by one)."""
     a, g, ge, values = fold if fold is not None else (_NO_FOLD, dummy, None, dummy[None])
     assert values.stride(1) == 1
     pointers = {f"{k}_ptr": dummy if a[k] is None else a[k] for k in ("old", "ref", "adv", "w", "m", "vllm")}
     return dict(**pointers, g_ptr=g, ge_ptr=dummy if ge is None else ge, val_ptr=values,
                 val_stride=values.stride(0), eps_low=float(a["eps_low"]), eps_high=float(a["eps_high"]),
                 delta=float(a["delta"] or 0.0), tau_pos=float(a["tau_pos"]), tau_neg=float(a["tau_neg"]),
-                beta=float(a["beta"]), entropy_coef=float(a["entropy_coef"]), FOLD=fold is not None,
+                beta=float(a["beta"]), entropy_coef=float(a["entropy_coef"]),
                 LOSS=LOSS_CODES[a["loss"]], HAS_OLD=a["old"] is not None, HAS_REF=a["ref"] is not None,
                 HAS_VLLM=a["vllm"] is not None, HAS_DELTA=a["delta"] is not None, HAS_BETA=a["beta"] != 0.0,
                 BIAS_CORRECTION=bool(a["bias_correction"]), HAS_GENT=ge is not None)

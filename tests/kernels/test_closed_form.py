@@ -100,17 +100,21 @@ def test_closed_form_equals_autograd(loss_type, option):
 
 
 # one loss type per kernel code (the reductions' weights are inputs of the kernel, tested above);
-# "all" turns on delta, bias-corrected KL, the IS ratio and the entropy bonus together
+# "all" turns on delta, bias-corrected KL, the IS ratio and the entropy bonus together. GSPO
+# (sequence ratio) and VESPO (sequence weight) run the sequence kernel after the row kernel.
 KERNEL_CASES = [(lt, op) for lt in ("dapo", "cispo", "sapo") for op in ("base", "all", "no_kl", "on_policy", "no_ref")]
+KERNEL_CASES += [("grpo", op) for op in ("sequence", "sequence_all")]
+KERNEL_CASES += [("vespo", op) for op in ("base", "all", "vllm_sequence", "on_policy", "no_ref", "entropy")]
 
 
 @pytest.mark.parametrize("loss_type,option", KERNEL_CASES)
-def test_triton_row_kernel_closed_form_equals_torch(loss_type, option):
-    """The Triton stats kernel's folded closed form (g, g_entropy and each row's loss / metric
-    terms) equals the torch closed form evaluated on the kernel's own log-probs and entropies."""
+def test_triton_kernels_closed_form_equals_torch(loss_type, option):
+    """The Triton kernels' closed form (g, g_entropy and each row's loss / metric terms: folded
+    into the stats kernel, or in the sequence kernel for whole-sequence losses) equals the torch
+    closed form evaluated on the kernel's own log-probs and entropies. Two chunks split at a
+    sequence boundary (an empty sequence on it), as the fused pass runs them."""
     cfg, tokens, norm, _, entropy = _case(_seed(loss_type, option) + 1, loss_type, option,
                                           dtype=torch.float32)
-    assert cfg.importance_sampling_level == "token"
     N, V = sum(LENGTHS), 64
     gen = torch.Generator().manual_seed(len(option))
     z = (torch.randn(N, V, generator=gen) * 3).to(DEV)
@@ -119,14 +123,19 @@ def test_triton_row_kernel_closed_form_equals_torch(loss_type, option):
     tokens = _Tokens(**to_dev)
     norm = _Norm(**{k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in vars(norm).items()})
     with_entropy = entropy is not None
+    starts = [0] + torch.tensor(LENGTHS).cumsum(0).tolist()
     terms = _LossTerms(tokens, LOSS_VARIANTS[loss_type].weights(tokens, norm), norm.metric_w,
-                       cfg, with_entropy)
+                       cfg, with_entropy, starts, torch.tensor(starts, device=DEV))
     K = len(terms.names) + 1
     g, g_ent = torch.full((N,), float("nan"), device=DEV), torch.full((N,), float("nan"), device=DEV)
     values = torch.full((K, N), float("nan"), device=DEV)
-    stats = tb.row_stats_(z, targets, with_entropy, None,
-                          (terms.kernel_args(0, N), g, g_ent if terms.has_entropy_grad else None, values))
-    want_values, want_g, want_ge = terms.grads(0, N, stats.logp, stats.entropy)
+    logp, ent = torch.empty(N, device=DEV), torch.empty(N, device=DEV) if with_entropy else None
+    for r0, r1 in ((0, starts[3]), (starts[3], N)):  # starts[3] == starts[4]: sequence 3 is empty
+        args = terms.kernel_args(r0, r1)
+        assert (args["sequences"] is not None) == terms.whole_sequences
+        tb.row_stats_(z[r0:r1], targets[r0:r1], with_entropy, (logp[r0:r1], None if ent is None else ent[r0:r1]),
+                      (args, g[r0:r1], g_ent[r0:r1] if terms.has_entropy_grad else None, values[:, r0:r1]))
+    want_values, want_g, want_ge = terms.grads(0, N, logp, ent)
     torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g, want_g, rtol=1e-5, atol=1e-8)
     assert want_g.abs().max() > 0

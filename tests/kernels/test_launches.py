@@ -15,7 +15,7 @@ from op_count import counting
 from test_fused import _problem, _reference_loss, _rel
 from triton_loader import DEV, load_backend
 
-from fastmgrpo.kernels import GRPOLossConfig, fused, packed_grpo_loss
+from fastmgrpo.kernels import GRPOLossConfig, fused, grpo_loss, packed_grpo_loss
 
 tb = load_backend()
 V, H = 128, 16
@@ -39,7 +39,8 @@ def _per_chunk(d, cfg_kw, backend, rows=(12, 4), **kw):
     logs, chunks = [], []
     for r in rows:
         cfg = GRPOLossConfig(memory_budget=r * V * 4, **cfg_kw)
-        chunks.append(len(fused.chunk_rows(fused.Plan(d["targets"], d["cu"].tolist(), False, 1.0, None,
+        terms = _SequenceTerms() if grpo_loss._needs_whole_sequences(cfg) else None
+        chunks.append(len(fused.chunk_rows(fused.Plan(d["targets"], d["cu"].tolist(), False, 1.0, terms,
                                                       tb if backend == "triton" else fused.torch_backend,
                                                       cfg.memory_budget), V, torch.float32)[0]))
         logs.append(_call(d, cfg, backend, **kw)[0])
@@ -68,6 +69,35 @@ def test_triton_chunk_is_five_launches(cfg_kw):
     assert per_chunk == collections.Counter(CHUNK)
     assert sum(per_chunk.values()) <= 10
     assert sum(n == "sum" for n, _ in log.launches) == 1  # the metrics: once per call
+
+
+SEQUENCE_LEVEL = [
+    dict(loss_type="grpo", beta=0.04, importance_sampling_level="sequence"),
+    dict(loss_type="dapo", beta=0.04, delta=1.5, use_bias_correction_kl=True, entropy_coef=0.01,
+         importance_sampling_level="sequence"),
+    dict(loss_type="vespo", beta=0.04, entropy_coef=0.01),
+]
+
+
+@pytest.mark.parametrize("cfg_kw", SEQUENCE_LEVEL, ids=lambda c: c["loss_type"] + "-" + c.get(
+    "importance_sampling_level", "token"))
+def test_triton_sequence_level_chunk_is_six_launches(cfg_kw):
+    """Losses whose tokens need their whole sequence (GSPO, VESPO), chunks of whole sequences:
+    the five launches of a token-level chunk plus the sequence kernel (one program per sequence)
+    between the stats and dlogits kernels; loss and gradients equal the torch backend's (its
+    closed form in torch, tested against autograd in test_closed_form)."""
+    d = _problem(38, H, V, torch.float32, False, lengths=[9, 1, 14, 0, 6, 11])
+    per_chunk, total, log = _per_chunk(d, cfg_kw, "triton", rows=(20, 14))
+    print("per chunk", per_chunk, "call", total, [n for n, _ in log.launches])
+    assert per_chunk == collections.Counter(CHUNK + ["triton:sequence_terms_kernel"])
+    assert sum(n == "sum" for n, _ in log.launches) == 1
+    cfg = GRPOLossConfig(memory_budget=14 * V * 4, **cfg_kw)
+    _, loss, metrics, d_h, d_w = _call(d, cfg, "triton")
+    _, want_loss, want_metrics, want_h, want_w = _call(d, cfg, "torch")
+    assert _rel(d_h.cpu(), want_h.cpu()) <= 1e-5 and _rel(d_w.cpu(), want_w.cpu()) <= 1e-5
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    for name, value in want_metrics.items():
+        assert abs(metrics[name].item() - value.item()) <= 1e-5 * abs(value.item()) + 1e-7, name
 
 
 def test_torch_backend_chunk_launches():

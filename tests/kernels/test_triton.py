@@ -146,7 +146,8 @@ def _aot_compile(kernel, args, constexprs, num_warps, num_stages):
 @pytest.mark.skipif(CUDA, reason="on CUDA the compiled kernels run for real above")
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_compiles_for_sm90(dtype):
-    """The forward kernel and both row-pass kernels compile for Hopper with the GPU defaults."""
+    """The forward kernel, both row-pass kernels and the sequence kernel compile for Hopper with the
+    GPU defaults."""
     import triton
     import triton.language as tl
     if not hasattr(triton, "compile") or importlib.util.find_spec("triton.backends.nvidia") is None:
@@ -172,11 +173,22 @@ def test_compiles_for_sm90(dtype):
                                        "val_ptr"), f), val_stride="i32",
                       **dict.fromkeys(("eps_low", "eps_high", "delta", "tau_pos", "tau_neg", "beta", "entropy_coef"),
                                       "fp32"))
+    options = dict.fromkeys(("HAS_OLD", "HAS_REF", "HAS_VLLM", "HAS_DELTA", "HAS_BETA", "BIAS_CORRECTION", "HAS_GENT"),
+                            True)
+    seq_args = dict(starts_ptr="*i64", row0="i32", logp_ptr=f, ent_ptr=f,
+                    **dict.fromkeys(("old_ptr", "ref_ptr", "adv_ptr", "tmask_ptr", "w_ptr", "m_ptr", "vllm_ptr",
+                                     "len_ptr", "adv_seq_ptr", "vlog_ptr", "g_ptr", "ge_ptr", "val_ptr"), f),
+                    val_stride="i32", **dict.fromkeys(("eps_low", "eps_high", "delta", "tau_pos", "tau_neg", "beta",
+                                                       "entropy_coef", "k_pos", "lam_pos", "k_neg", "lam_neg",
+                                                       "log_eps"), "fp32"))
+    for loss, ratio in ((0, True), (mod.LOSS_CODES["vespo"], False)):  # GSPO's clip, VESPO
+        _aot_compile(mod._sequence_terms_kernel, seq_args,
+                     dict(WITH_ENTROPY=True, LOSS=loss, SEQ_RATIO=ratio, HAS_VLOG=not ratio, BLOCK=mod._SEQUENCE_BLOCK,
+                          INTERP=False, **options), 4, 1)
     for loss in mod.LOSS_CODES.values():  # the closed-form loss folded in, every option on
         _aot_compile(mod._row_stats_kernel, stats_args,
                      dict(WITH_ENTROPY=True, BLOCK_V=mod._ROW_BLOCK, INTERP=False, FOLD=True, LOSS=loss,
-                          **dict.fromkeys(("HAS_OLD", "HAS_REF", "HAS_VLLM", "HAS_DELTA", "HAS_BETA",
-                                           "BIAS_CORRECTION", "HAS_GENT"), True)), 8, 1)
+                          **options), 8, 1)
     dl_args = dict(z_ptr=f, z_stride="i64", tgt_ptr="*i64", lse_ptr=f, ent_ptr=f, g_ptr=f, ge_ptr=f, V="i32",
                    inv_temp="fp32")
     _aot_compile(mod._dlogits_kernel, dl_args,

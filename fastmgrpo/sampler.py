@@ -65,7 +65,7 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> O
 # `torch.compile(_Decoder._logits)` together): a shape per bucket (7 at 64 slots), kept decoder
 # length and model; past it a decoder captures its steps uncompiled (with one warning).
 _RECOMPILE_LIMIT = 64
-COMPILES = {"compiled": 0, "eager": 0}  # decode-step shapes compiled / left uncompiled at the limit
+COMPILES = {"compiled": 0, "eager": 0}  # decode-step shapes dynamo compiled / left uncompiled at the limit
 
 
 def sample(
@@ -652,8 +652,10 @@ class _Decoder:
         compiling for this decoder, if that fails (with a warning) or if dynamo's recompile
         limit is reached (`_RECOMPILE_LIMIT`; one warning a process)."""
         from torch._dynamo.exc import FailOnRecompileLimitHit  # lazy: importing dynamo takes seconds
+        from torch._dynamo.utils import counters
 
         fn = _compile(self._logits)
+        traced = counters["stats"]["unique_graphs"]
         try:
             # the limit counts every compiled shape of `_logits`, across decoders; at it, dynamo
             # would run the step eagerly without a word: fail instead, and say so below
@@ -672,7 +674,8 @@ class _Decoder:
             warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)
             self.compile = False
             return self._logits
-        COMPILES["compiled"] += 1
+        if counters["stats"]["unique_graphs"] > traced:  # else dynamo reused a shape another decoder compiled
+            COMPILES["compiled"] += 1
         self.compiled[b] = fn
         return fn
 

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from test_sampler_engine import TEXTS, _greedy_no_cache, _stop_with_spread, graph_mode  # noqa: F401 - a fixture
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 from fastmgrpo import sampler
@@ -60,14 +61,13 @@ def test_kv_write_compiles_in_place(n):
 @pytest.fixture
 def traced(graph_mode, monkeypatch):
     """The CUDA-graph branch on CPU (`graph_mode`) with `_compile` traced by dynamo for real, into
-    a backend that records each graph and runs it eagerly (no inductor: fast); dynamo's compiled
-    shapes and `sampler.COMPILES` start empty. Yields the recorded graphs."""
-    graphs = []
-    monkeypatch.setattr(sampler, "_compile", lambda fn: torch.compile(
-        fn, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, dynamic=False))
+    its `eager` backend (no inductor: fast); dynamo's compiled shapes and counters and
+    `sampler.COMPILES` start empty. Yields dynamo's counters (stats.unique_graphs: graphs traced)."""
+    monkeypatch.setattr(sampler, "_compile", lambda fn: torch.compile(fn, backend="eager", dynamic=False))
     monkeypatch.setattr(sampler, "COMPILES", {"compiled": 0, "eager": 0})
     torch._dynamo.reset()  # compiled shapes of other tests would count against the limit
-    yield graphs
+    counters.clear()
+    yield counters
     torch._dynamo.reset()
 
 
@@ -88,28 +88,33 @@ def test_recompile_limit_warns_once_and_decodes_uncompiled(traced, monkeypatch):
             assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, new) for p in prompts], new
     limit = [str(w.message) for w in seen if "recompile limit" in str(w.message)]
     assert len(limit) == 1 and "\n" not in limit[0], limit
-    assert sampler.COMPILES == {"compiled": 1, "eager": 2} and traced
+    assert sampler.COMPILES == {"compiled": 1, "eager": 2} and traced["stats"]["unique_graphs"]
     assert [d.compile for d in sampler._DECODERS[model].values()] == [True, False]  # kept: lengths 32, 64
 
 
 @pytest.mark.parametrize("graph_mode", [True], indirect=True)
 def test_every_bucket_compiled_once_across_calls(traced):
     """Refills, then compaction to smaller buckets: each bucket's step is compiled once (traced
-    by dynamo) and a second call compiles nothing, replays included; greedy completions equal
-    the no-cache loop."""
+    by dynamo); a second call compiles nothing, replays included, nor does a third on a new
+    decoder of the same shape (after `release`); greedy completions equal the no-cache loop."""
     model, tok = build_tiny_model(arch="gemma3", seed=0)
     prompts = [tok.encode(s) for s in TEXTS]
     free = [_greedy_no_cache(model, p, 20) for p in prompts]
     stop = _stop_with_spread(free)
     want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
-    for run in range(2):
+    decoders = []
+    for run in range(3):
+        if run == 2:
+            sampler.release(model)
         out = sampler.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
                              pad_id=tok.pad_token_id, batch_size=4)
         assert [c.token_ids for c in out] == want, run
+        decoders += sampler._DECODERS[model].values()
         if run == 0:
-            first = len(traced)
-    (dec,) = sampler._DECODERS[model].values()
+            first = traced["stats"]["unique_graphs"]
+    dec = decoders[0]
     buckets = sorted({k[0] for k in dec.steps})
     assert len(buckets) >= 2 and buckets[-1] == 4  # the full bucket and a compacted tail
+    assert decoders[1] is dec and decoders[2] is not dec and sorted(decoders[2].compiled) == buckets
     assert sorted(dec.compiled) == buckets and sampler.COMPILES == {"compiled": len(buckets), "eager": 0}
-    assert first >= len(buckets) and len(traced) == first  # each bucket traced; nothing more on replays
+    assert first >= len(buckets) and traced["stats"]["unique_graphs"] == first  # each bucket traced once

@@ -18,6 +18,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
                                     reason="inductor's CPU backend needs a C++ compiler")
 
 
+@pytest.mark.slow  # inductor's first compile in a process: about 10 s
 @needs_compiler
 @pytest.mark.parametrize("n", [3, 2], ids=["full_bucket", "part_bucket"])
 def test_kv_write_compiles_in_place(n):

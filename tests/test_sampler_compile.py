@@ -1,5 +1,6 @@
 """The sampler's decode step under torch.compile (CPU): K/V written into the cache buffers in
-place (read from inductor's generated code), and dynamo's recompile limit met with one warning."""
+place (read from inductor's generated code), each bucket compiled once, and dynamo's recompile
+limit met with one warning."""
 
 import re
 import shutil

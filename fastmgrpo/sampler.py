@@ -23,8 +23,8 @@ only for stop strings) are discarded, so the output equals checking after every 
 On CUDA the step is captured in a CUDA graph (`cuda_graphs`) once per (bucket, sampling
 parameters) and replayed; graphs, K/V buffers and slot state are kept across `sample()` calls
 for the same model and rounded length (`release` drops them), so a trainer captures once per
-shape, not once per call. The full-width step is compiled first (`compile`) so elementwise
-chains fuse. Elsewhere the step runs eagerly, attending only over the columns in use.
+shape, not once per call. Each bucket's step is compiled before its first capture (`compile`)
+so elementwise chains fuse. Elsewhere the step runs eagerly, attending only over the columns in use.
 
 Cache layout of one slot: a prompt prefilled in a chunk of width W sits left-padded in columns
 [start, W) (start = W - len); generated tokens follow at W, W+1, ...; the token in column c has
@@ -61,6 +61,11 @@ CHECK_EVERY = 8  # decode steps between host looks: one host sync per 8 steps
 _LEN_ROUND = 128  # graph mode: max_len rounded up to this, so calls of similar lengths share graphs
 _KEPT = 2  # decoders (K/V buffers + graphs) kept per model: layer-1 and layer-2 lengths differ
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> _Decoder)
+# Compiled shapes of the decode step dynamo may keep (its default, 8, is the limit of all
+# `torch.compile(_Decoder._logits)` together): a shape per bucket (7 at 64 slots), kept decoder
+# length and model; past it a decoder captures its steps uncompiled (with one warning).
+_RECOMPILE_LIMIT = 64
+COMPILES = {"compiled": 0, "eager": 0}  # decode-step shapes dynamo compiled / left uncompiled at the limit
 
 
 def sample(
@@ -101,8 +106,8 @@ def sample(
         (finished) and is cut before the string, token ids and logprobs alike.
     check_every: decode steps between host looks at the sampled tokens (stop strings, refills);
         the output does not depend on it.
-    compile: with CUDA graphs, `torch.compile` the full-width decode forward before capturing it
-        (eager, with a warning, if compilation fails).
+    compile: with CUDA graphs, `torch.compile` each bucket's decode forward before capturing it
+        (eager, with a warning, if compilation fails or dynamo's recompile limit is reached).
     prefix_reuse: prefill every prefix that several prompts share once and copy its K/V into
         their slots (`_Prefixes`); off, each prompt is prefilled whole. The draws do not depend on
         it; the logprobs only through fp rounding.
@@ -382,11 +387,12 @@ class _SlotCache:
         k, v = self._buffers(layer_idx, key, value)
         if self.cols is None:
             return self._write(k, key), self._write(v, value)
-        k, v = k[: self.n], v[: self.n]  # views: a graph of n slots reads the same storage
-        at = self.cols.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])  # (n, Hkv, 1, D)
-        k.scatter_(2, at, key)
-        v.scatter_(2, at, value)
-        return k[:, :, : self.width], v[:, :, : self.width]
+        # index_put_ into the whole buffer: inductor re-inplaces it, while a compiled scatter_, or
+        # a write into a view of the first n slots, copies the buffer (or view) out and back
+        at = (torch.arange(self.n, device=k.device), slice(None), self.cols)  # slot s -> column cols[s]
+        k[at] = key[:, :, 0]  # (n, Hkv, D)
+        v[at] = value[:, :, 0]
+        return k[: self.n, :, : self.width], v[: self.n, :, : self.width]  # views: graphs read the buffers
 
     def _write(self, buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Prefill: `new` (n, Hkv, S, D) into `buf` as `update` says; returns (n, Hkv, width, D)."""
@@ -450,7 +456,7 @@ class _Decoder:
         self.logp = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.hi = 0  # host bound on every slot's `col` (eager steps attend over hi + 1 columns)
         self.graphs, self.compile = graphs, compile
-        self.compiled: Callable[..., torch.Tensor] | None = None  # compiled `_logits`, once it ran
+        self.compiled: dict[int, Callable[..., torch.Tensor]] = {}  # bucket -> compiled `_logits` (ran)
         self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, pick, stop) -> captured step
         self.stops: dict[tuple[int, ...], torch.Tensor] = {}
         # graph-safe RNG: the graphs draw from this generator, re-seeded once per call
@@ -612,10 +618,10 @@ class _Decoder:
         """Capture the decode step of b slots over all max_len columns (the graph's shapes are
         fixed); sampling goes inside unless a drawing generator cannot be registered."""
         logits_fn = self._logits
-        if self.compile and b == self.capacity:
-            # Only the full bucket is compiled: it runs most steps, and each further shape would
-            # cost a cold compilation of its own for a few tail steps.
-            logits_fn = self.compiled or self._compiled(b)
+        if self.compile:
+            # every bucket, not only the full one: uncompiled, a tail bucket's step replayed about
+            # 5x the ops (issue 23: 1,570 against 283 at Gemma 3 270M); a cold compile per bucket
+            logits_fn = self.compiled.get(b) or self._compiled(b)
         inside = pick[0] == 0 or _graph_rng()
         device_type = self.device.type
 
@@ -642,17 +648,36 @@ class _Decoder:
         return lambda: self._advance(b, *_pick(graph(), *pick, self.generator), stop)
 
     def _compiled(self, b: int):
-        """torch.compile'd `_logits`, tried once; `_logits` itself (with a warning) if that fails."""
+        """torch.compile'd `_logits` for bucket b, compiled now; `_logits` itself, and no more
+        compiling for this decoder, if that fails (with a warning) or if dynamo's recompile
+        limit is reached (`_RECOMPILE_LIMIT`; one warning a process)."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit  # lazy: importing dynamo takes seconds
+        from torch._dynamo.utils import counters
+
         fn = _compile(self._logits)
+        traced = counters["stats"]["unique_graphs"]
         try:
-            with self._state_kept(b), _uncached_autocast(self.device.type):
+            # the limit counts every compiled shape of `_logits`, across decoders; at it, dynamo
+            # would run the step eagerly without a word: fail instead, and say so below
+            with (self._state_kept(b), _uncached_autocast(self.device.type),
+                  torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)):
                 fn(self.model(), b, self.max_len)  # compiles now; writes only columns a step rewrites
-            self.compiled = fn
-            return fn
+        except FailOnRecompileLimitHit:
+            COMPILES["eager"] += 1
+            if COMPILES["eager"] == 1:
+                warnings.warn(f"the sampler's decode step reached torch.compile's recompile limit ({_RECOMPILE_LIMIT}"
+                              f" shapes, {COMPILES['compiled']} compiled here); new shapes decode uncompiled",
+                              stacklevel=5)
+            self.compile = False
+            return self._logits
         except Exception as e:  # dynamo/inductor raise many types; eager decoding still works
             warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)
             self.compile = False
             return self._logits
+        if counters["stats"]["unique_graphs"] > traced:  # else dynamo reused a shape another decoder compiled
+            COMPILES["compiled"] += 1
+        self.compiled[b] = fn
+        return fn
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.start, self.col, self.left, self.live, self.logp

@@ -176,7 +176,7 @@ def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
     (dec,) = sampler._DECODERS[model].values()
     buckets = [k[0] for k in dec.steps]
     assert buckets[0] == 4 and len(buckets) >= 2 and set(buckets) <= {4, 2, 1}  # compacted tail
-    assert len(graph_mode["captures"]) == len(buckets) and len(graph_mode["compiled"]) == 1
+    assert len(graph_mode["captures"]) == len(graph_mode["compiled"]) == len(buckets)  # each compiled too
     # a second call replays; one with fewer prompts than slots and other max_new_tokens (same
     # rounded length) shares the decoder and captures only bucket sizes it has not seen
     assert [c.token_ids for c in sampler.sample(model, prompts, max_new_tokens=20, **kw)] == want
@@ -184,7 +184,8 @@ def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
     assert [c.token_ids for c in sampler.sample(model, prompts[:3], max_new_tokens=12, **kw)] == [
         w[:12] for w in want[:3]]
     assert len(graph_mode["captures"]) == len(dec.steps) <= 3
-    assert list(sampler._DECODERS[model].values()) == [dec] and len(graph_mode["compiled"]) == 1
+    assert list(sampler._DECODERS[model].values()) == [dec] and len(graph_mode["compiled"]) == len(dec.steps)
+    assert sorted(dec.compiled) == sorted(k[0] for k in dec.steps)  # every bucket compiled, once
     for p, c in zip(prompts, out):
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(model, p, c.token_ids, 0.0), atol=1e-4, rtol=0)

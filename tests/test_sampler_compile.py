@@ -1,0 +1,122 @@
+"""The sampler's decode step under torch.compile (CPU): K/V written into the cache buffers in
+place (read from inductor's generated code), each bucket compiled once, and dynamo's recompile
+limit met with one warning."""
+
+import re
+import shutil
+import warnings
+
+import pytest
+import torch
+from test_sampler_engine import TEXTS, _greedy_no_cache, _stop_with_spread, graph_mode  # noqa: F401 - a fixture
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+from fastmgrpo import sampler
+from fastmgrpo.testing import build_tiny_model
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="inductor's CPU backend needs a C++ compiler")
+
+
+@pytest.mark.slow  # inductor's first compile in a process: about 10 s
+@needs_compiler
+@pytest.mark.parametrize("n", [3, 2], ids=["full_bucket", "part_bucket"])
+def test_kv_write_compiles_in_place(n):
+    """One decode attention of n of 3 slots (K/V write + `_slot_attention`), compiled: the new
+    keys land in the cache buffers themselves and the generated code neither allocates nor
+    loops over a buffer-sized (or bucket-sized) copy; the results equal an eager reference."""
+    slots, hkv, heads, max_len, d = 3, 2, 4, 40, 16
+    cache = sampler._SlotCache(slots, max_len)
+    k0, v0 = torch.randn(2, slots, hkv, max_len, d).unbind(0)
+    cache.k[0], cache.v[0] = k0.clone(), v0.clone()
+    cols = torch.randperm(max_len)[:n]  # each slot's next column
+    cache.n, cache.cols, cache.width = n, cols, max_len
+    q, key, value = torch.randn(n, heads, 1, d), torch.randn(n, hkv, 1, d), torch.randn(n, hkv, 1, d)
+    mask = torch.arange(max_len)[None, None, None] <= cols[:, None, None, None]  # (n, 1, 1, L) causal
+
+    def attend(cache, q, key, value, mask):
+        k, v = cache.update(key, value, 0)
+        return sampler._slot_attention(None, q, k, v, mask, scaling=d**-0.5)[0]
+
+    with torch.inference_mode():
+        out, code = run_and_get_code(torch.compile(attend, dynamic=False, fullgraph=True), cache, q, key, value, mask)
+    want_k, want_v = k0.clone(), v0.clone()
+    for s in range(n):
+        want_k[s, :, cols[s]], want_v[s, :, cols[s]] = key[s, :, 0], value[s, :, 0]
+    assert torch.equal(cache.k[0], want_k) and torch.equal(cache.v[0], want_v)  # written into the buffers
+    kk, vv = (w[:n].double().repeat_interleave(heads // hkv, dim=1) for w in (want_k, want_v))  # (n, H, L, D)
+    scores = (q.double() @ kk.transpose(-1, -2) * d**-0.5).masked_fill(~mask, float("-inf"))
+    ref = (scores.softmax(-1) @ vv).transpose(1, 2)  # (n, 1, H, D)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+
+    src = "\n".join(code)
+    shapes = {f"({m}, {hkv}, {max_len}, {d})" for m in (slots, n)}
+    assert re.search(r"assert_size_stride\(\w+, \(3, 2, 40, 16\)", src)  # the buffers are inputs, as written
+    allocs = [line for line in src.splitlines() if "empty_strided" in line and any(s in line for s in shapes)]
+    assert not allocs, allocs
+    extents = {int(x) for x in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", src)}
+    assert d in extents  # the loop pattern matches this codegen (the head dim loop of the write)
+    assert not extents & {m * hkv * max_len * d for m in (slots, n)}, sorted(extents)
+
+
+@pytest.fixture
+def traced(graph_mode, monkeypatch):
+    """The CUDA-graph branch on CPU (`graph_mode`) with `_compile` traced by dynamo for real, into
+    its `eager` backend (no inductor: fast); dynamo's compiled shapes and counters and
+    `sampler.COMPILES` start empty. Yields dynamo's counters (stats.unique_graphs: graphs traced)."""
+    monkeypatch.setattr(sampler, "_compile", lambda fn: torch.compile(fn, backend="eager", dynamic=False))
+    monkeypatch.setattr(sampler, "COMPILES", {"compiled": 0, "eager": 0})
+    torch._dynamo.reset()  # compiled shapes of other tests would count against the limit
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("graph_mode", [True], indirect=True)
+def test_recompile_limit_warns_once_and_decodes_uncompiled(traced, monkeypatch):
+    """With room for one compiled decode shape, the first decoder compiles and the next two
+    (other lengths) decode uncompiled after a single one-line warning; every completion equals
+    the no-cache greedy loop."""
+    model, tok = build_tiny_model(arch="gemma3", seed=0)
+    monkeypatch.setattr(sampler, "_RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(sampler, "_LEN_ROUND", 8)  # decoders of lengths 32, 40, 64 below
+    prompts = [tok.encode(s) for s in TEXTS[1:5]]  # 1..20 tokens
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for new in (6, 20, 6, 40):  # the third call replays the first decoder's graphs
+            out = sampler.sample(model, prompts, max_new_tokens=new, temperature=0.0, stop_ids=set(),
+                                 pad_id=tok.pad_token_id, batch_size=4)
+            assert [c.token_ids for c in out] == [_greedy_no_cache(model, p, new) for p in prompts], new
+    limit = [str(w.message) for w in seen if "recompile limit" in str(w.message)]
+    assert len(limit) == 1 and "\n" not in limit[0], limit
+    assert sampler.COMPILES == {"compiled": 1, "eager": 2} and traced["stats"]["unique_graphs"]
+    assert [d.compile for d in sampler._DECODERS[model].values()] == [True, False]  # kept: lengths 32, 64
+
+
+@pytest.mark.parametrize("graph_mode", [True], indirect=True)
+def test_every_bucket_compiled_once_across_calls(traced):
+    """Refills, then compaction to smaller buckets: each bucket's step is compiled once (traced
+    by dynamo); a second call compiles nothing, replays included, nor does a third on a new
+    decoder of the same shape (after `release`); greedy completions equal the no-cache loop."""
+    model, tok = build_tiny_model(arch="gemma3", seed=0)
+    prompts = [tok.encode(s) for s in TEXTS]
+    free = [_greedy_no_cache(model, p, 20) for p in prompts]
+    stop = _stop_with_spread(free)
+    want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
+    decoders = []
+    for run in range(3):
+        if run == 2:
+            sampler.release(model)
+        out = sampler.sample(model, prompts, max_new_tokens=20, temperature=0.0, stop_ids={stop},
+                             pad_id=tok.pad_token_id, batch_size=4)
+        assert [c.token_ids for c in out] == want, run
+        decoders += sampler._DECODERS[model].values()
+        if run == 0:
+            first = traced["stats"]["unique_graphs"]
+    dec = decoders[0]
+    buckets = sorted({k[0] for k in dec.steps})
+    assert len(buckets) >= 2 and buckets[-1] == 4  # the full bucket and a compacted tail
+    assert decoders[1] is dec and decoders[2] is not dec and sorted(decoders[2].compiled) == buckets
+    assert sorted(dec.compiled) == buckets and sampler.COMPILES == {"compiled": len(buckets), "eager": 0}
+    assert first >= len(buckets) and traced["stats"]["unique_graphs"] == first  # each bucket traced once

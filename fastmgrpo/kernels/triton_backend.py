@@ -469,7 +469,7 @@ def _sequence_terms_kernel(starts_ptr, row0, logp_ptr, ent_ptr, old_ptr, ref_ptr
     for r in range(a, b, BLOCK):
         rows = r + offs
         valid = rows < b
-        logp, coef, per_token, d_coef, d_logp, clipped, kl = _block_terms(
+        _, coef, per_token, d_coef, d_logp, clipped, kl = _block_terms(
             rows, valid, seq_log_ratio, phi, logp_ptr, old_ptr, ref_ptr, adv_ptr, vllm_ptr, eps_low, eps_high,
             delta, tau_pos, tau_neg, beta, LOSS, SEQ_RATIO, HAS_OLD, HAS_REF, HAS_VLLM, HAS_DELTA, HAS_BETA,
             BIAS_CORRECTION)

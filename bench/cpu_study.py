@@ -57,7 +57,7 @@ def read(out: Path) -> dict | None:
     rows = lambda name: [json.loads(ln) for ln in (out / name).read_text().splitlines() if ln.strip()]
     metrics, evals = rows("metrics.jsonl"), rows("evals.jsonl")
     summary = json.loads((out / "summary.json").read_text())
-    return {"before": evals[0], "after": evals[-1], "wall_s": summary["wall_time_s"],
+    return {"before": evals[0], "after": evals[-1], "wall_s": summary["wall_time_s"], "cpu_s": summary["cpu_time_s"],
             "sampled": sum(m["tokens_generated"] for m in metrics), "trained": sum(m["tokens_trained"] for m in metrics),
             "steps": [m["step"] for m in metrics], "reward": [m["reward_l1"] for m in metrics],
             "reward_l2": [m.get("reward_l2") for m in metrics]}
@@ -73,9 +73,10 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def table(runs: dict[str, list[dict]]) -> str:
     """The README table: per arm, mean ± SE over seeds of each held-out metric before and after,
-    plus sampled tokens, wall time and how many seeds improved acc@t1."""
+    plus sampled tokens, CPU and wall time (wall depends on what else the cores ran) and how many
+    seeds improved acc@t1."""
     head = ["arm", "seeds"] + [f"{label} {when}" for _, label in METRICS for when in ("before", "after")]
-    head += ["seeds acc@t1 up", "sampled tokens", "wall s"]
+    head += ["seeds acc@t1 up", "sampled tokens", "CPU s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, rs in runs.items():
         if not rs:
@@ -86,8 +87,8 @@ def table(runs: dict[str, list[dict]]) -> str:
                 m, se = mean_se([r[when][f"eval_{key}"] for r in rs])
                 cells.append(f"{m:.3f} ± {se:.3f}")
         up = sum(r["after"]["eval_acc_t1"] > r["before"]["eval_acc_t1"] for r in rs)
-        cells += [f"{up}/{len(rs)}", "{:.0f} ± {:.0f}".format(*mean_se([r["sampled"] for r in rs])),
-                  "{:.0f} ± {:.0f}".format(*mean_se([r["wall_s"] for r in rs]))]
+        cells += [f"{up}/{len(rs)}"] + ["{:.0f} ± {:.0f}".format(*mean_se([r[k] for r in rs]))
+                                        for k in ("sampled", "cpu_s", "wall_s")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -219,12 +219,17 @@ def test_every_stop_signal_saves_like_sigterm(tiny_cli, tmp_path, monkeypatch, s
             signal.raise_signal(signum)
         return real(self)
 
-    monkeypatch.setattr(Trainer, "_rollout", rollout_then_signal)
-    assert main("--output-dir", str(tmp_path), "--max-steps", "4") == 128 + signum
-    assert latest_checkpoint(tmp_path).name == "step-000002" and _steps(tmp_path) == [1, 2]
-    monkeypatch.setattr(Trainer, "_rollout", real)
-    assert main("--output-dir", str(tmp_path), "--max-steps", "4", "--resume") == 0
-    assert _steps(tmp_path) == [1, 2, 3, 4]
+    # a suite started under nohup inherits SIGHUP ignored, which the trainer keeps (next test)
+    previous = signal.signal(signum, signal.SIG_DFL)
+    try:
+        monkeypatch.setattr(Trainer, "_rollout", rollout_then_signal)
+        assert main("--output-dir", str(tmp_path), "--max-steps", "4") == 128 + signum
+        assert latest_checkpoint(tmp_path).name == "step-000002" and _steps(tmp_path) == [1, 2]
+        monkeypatch.setattr(Trainer, "_rollout", real)
+        assert main("--output-dir", str(tmp_path), "--max-steps", "4", "--resume") == 0
+        assert _steps(tmp_path) == [1, 2, 3, 4]
+    finally:
+        signal.signal(signum, previous)
 
 
 def test_a_signal_ignored_by_the_caller_stays_ignored(tiny_cli, tmp_path, monkeypatch):

@@ -269,7 +269,7 @@ RESUMABLE_CHANGES = frozenset({
     "resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "save_every",
     "keep_checkpoints", "eval_dataset", "eval_every", "eval_limit", "tensorboard", "max_bad_steps",
     "device", "precision", "micro_batch_tokens", "rollout_batch_size", "gradient_checkpointing",
-    "fsdp", "strict_data",
+    "fsdp", "strict_data", "release_kv",
 })
 
 

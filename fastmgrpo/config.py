@@ -192,6 +192,11 @@ class MGRPOConfig:
     top_p: float = _opt(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = _opt(0, "Top-k sampling (0 = off).")
     rollout_batch_size: int = _opt(64, "Sequences decoded together; lower it on out-of-memory.")
+    release_kv: str = _opt("auto", "The K/V caches and CUDA graphs the sampler keeps between steps (they "
+                           "save re-allocation and graph capture): 'always' drops them before each update, "
+                           "'never' keeps them through backward, 'auto' drops them when less than a quarter "
+                           "of the GPU's memory is left to PyTorch after the rollout. On CPU nothing is kept.",
+                           choices=("auto", "always", "never"))
     stop: typing.Optional[list] = _opt(None, "Stop strings: a completion ends at the first one, which is "
                                        "cut from it (and so from the loss and the verdict), both "
                                        "layers and eval; 'none' = off. Unset: a new 'Question:' line "

@@ -202,6 +202,12 @@ def release(model: torch.nn.Module) -> None:
     _DECODERS.pop(model, None)
 
 
+def kept_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the K/V buffers that `sample` keeps for `model` (0 without kept decoders)."""
+    return sum(t.numel() * t.element_size() for dec in _DECODERS.get(model, {}).values()
+               for buffers in (dec.cache.k, dec.cache.v) for t in buffers.values())
+
+
 def _bucket(n: int, capacity: int) -> int:
     """Slot count that holds n busy slots: the next power of two, or all `capacity` slots. Few
     sizes, so a graph per size is captured once and kept."""

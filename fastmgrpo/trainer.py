@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from . import sampler
 from .attention import use_varlen_attention
 from .checkpoint import (RUN_FILES, checkpoint_dir, checkpoint_to_resume, gather_state, load_state,
                          load_weights, prepare_output_dir, save_checkpoint)
@@ -65,6 +66,21 @@ def deferred_signals(signums=STOP_SIGNALS, deliver: bool = True):
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         for n in dict.fromkeys(pending if deliver else ()):
             signal.raise_signal(n)
+
+
+def release_kv(mode: str, kept: int, device: torch.device) -> bool:
+    """Whether to drop the sampler's kept K/V (`kept` bytes) before the update (--release-kv):
+    'auto' does on CUDA when what is left to PyTorch (the driver's free memory plus what its
+    allocator holds unused) is under a quarter of the card, where backward's activations and the
+    fused loss's chunk might not fit beside the caches."""
+    if not kept or mode == "never":
+        return False
+    if mode == "always":
+        return True
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) < total // 4
 
 
 def lr_lambda(cfg: MGRPOConfig):
@@ -194,6 +210,8 @@ class Trainer:
         peak_memory_gb(self.device, reset=True)
         rollout = self._rollout()
         times["rollout"], rollout_peak = time.perf_counter(), peak_memory_gb(self.device, reset=True)
+        if release_kv(self.cfg.release_kv, sampler.kept_bytes(self.decode_weights.model), self.device):
+            sampler.release(self.decode_weights.model)
         self.model.train()
         plan = self.policy.plan(rollout.episodes, self.cfg.micro_batch_tokens)
         stats, updates, rates = StepStats.start(self.device), [], []

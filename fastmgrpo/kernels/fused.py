@@ -216,8 +216,7 @@ def run_chunks(plan: Plan, hidden, weight, bias, need_grads: tuple[bool, bool, b
     summed once at the end. Two-pass fallback (a sequence-level loss with a sequence longer than
     the budget's chunk): pass 1 computes every row's log-prob chunk by chunk (one GEMM each),
     then the whole batch's closed-form gradient (the backend's sequence kernel where it has
-    one); pass 2 is the usual loop with that gradient
-    (4 GEMMs in all instead of 3).
+    one); pass 2 is the usual loop with that gradient (4 GEMMs in all instead of 3).
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     need_h, need_w, need_b = need_grads[0], need_grads[1], need_grads[2] and bias is not None

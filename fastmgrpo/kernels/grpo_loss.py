@@ -467,8 +467,11 @@ class _LossTerms:
         def cut(x):
             return None if x is None else x[r0:r1]
 
-        args = dict(loss=LOSS_VARIANTS[c.loss_type].kernel, old=cut(t.old), ref=cut(t.ref), adv=t.adv[r0:r1],
-                    w=self.w[r0:r1], m=self.m[r0:r1], vllm=cut(t.vllm), eps_low=c.epsilon_low,
+        variant = LOSS_VARIANTS[c.loss_type]
+        # a loss that folds the rollout IS ratio into itself (VESPO: its summed log) takes no per-token factor
+        vllm = None if variant.folds_is_ratio else cut(t.vllm)
+        args = dict(loss=variant.kernel, old=cut(t.old), ref=cut(t.ref), adv=t.adv[r0:r1],
+                    w=self.w[r0:r1], m=self.m[r0:r1], vllm=vllm, eps_low=c.epsilon_low,
                     eps_high=c.epsilon_high, delta=c.delta, tau_pos=c.sapo_temperature_pos,
                     tau_neg=c.sapo_temperature_neg, beta=c.beta, bias_correction=c.use_bias_correction_kl,
                     entropy_coef=c.entropy_coef if self.has_entropy_grad else 0.0, sequences=None)
@@ -478,11 +481,10 @@ class _LossTerms:
             return None
         # the chunk's sequences: those lying in [r0, r1) (an empty one on a boundary in both: no rows)
         s0, s1 = bisect.bisect_left(self.seq_starts, r0), bisect.bisect_right(self.seq_starts, r1) - 1
-        folds_ratio = LOSS_VARIANTS[c.loss_type].folds_is_ratio
-        args["vllm"] = None if folds_ratio else args["vllm"]
+        vllm_log = t.vllm_log_seq if variant.folds_is_ratio else None
         args["sequences"] = dict(
             starts=self.starts[s0:s1 + 1], row0=r0, mask=t.mask[r0:r1], lengths=t.seq_len[s0:s1],
-            adv=t.adv_seq[s0:s1], vllm_log=None if t.vllm_log_seq is None or not folds_ratio else t.vllm_log_seq[s0:s1],
+            adv=t.adv_seq[s0:s1], vllm_log=None if vllm_log is None else vllm_log[s0:s1],
             ratio=c.importance_sampling_level == "sequence",
             vespo=dict(k_pos=c.vespo_k_pos, lam_pos=c.vespo_lambda_pos, k_neg=c.vespo_k_neg,
                        lam_neg=c.vespo_lambda_neg, log_eps=_LOG_EPS))
@@ -512,7 +514,7 @@ def _fused_grpo(hidden, weight, bias, targets, seq_starts, tokens: _Tokens, norm
     starts = None
     if _needs_whole_sequences(cfg):  # one small host-to-device copy per call, for the sequence kernel
         starts = torch.tensor(seq_starts, dtype=torch.int64).to(hidden.device, non_blocking=True)
-    terms = _LossTerms(tokens, weights, norm.metric_w.float(), cfg, want_entropy, list(seq_starts), starts)
+    terms = _LossTerms(tokens, weights, norm.metric_w.float(), cfg, want_entropy, seq_starts, starts)
     plan = fused.Plan(targets.long(), seq_starts, want_entropy, float(cfg.temperature), terms,
                       resolve_backend(backend, hidden), cfg.memory_budget, cfg.fp32_weight_grad, keep_logprobs,
                       None if weight_16bit is None else weight_16bit.detach(), cfg.overlap_streams)

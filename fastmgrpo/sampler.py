@@ -23,8 +23,11 @@ only for stop strings) are discarded, so the output equals checking after every 
 On CUDA the step is captured in a CUDA graph (`cuda_graphs`) once per (bucket, sampling
 parameters) and replayed; graphs, K/V buffers and slot state are kept across `sample()` calls
 for the same model and rounded length (`release` drops them), so a trainer captures once per
-shape, not once per call. Each bucket's step is compiled before its first capture (`compile`)
-so elementwise chains fuse. Elsewhere the step runs eagerly, attending only over the columns in use.
+shape, not once per call. Each bucket's step, forward, draw and state update together, is
+compiled before its first capture (`compile`) so elementwise chains fuse and the draw reads the
+logits once: it takes its uniforms from a counter-based RNG (`rng.py`), a few integer ops per
+logit, where `torch.rand(generator=)` would break the compiled graph. Elsewhere the step runs
+eagerly, drawing with `torch.rand`, and attends only over the columns in use.
 
 Cache layout of one slot: a prompt prefilled in a chunk of width W sits left-padded in columns
 [start, W) (start = W - len); generated tokens follow at W, W+1, ...; the token in column c has
@@ -49,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from fastmgrpo.rng import CounterRNG
 from fastmgrpo.types import Completion
 
 _ATTN = "fastmgrpo_slots"
@@ -97,7 +101,8 @@ def sample(
     stop_ids: a sampled id in this set ends the completion (it is kept in token_ids).
     batch_size: concurrent sequences (cache slots).
     generator: a torch.Generator on the model's device, for reproducible sampling (with CUDA
-        graphs it seeds the sampler's own graph-registered generator once per call).
+        graphs it seeds the sampler's counter-based RNG, `rng.CounterRNG`, once per call: the
+        draws follow the same distribution as eager ones, not the same numbers).
     progress: called with the number of prompts newly done, as they finish (e.g. tqdm.update).
     cuda_graphs: on CUDA, replay the decode step from a CUDA graph (eager if capture fails);
         graphs and K/V buffers are then kept for later calls (see `release`).
@@ -462,16 +467,18 @@ class _Decoder:
         self.logp = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.hi = 0  # host bound on every slot's `col` (eager steps attend over hi + 1 columns)
         self.graphs, self.compile = graphs, compile
-        self.compiled: dict[int, Callable[..., torch.Tensor]] = {}  # bucket -> compiled `_logits` (ran)
+        self.compiled: dict[tuple, Callable[..., None]] = {}  # (bucket, pick) -> compiled `_graph_step` (ran)
         self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, pick, stop) -> captured step
         self.stops: dict[tuple[int, ...], torch.Tensor] = {}
-        # graph-safe RNG: the graphs draw from this generator, re-seeded once per call
-        self.generator = torch.Generator(device) if graphs else None
+        # graph mode draws from a counter-based RNG (device tensors, no generator): it compiles
+        # into the step and a captured graph draws anew at each replay; re-seeded once per call
+        self.rng = CounterRNG(device) if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.host_ids = self.host_logp = None  # (check_every, capacity) pinned on CUDA
 
-    def begin(self, bucket: int, generator: torch.Generator | None, check_every: int):
-        """Start a `sample` call on `bucket` free slots; return the generator to draw from."""
+    def begin(self, bucket: int, generator: torch.Generator | None, check_every: int) -> Callable:
+        """Start a `sample` call on `bucket` free slots; return the uniform draw (shape -> float32
+        in (0, 1)) that prefills and eager steps sample with."""
         self.bucket, self.hi = bucket, 0
         self.live.zero_()
         self.col.zero_()
@@ -480,11 +487,10 @@ class _Decoder:
             pin = self.device.type == "cuda"
             self.host_ids = torch.zeros((check_every, self.capacity), dtype=torch.long, pin_memory=pin)
             self.host_logp = torch.zeros((check_every, self.capacity), dtype=torch.float32, pin_memory=pin)
-        if self.generator is None:
-            return generator
-        seed = torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
-        self.generator.manual_seed(int(seed))
-        return self.generator
+        if self.rng is None:
+            return lambda shape: torch.rand(shape, generator=generator, device=self.device)
+        self.rng.seed(generator)
+        return self.rng
 
     def _forward(self, model, ids: torch.Tensor, pos: torch.Tensor, masks,
                  cache: _SlotCache | None = None) -> torch.Tensor:
@@ -611,7 +617,7 @@ class _Decoder:
         """The decode step of the current bucket: a kept graph, a new capture, or eager."""
         b, stop_t = self.bucket, self._stop(stop)
         if not self.graphs:
-            return lambda: self._advance(b, *_pick(self._logits(self.model(), b, self.hi + 1), *pick, gen), stop_t)
+            return lambda: self._decode_step(self.model(), b, self.hi + 1, pick, stop_t, gen)
         key = (b, pick, stop)
         if key not in self.steps:
             step = self._capture(b, pick, stop_t)
@@ -620,54 +626,55 @@ class _Decoder:
             self.steps[key] = step
         return self.steps[key]
 
+    def _decode_step(self, model, b: int, width: int, pick: tuple, stop: torch.Tensor, uniform) -> None:
+        """One decode step of the first b slots over `width` columns: forward, draw with
+        `uniform`, advance the slot state (device only)."""
+        self._advance(b, *_pick(self._logits(model, b, width), *pick, uniform), stop)
+
+    def _graph_step(self, model, b: int, width: int, pick: tuple, stop: torch.Tensor) -> None:
+        """`_decode_step` drawing from the decoder's counter-based RNG: the function graph mode
+        compiles and captures, sampling included."""
+        self._decode_step(model, b, width, pick, stop, self.rng)
+
     def _capture(self, b: int, pick: tuple, stop: torch.Tensor) -> Callable[[], object] | None:
         """Capture the decode step of b slots over all max_len columns (the graph's shapes are
-        fixed); sampling goes inside unless a drawing generator cannot be registered."""
-        logits_fn = self._logits
+        fixed), sampling included; None (and eager decoding from now on) if capture fails."""
+        step_fn = self._graph_step
         if self.compile:
             # every bucket, not only the full one: uncompiled, a tail bucket's step replayed about
             # 5x the ops (issue 23: 1,570 against 283 at Gemma 3 270M); a cold compile per bucket
-            logits_fn = self.compiled.get(b) or self._compiled(b)
-        inside = pick[0] == 0 or _graph_rng()
+            step_fn = self.compiled.get((b, pick)) or self._compiled(b, pick, stop)
         device_type = self.device.type
 
         def run():
             # autocast must not hand the graph its cache of cast weights (freed when autocast exits)
             with _uncached_autocast(device_type):
-                logits = logits_fn(self.model(), b, self.max_len)
-                if inside:
-                    self._advance(b, *_pick(logits, *pick, self.generator), stop)
-            return logits
+                step_fn(self.model(), b, self.max_len, pick, stop)
 
-        rng = self.generator.get_state()
         try:
-            with self._state_kept(b):  # the warm-up run advances the state
-                graph = _GraphStep(run, self.pool, [self.generator] if inside and pick[0] != 0 else [])
+            with self._state_kept(b):  # the warm-up run advances the state and the draw count
+                return _GraphStep(run, self.pool)
         except RuntimeError as e:
             warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=4)
             self.graphs = False
-            graph = None
-        finally:
-            self.generator.set_state(rng)  # capturing must not change the draws
-        if graph is None or inside:
-            return graph
-        return lambda: self._advance(b, *_pick(graph(), *pick, self.generator), stop)
+            return None
 
-    def _compiled(self, b: int):
-        """torch.compile'd `_logits` for bucket b, compiled now; `_logits` itself, and no more
-        compiling for this decoder, if that fails (with a warning) or if dynamo's recompile
-        limit is reached (`_RECOMPILE_LIMIT`; one warning a process)."""
+    def _compiled(self, b: int, pick: tuple, stop: torch.Tensor):
+        """torch.compile'd `_graph_step` for bucket b and sampling parameters `pick`, compiled
+        now; `_graph_step` itself, and no more compiling for this decoder, if that fails (with a
+        warning) or if dynamo's recompile limit is reached (`_RECOMPILE_LIMIT`; one warning a
+        process)."""
         from torch._dynamo.exc import FailOnRecompileLimitHit  # lazy: importing dynamo takes seconds
         from torch._dynamo.utils import counters
 
-        fn = _compile(self._logits)
+        fn = _compile(self._graph_step)
         traced = counters["stats"]["unique_graphs"]
         try:
-            # the limit counts every compiled shape of `_logits`, across decoders; at it, dynamo
+            # the limit counts every compiled shape of the step, across decoders; at it, dynamo
             # would run the step eagerly without a word: fail instead, and say so below
             with (self._state_kept(b), _uncached_autocast(self.device.type),
                   torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)):
-                fn(self.model(), b, self.max_len)  # compiles now; writes only columns a step rewrites
+                fn(self.model(), b, self.max_len, pick, stop)  # compiles now; K/V only where a step rewrites
         except FailOnRecompileLimitHit:
             COMPILES["eager"] += 1
             if COMPILES["eager"] == 1:
@@ -675,14 +682,14 @@ class _Decoder:
                               f" shapes, {COMPILES['compiled']} compiled here); new shapes decode uncompiled",
                               stacklevel=5)
             self.compile = False
-            return self._logits
+            return self._graph_step
         except Exception as e:  # dynamo/inductor raise many types; eager decoding still works
             warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)
             self.compile = False
-            return self._logits
+            return self._graph_step
         if counters["stats"]["unique_graphs"] > traced:  # else dynamo reused a shape another decoder compiled
             COMPILES["compiled"] += 1
-        self.compiled[b] = fn
+        self.compiled[b, pick] = fn
         return fn
 
     def _state(self) -> tuple[torch.Tensor, ...]:
@@ -693,11 +700,14 @@ class _Decoder:
         """Run a block that may advance the first b slots' state (a warm-up or compiling call)
         and put that state back afterwards, whether the block succeeds or raises."""
         saved = [t[:b].clone() for t in self._state()]
+        count = None if self.rng is None else self.rng.count.clone()
         try:
             yield
         finally:
             for t, s in zip(self._state(), saved):
                 t[:b].copy_(s)
+            if count is not None:
+                self.rng.count.copy_(count)
 
     def compact(self, keep: np.ndarray, bucket: int) -> None:
         """Move busy slots `keep` to rows [0, len(keep)) (the queue is empty); later steps decode
@@ -715,20 +725,16 @@ def _graphs_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _graph_rng() -> bool:
-    """Whether a CUDA graph can draw from a custom generator (`register_generator_state`, torch
-    >= 2.4); without it sampling runs eagerly after each replay."""
-    return hasattr(torch.cuda.CUDAGraph, "register_generator_state")
-
-
 def _is_stop(ids: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
     """Whether each id (n,) is in stop (k,): fixed-shape, no host sync (graph-safe)."""
     return (ids[:, None] == stop[None]).any(-1)
 
 
 def _compile(fn):
-    """Fuse the decode forward's elementwise chains (static shapes: one graph per bucket)."""
-    return torch.compile(fn, dynamic=False, fullgraph=False)
+    """Fuse the decode step's elementwise chains (static shapes: one graph per bucket). The draw's
+    integer hash is a long chain: past inductor's default of 30 ops it would be written out as a
+    (slots, V) int64 tensor; at 100 it stays inside the kernel that reads the logits."""
+    return torch.compile(fn, dynamic=False, fullgraph=False, options={"realize_opcount_threshold": 100})
 
 
 def _uncached_autocast(device_type: str):
@@ -739,27 +745,21 @@ def _uncached_autocast(device_type: str):
 
 
 class _GraphStep:
-    """`step` (no arguments; reads and writes static tensors) captured in a CUDA graph; a call
-    replays it and returns the tensor the captured call returned.
+    """`step` (no arguments; reads and writes static tensors only) captured in a CUDA graph; a
+    call replays it."""
 
-    generators: custom generators `step` draws from, registered so each replay draws anew.
-    """
-
-    def __init__(self, step: Callable[[], torch.Tensor], pool, generators=()):
+    def __init__(self, step: Callable[[], None], pool):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             step()  # lazy initialisation (cuBLAS handles, workspaces) outside the capture
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        for g in generators:
-            self.graph.register_generator_state(g)
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = step()
+            step()
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self) -> None:
         self.graph.replay()
-        return self.out
 
 
 def _slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -794,14 +794,16 @@ def _slot_attention_on(model: torch.nn.Module):
 
 
 def _pick(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, uniform: Callable[[tuple], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the next token per row from fp32 logits (A, V); return ids (A,) and their logprobs
     (A,) under softmax(logits / T) (T = 1 when greedy), before any truncation.
 
-    Device-only and fixed-shape (no host sync, no data-dependent sizes), so it runs inside the
-    captured decode step; the draw depends only on `generator`'s state. The logprob is
-    z[id] - logsumexp(z) for z = logits / T: one fp32 reduction, no (A, V) log-softmax tensor.
+    uniform: shape -> float32 draws in (0, 1) on the logits' device (`torch.rand` with a
+    generator, or a `rng.CounterRNG`); the draw depends only on what it returns. Device-only and
+    fixed-shape (no host sync, no data-dependent sizes), so it runs inside the captured decode
+    step. The logprob is z[id] - logsumexp(z) for z = logits / T: one fp32 reduction, no (A, V)
+    log-softmax tensor.
     """
     z = logits / temperature if temperature not in (0, 1) else logits  # (A, V) fp32
     lse = torch.logsumexp(z, dim=-1)  # (A,)
@@ -810,9 +812,8 @@ def _pick(
     elif (top_k <= 0 or top_k >= z.shape[-1]) and top_p >= 1.0:
         # Gumbel-max: argmax_i z_i - log E_i with E_i = -log U_i ~ Exp(1) is a draw from
         # softmax(z), with no cumulative sum whose rounding over 262k terms would need float64.
-        # torch.rand, not exponential_(): ~7x faster on CPU. U = 0 gives -inf, never chosen.
-        u = torch.rand(z.shape, generator=generator, device=z.device)  # (A, V)
-        ids = (z - u.log_().neg_().log_()).argmax(dim=-1)
+        # Uniforms, not exponential_(): ~7x faster on CPU. U = 0 gives -inf, never chosen.
+        ids = (z - uniform(z.shape).log_().neg_().log_()).argmax(dim=-1)  # (A,)
     else:
         probs = (z - lse[:, None]).exp()  # (A, V)
         if 0 < top_k < probs.shape[-1]:
@@ -825,6 +826,6 @@ def _pick(
             probs = probs.scatter(1, sorted_i, sorted_p.masked_fill(drop, 0.0))
         # Exponential race: argmax_i p_i / E_i, E_i ~ Exp(1), is a draw from p; truncated
         # tokens (p = 0) score 0, never NaN (U < 1 keeps E > 0).
-        race = probs / torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()  # (A, V)
+        race = probs / uniform(probs.shape).log_().neg_()  # (A, V)
         ids = race.argmax(dim=-1)
     return ids, z.gather(1, ids[:, None]).squeeze(1) - lse

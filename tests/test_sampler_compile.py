@@ -73,7 +73,6 @@ def traced(graph_mode, monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("graph_mode", [True], indirect=True)
 def test_recompile_limit_warns_once_and_decodes_uncompiled(traced, monkeypatch):
     """With room for one compiled decode shape, the first decoder compiles and the next two
     (other lengths) decode uncompiled after a single one-line warning; every completion equals
@@ -94,7 +93,6 @@ def test_recompile_limit_warns_once_and_decodes_uncompiled(traced, monkeypatch):
     assert [d.compile for d in sampler._DECODERS[model].values()] == [True, False]  # kept: lengths 32, 64
 
 
-@pytest.mark.parametrize("graph_mode", [True], indirect=True)
 def test_every_bucket_compiled_once_across_calls(traced):
     """Refills, then compaction to smaller buckets: each bucket's step is compiled once (traced
     by dynamo); a second call compiles nothing, replays included, nor does a third on a new
@@ -117,6 +115,44 @@ def test_every_bucket_compiled_once_across_calls(traced):
     dec = decoders[0]
     buckets = sorted({k[0] for k in dec.steps})
     assert len(buckets) >= 2 and buckets[-1] == 4  # the full bucket and a compacted tail
-    assert decoders[1] is dec and decoders[2] is not dec and sorted(decoders[2].compiled) == buckets
-    assert sorted(dec.compiled) == buckets and sampler.COMPILES == {"compiled": len(buckets), "eager": 0}
+    assert decoders[1] is dec and decoders[2] is not dec and sorted(b for b, _ in decoders[2].compiled) == buckets
+    assert sorted(b for b, _ in dec.compiled) == buckets and sampler.COMPILES == {"compiled": len(buckets), "eager": 0}
     assert first >= len(buckets) and traced["stats"]["unique_graphs"] == first  # each bucket traced once
+
+
+@pytest.mark.slow  # inductor compiles a 2-layer model's step: about 20 s
+@needs_compiler
+@pytest.mark.parametrize("pick", [(1.0, 1.0, 0), (0.0, 1.0, 0)], ids=["sampled", "greedy"])
+def test_graph_step_compiles_forward_draw_and_update_together(pick, monkeypatch):
+    """The graph-mode step compiled by inductor (the sampler's `_compile`): forward, draw and
+    slot update in one graph whose draw reads the logits in one fused loop (no (slots, V)
+    buffer but the logits, no RNG call), and the same tokens, log-probs and slot state as the
+    uncompiled step over three steps from the same prefill and seed."""
+    seed, slots, vocab, max_len = 21, 4, 2048, 48
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model, _ = build_tiny_model(arch="gemma3", vocab_size=vocab, seed=0)
+    prompts = torch.randint(10, vocab, (slots, 9), generator=torch.Generator().manual_seed(seed)).tolist()
+    runs = []
+    for compiled in (False, True):
+        dec = sampler._Decoder(model, capacity=slots, max_len=max_len, graphs=True, compile=compiled)
+        with torch.inference_mode(), sampler._slot_attention_on(model):
+            gen = dec.begin(slots, torch.Generator().manual_seed(seed), 1)
+            dec.prefill(torch.arange(slots).numpy(), prompts, 0, pick, gen, (), 20)
+            step, stop = sampler._compile(dec._graph_step) if compiled else dec._graph_step, dec._stop((3,))
+            out, code = [], []
+            for k in range(3):
+                if compiled and k == 0:
+                    code = run_and_get_code(step, model, slots, max_len, pick, stop)[1]
+                else:
+                    step(model, slots, max_len, pick, stop)
+                out.append([t.clone() for t in dec._state()])
+        runs.append((out, "\n".join(code), int(dec.rng.count)))
+    (eager, _, n0), (fused, src, n1) = runs
+    assert n0 == n1 == (4 if pick[0] else 0), seed  # one draw per prefill and per step
+    for a, b in zip(eager, fused):
+        ids, start, col, left, live, logp = a
+        assert torch.equal(ids, b[0]) and torch.equal(col, b[2]) and torch.equal(live, b[4]), seed
+        torch.testing.assert_close(b[5], logp, atol=2e-5, rtol=0)
+    assert not re.search(r"aten\.(rand|randint|exponential|bernoulli)|inductor_(random|seeds)", src), "an RNG call"
+    wide = [line for line in src.splitlines() if "empty_strided" in line and f"({slots}, {vocab})" in line]
+    assert len(wide) == 1 and "float32" in wide[0], wide  # the logits; no (slots, V) draw or hash buffer

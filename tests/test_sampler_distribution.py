@@ -1,10 +1,12 @@
 """The sampler's draw (`sampler._pick`) follows the distribution it claims: plain softmax(z / T),
 top-k and top-p truncations, each checked by a χ² goodness-of-fit test over 10⁵ draws against
 probabilities computed independently in float64, and the returned log-probs are those of the
-untruncated softmax(z / T)."""
+untruncated softmax(z / T). Both uniform sources: `torch.rand` with a generator (eager decoding)
+and the counter-based RNG of the compiled, graph-captured step (`rng.CounterRNG`)."""
 import pytest
 import torch
 
+from fastmgrpo.rng import CounterRNG
 from fastmgrpo.sampler import _pick
 
 V, DRAWS = 12, 100_000
@@ -41,13 +43,24 @@ def _p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 CASES = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.8), (0.7, 5, 0.9)]
 
 
+def _uniform(source: str, seed: int):
+    """`_pick`'s uniform draw: torch.rand with a generator, or a CounterRNG keyed from one."""
+    g = torch.Generator().manual_seed(seed)
+    if source == "torch":
+        return lambda shape: torch.rand(shape, generator=g)
+    rng = CounterRNG(torch.device("cpu"))
+    rng.seed(g)
+    return rng
+
+
+@pytest.mark.parametrize("source", ["torch", "counter"])
 @pytest.mark.parametrize("temperature,top_k,top_p", CASES)
-def test_draws_follow_the_truncated_softmax(temperature, top_k, top_p):
+def test_draws_follow_the_truncated_softmax(temperature, top_k, top_p, source):
     seed = 1000 + CASES.index((temperature, top_k, top_p))
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(V, generator=g, dtype=torch.float64) * 1.5
     logits = z.float().expand(DRAWS, V).contiguous()
-    ids, logp = _pick(logits, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
+    ids, logp = _pick(logits, temperature, top_p, top_k, _uniform(source, seed))
     counts = torch.bincount(ids, minlength=V)
     probs = _expected(z.float(), temperature, top_k, top_p)
     p = _p_value(counts, probs)

@@ -135,25 +135,24 @@ def test_rejects_zero_slots(tiny):
 
 class _EagerGraph:
     """CPU stand-in for `sampler._GraphStep`: the warm-up run at capture (which advances the slot
-    state, as on CUDA) and a call per replay; counts captures."""
+    state and the draw count, as on CUDA) and a call per replay; counts captures."""
 
-    captures: ClassVar[list[int]] = []  # registered generators per capture
+    captures: ClassVar[list[int]] = []  # one entry per capture
 
-    def __init__(self, step, pool, generators=()):
+    def __init__(self, step, pool):
         self.step = step
         step()
-        self.captures.append(len(generators))
+        self.captures.append(1)
 
     def __call__(self):
-        return self.step()
+        self.step()
 
 
-@pytest.fixture(params=[True, False], ids=["sample_in_graph", "sample_after_replay"])
-def graph_mode(monkeypatch, request):
-    """Run the sampler's CUDA-graph branch on CPU through `_EagerGraph`, with sampling inside the
-    captured step (torch >= 2.4) or after it; `torch.compile` is a counting pass-through."""
+@pytest.fixture
+def graph_mode(monkeypatch):
+    """Run the sampler's CUDA-graph branch on CPU through `_EagerGraph` (sampling inside the
+    captured step, from the counter-based RNG); `torch.compile` is a counting pass-through."""
     monkeypatch.setattr(sampler, "_graphs_on", lambda device: True)
-    monkeypatch.setattr(sampler, "_graph_rng", lambda: request.param)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(sampler, "_GraphStep", _EagerGraph)
     compiled = []
@@ -185,7 +184,7 @@ def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
         w[:12] for w in want[:3]]
     assert len(graph_mode["captures"]) == len(dec.steps) <= 3
     assert list(sampler._DECODERS[model].values()) == [dec] and len(graph_mode["compiled"]) == len(dec.steps)
-    assert sorted(dec.compiled) == sorted(k[0] for k in dec.steps)  # every bucket compiled, once
+    assert sorted(dec.compiled) == sorted(k[:2] for k in dec.steps)  # every bucket compiled, once
     for p, c in zip(prompts, out):
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(model, p, c.token_ids, 0.0), atol=1e-4, rtol=0)
@@ -195,17 +194,24 @@ def test_graph_mode_captures_once_per_shape_across_calls(tiny, graph_mode):
     assert model not in sampler._DECODERS
 
 
-def test_graph_mode_sampling_reproducible_and_exact_logprobs(tiny, graph_mode):
+def test_graph_mode_sampling_reproducible_and_exact_logprobs(tiny, graph_mode, monkeypatch):
+    """Graph mode draws from the decoder's counter-based RNG, seeded from the generator: the same
+    seed replays the same tokens (capturing does not shift the draws), another seed differs, and
+    every draw of a call, prefills and replayed steps, advances the counter once."""
     model, tok = tiny
     prompts = [tok.encode(s) for s in TEXTS]
     kw = dict(max_new_tokens=10, temperature=0.8, top_p=0.95, stop_ids=set(), pad_id=tok.pad_token_id,
               batch_size=3)
     a = sampler.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # captures
+    draws = []
+    pick = sampler._pick
+    monkeypatch.setattr(sampler, "_pick", lambda *args: draws.append(1) or pick(*args))
     b = sampler.sample(model, prompts, generator=torch.Generator().manual_seed(5), **kw)  # replays
+    (dec,) = sampler._DECODERS[model].values()
+    assert int(dec.rng.count) == len(draws) > 10
     c = sampler.sample(model, prompts, generator=torch.Generator().manual_seed(6), **kw)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
-    assert set(graph_mode["captures"]) == {1 if sampler._graph_rng() else 0}  # the generator registered
     for p, x in zip(prompts, a):
         torch.testing.assert_close(torch.tensor(x.logprobs, dtype=torch.float64),
                                    _full_forward_logprobs(model, p, x.token_ids, 0.8), atol=1e-4, rtol=0)

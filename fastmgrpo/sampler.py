@@ -20,14 +20,16 @@ steps: that is when stop strings are checked, finished prompts are counted and s
 so a step costs no host sync. Tokens a slot generates after its stop (at most check_every - 1,
 only for stop strings) are discarded, so the output equals checking after every step.
 
-On CUDA the step is captured in a CUDA graph (`cuda_graphs`) once per (bucket, sampling
-parameters) and replayed; graphs, K/V buffers and slot state are kept across `sample()` calls
-for the same model and rounded length (`release` drops them), so a trainer captures once per
-shape, not once per call. Each bucket's step, forward, draw and state update together, is
-compiled before its first capture (`compile`) so elementwise chains fuse and the draw reads the
-logits once: it takes its uniforms from a counter-based RNG (`rng.py`), a few integer ops per
-logit, where `torch.rand(generator=)` would break the compiled graph. Elsewhere the step runs
-eagerly, drawing with `torch.rand`, and attends only over the columns in use.
+On CUDA the step is captured in a CUDA graph (`cuda_graphs`) once per (bucket, width,
+sampling parameters) and replayed, where the width is the attended columns: a power of two that
+holds every slot's next 8 columns (`_width`), so early steps do not read the whole cache. Graphs,
+K/V buffers and slot state are kept across `sample()` calls for the same model and rounded length
+(`release` drops them), so a trainer captures once per shape, not once per call. The step,
+forward, draw and state update together, is compiled before its first capture (`compile`; one
+compilation with dynamic shapes serves every bucket and width) so elementwise chains fuse and
+the draw reads the logits once: it takes its uniforms from a counter-based RNG (`rng.py`), a few
+integer ops per logit, where `torch.rand(generator=)` would break the compiled graph. Elsewhere
+the step runs eagerly, drawing with `torch.rand`, and attends only over the columns in use.
 
 Cache layout of one slot: a prompt prefilled in a chunk of width W sits left-padded in columns
 [start, W) (start = W - len); generated tokens follow at W, W+1, ...; the token in column c has
@@ -63,6 +65,7 @@ _PREFILL_TOKENS = 16384  # prompt tokens per prefill forward: bounds activations
 _FORWARD_TOKENS = {"cpu": 64}  # device type -> tokens; others (GPUs: kernel launches) 1024
 CHECK_EVERY = 8  # decode steps between host looks: one host sync per 8 steps
 _LEN_ROUND = 128  # graph mode: max_len rounded up to this, so calls of similar lengths share graphs
+_MIN_WIDTH = 64  # graph mode: the narrowest attention width (columns) a step is captured for
 _KEPT = 2  # decoders (K/V buffers + graphs) kept per model: layer-1 and layer-2 lengths differ
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> _Decoder)
 # Compiled shapes of the decode step dynamo may keep (its default, 8, is the limit of all
@@ -213,6 +216,12 @@ def kept_bytes(model: torch.nn.Module) -> int:
                for buffers in (dec.cache.k, dec.cache.v) for t in buffers.values())
 
 
+def _width(n: int, max_len: int) -> int:
+    """Columns a graph step attends over to cover the first n: the next power of two (at least
+    _MIN_WIDTH), or all max_len. Few widths, so their graphs are captured once and kept."""
+    return min(max_len, max(_MIN_WIDTH, 1 << (n - 1).bit_length()))
+
+
 def _bucket(n: int, capacity: int) -> int:
     """Slot count that holds n busy slots: the next power of two, or all `capacity` slots. Few
     sizes, so a graph per size is captured once and kept."""
@@ -228,7 +237,7 @@ def _decoder(model, *, capacity: int, max_len: int, graphs: bool, compile: bool)
     kind = (capacity, next(model.parameters()).dtype, cast, compile)
     kept = _DECODERS.setdefault(model, OrderedDict())
     # A kept decoder up to a quarter (at least _LEN_ROUND) longer than needed serves the call:
-    # graph steps attend over all its columns, but a new one costs a compilation and captures.
+    # graph steps attend over width buckets of its columns, but a new one costs captures.
     fits = [k for k in kept if k[1:] == kind and max_len <= k[0] <= max_len + max(_LEN_ROUND, max_len // 4)]
     key = min(fits) if fits else (-(-max_len // _LEN_ROUND) * _LEN_ROUND, *kind)
     if key not in kept:
@@ -467,13 +476,13 @@ class _Decoder:
         self.logp = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.hi = 0  # host bound on every slot's `col` (eager steps attend over hi + 1 columns)
         self.graphs, self.compile = graphs, compile
-        self.compiled: dict[tuple, Callable[..., None]] = {}  # (bucket, pick) -> compiled `_graph_step` (ran)
+        self.compiled: dict[tuple, Callable[..., None]] = {}  # pick -> compiled `_graph_step`
         self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, pick, stop) -> captured step
         self.stops: dict[tuple[int, ...], torch.Tensor] = {}
         # graph mode draws from a counter-based RNG (device tensors, no generator): it compiles
         # into the step and a captured graph draws anew at each replay; re-seeded once per call
         self.rng = CounterRNG(device) if graphs else None
-        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if graphs and device.type == "cuda" else None
         self.host_ids = self.host_logp = None  # (check_every, capacity) pinned on CUDA
 
     def begin(self, bucket: int, generator: torch.Generator | None, check_every: int) -> Callable:
@@ -576,9 +585,10 @@ class _Decoder:
         return self._forward(self.model(), ids.to(self.device), pos, masks, cache), start, width
 
     def _stop(self, stop: tuple[int, ...]) -> torch.Tensor:
-        """Stop ids on the device (n_stop,), made once: a pageable host copy would sync."""
+        """Stop ids on the device (n_stop,), made once: a pageable host copy would sync. No stop
+        ids is (-1,), which no token has: an empty tensor would be a shape of its own to compile."""
         if stop not in self.stops:
-            self.stops[stop] = torch.tensor(stop, dtype=torch.long, device=self.device)
+            self.stops[stop] = torch.tensor(stop or (-1,), dtype=torch.long, device=self.device)
         return self.stops[stop]
 
     def _logits(self, model, b: int, width: int) -> torch.Tensor:
@@ -603,7 +613,8 @@ class _Decoder:
     def decode(self, n: int, pick: tuple, gen, stop: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Run n decode steps of the current bucket; return their sampled ids (n, bucket) int64
         and logprobs (n, bucket) float32 on the host, after one sync."""
-        b, step = self.bucket, self._step(pick, gen, stop)
+        # graph steps attend over a width bucket that holds every column of the n steps
+        b, step = self.bucket, self._step(pick, gen, stop, _width(min(self.hi + n, self.max_len), self.max_len))
         for k in range(n):
             step()
             self.hi = min(self.hi + 1, self.max_len - 1)
@@ -613,16 +624,17 @@ class _Decoder:
             torch.cuda.current_stream(self.device).synchronize()  # the one host sync per n steps
         return self.host_ids[:n, :b].numpy(), self.host_logp[:n, :b].numpy()
 
-    def _step(self, pick: tuple, gen, stop: tuple[int, ...]) -> Callable[[], object]:
-        """The decode step of the current bucket: a kept graph, a new capture, or eager."""
+    def _step(self, pick: tuple, gen, stop: tuple[int, ...], width: int) -> Callable[[], object]:
+        """The decode step of the current bucket (graphs: over `width` columns): a kept graph, a
+        new capture, or eager (over the columns in use)."""
         b, stop_t = self.bucket, self._stop(stop)
         if not self.graphs:
             return lambda: self._decode_step(self.model(), b, self.hi + 1, pick, stop_t, gen)
-        key = (b, pick, stop)
+        key = (b, width, pick, stop)
         if key not in self.steps:
-            step = self._capture(b, pick, stop_t)
+            step = self._capture(b, width, pick, stop_t)
             if step is None:
-                return self._step(pick, gen, stop)  # capture failed: self.graphs is now False
+                return self._step(pick, gen, stop, width)  # capture failed: self.graphs is now False
             self.steps[key] = step
         return self.steps[key]
 
@@ -636,20 +648,16 @@ class _Decoder:
         compiles and captures, sampling included."""
         self._decode_step(model, b, width, pick, stop, self.rng)
 
-    def _capture(self, b: int, pick: tuple, stop: torch.Tensor) -> Callable[[], object] | None:
-        """Capture the decode step of b slots over all max_len columns (the graph's shapes are
+    def _capture(self, b: int, width: int, pick: tuple, stop: torch.Tensor) -> Callable[[], object] | None:
+        """Capture the decode step of b slots over `width` columns (the graph's shapes are
         fixed), sampling included; None (and eager decoding from now on) if capture fails."""
-        step_fn = self._graph_step
-        if self.compile:
-            # every bucket, not only the full one: uncompiled, a tail bucket's step replayed about
-            # 5x the ops (issue 23: 1,570 against 283 at Gemma 3 270M); a cold compile per bucket
-            step_fn = self.compiled.get((b, pick)) or self._compiled(b, pick, stop)
+        step_fn = self._compiled(b, width, pick, stop) if self.compile else self._graph_step
         device_type = self.device.type
 
         def run():
             # autocast must not hand the graph its cache of cast weights (freed when autocast exits)
             with _uncached_autocast(device_type):
-                step_fn(self.model(), b, self.max_len, pick, stop)
+                step_fn(self.model(), b, width, pick, stop)
 
         try:
             with self._state_kept(b):  # the warm-up run advances the state and the draw count
@@ -659,22 +667,23 @@ class _Decoder:
             self.graphs = False
             return None
 
-    def _compiled(self, b: int, pick: tuple, stop: torch.Tensor):
-        """torch.compile'd `_graph_step` for bucket b and sampling parameters `pick`, compiled
-        now; `_graph_step` itself, and no more compiling for this decoder, if that fails (with a
-        warning) or if dynamo's recompile limit is reached (`_RECOMPILE_LIMIT`; one warning a
-        process)."""
+    def _compiled(self, b: int, width: int, pick: tuple, stop: torch.Tensor):
+        """torch.compile'd `_graph_step` for sampling parameters `pick` (one function for every
+        bucket and width: dynamic shapes), run once at (b, width) so any compiling happens now,
+        under our recompile limit. `_graph_step` itself, and no more compiling for this decoder,
+        if that fails (with a warning) or the limit is reached (`_RECOMPILE_LIMIT`; one warning
+        a process)."""
         from torch._dynamo.exc import FailOnRecompileLimitHit  # lazy: importing dynamo takes seconds
         from torch._dynamo.utils import counters
 
-        fn = _compile(self._graph_step)
+        fn = self.compiled.get(pick) or _compile(self._graph_step)
         traced = counters["stats"]["unique_graphs"]
         try:
             # the limit counts every compiled shape of the step, across decoders; at it, dynamo
             # would run the step eagerly without a word: fail instead, and say so below
             with (self._state_kept(b), _uncached_autocast(self.device.type),
                   torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)):
-                fn(self.model(), b, self.max_len, pick, stop)  # compiles now; K/V only where a step rewrites
+                fn(self.model(), b, width, pick, stop)  # compiles if new; K/V only where a step rewrites
         except FailOnRecompileLimitHit:
             COMPILES["eager"] += 1
             if COMPILES["eager"] == 1:
@@ -687,9 +696,9 @@ class _Decoder:
             warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}", stacklevel=5)
             self.compile = False
             return self._graph_step
-        if counters["stats"]["unique_graphs"] > traced:  # else dynamo reused a shape another decoder compiled
+        if counters["stats"]["unique_graphs"] > traced:  # else a graph dynamo traced before served
             COMPILES["compiled"] += 1
-        self.compiled[b, pick] = fn
+        self.compiled[pick] = fn
         return fn
 
     def _state(self) -> tuple[torch.Tensor, ...]:
@@ -731,10 +740,12 @@ def _is_stop(ids: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
 
 
 def _compile(fn):
-    """Fuse the decode step's elementwise chains (static shapes: one graph per bucket). The draw's
-    integer hash is a long chain: past inductor's default of 30 ops it would be written out as a
-    (slots, V) int64 tensor; at 100 it stays inside the kernel that reads the logits."""
-    return torch.compile(fn, dynamic=False, fullgraph=False, options={"realize_opcount_threshold": 100})
+    """Fuse the decode step's elementwise chains. Dynamic shapes: one compilation serves every
+    bucket, width and decoder length (a static one per shape cost a cold compile each, a minute
+    at 270M; CUDA graphs still capture each shape). The draw's integer hash is a long chain: past
+    inductor's default of 30 ops it would be written out as a (slots, V) int64 tensor; at 100 it
+    stays inside the kernel that reads the logits."""
+    return torch.compile(fn, dynamic=True, fullgraph=False, options={"realize_opcount_threshold": 100})
 
 
 def _uncached_autocast(device_type: str):

@@ -3,17 +3,17 @@
 Builds a graph-mode `sampler._Decoder` (slots x max_len K/V buffers, the counter-based RNG),
 prefills every slot with a random prompt, then compiles its decode step (`_Decoder._graph_step`:
 forward, draw and slot update, through `sampler._compile` as the CUDA-graph path does; q/k/v and
-gate/up fused as in the trainer's decode copy unless --unfused) for the
-first `--bucket` slots over all columns and reports, per decode step: kernels called (inductor's
-fused C++ loops plus aten/extern calls) against the aten ops of the same step run eagerly, bytes
-the kernels read and write (inductor's count over its scheduled kernels, extern ones included),
-allocations of a whole K/V buffer (or of the bucket's rows of one), loops over that many
-elements (a whole-buffer copy), the mean time of a compiled and an eager step, and a GPU estimate
-from the counts: bytes / bandwidth + kernels x time per kernel (a replayed graph runs its
-kernels back to back; a small one takes a few microseconds however little it reads).
+gate/up fused as in the trainer's decode copy unless --unfused) for the first `--bucket` slots
+over all columns, and reports per decode step: kernels called (inductor's fused C++ loops plus
+aten/extern calls) against the aten ops of the same step run eagerly; bytes moved, as inductor
+counts them over its kernels (an upper bound: it counts each in-place K/V write as reading and
+writing the whole buffer) and as the step cannot avoid (`compulsory_bytes`); the mean time of a
+compiled and an eager step; and a GPU estimate, bytes / bandwidth + kernels x time per kernel (a
+replayed graph runs its kernels back to back; a small one takes a few microseconds however
+little it reads), also for narrower attended widths (`--widths`, the sampler's width buckets).
 
     python bench/bench_decode_compile.py                                       # tiny Gemma 3, 64 x 512
-    python bench/bench_decode_compile.py --model default --dtype bf16 --steps 2  # Gemma 3 270M (slow compile)
+    python bench/bench_decode_compile.py --model default --dtype bf16 --steps 2 --widths 128,256
 """
 
 import argparse
@@ -34,17 +34,11 @@ from fastmgrpo.models import load_model
 from fastmgrpo.testing import build_tiny_model
 
 
-def code_counts(src: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
-    """Kernel calls in the generated `call`, and buffer-sized allocations and loops for K/V
-    buffer shapes `shapes`."""
+def kernel_calls(src: str) -> int:
+    """Kernel calls in the generated `call`: fused C++ loops and aten/extern calls."""
     call = src[src.index("def call(") :]
     call = call[: call.index("\n\n")]
-    kernels = len(re.findall(r"^\s+(?:\w+ = )?(?:cpp_fused\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)", call, re.M))
-    text = {f"({', '.join(map(str, s))})" for s in shapes}
-    allocs = sum("empty_strided" in line and any(t in line for t in text) for line in src.splitlines())
-    numel = {int(np.prod(s)) for s in shapes}
-    loops = sum(int(x) in numel for x in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", src))
-    return {"kernels": kernels, "buffer_allocs": allocs, "buffer_loops": loops}
+    return len(re.findall(r"^\s+(?:\w+ = )?(?:cpp_fused\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)", call, re.M))
 
 
 def compulsory_bytes(model: torch.nn.Module, dec: sampler._Decoder, bucket: int, width: int) -> dict[str, int]:
@@ -78,6 +72,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=64, help="K/V buffer rows (the sampler's batch_size)")
     ap.add_argument("--bucket", type=int, default=0, help="slots the step decodes (0: all)")
     ap.add_argument("--max-len", type=int, default=512, help="K/V buffer columns")
+    ap.add_argument("--widths", default="",
+                    help="comma-separated attended widths to estimate besides --max-len (e.g. 128,256)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per slot")
     ap.add_argument("--unfused", action="store_true",
                     help="keep q/k/v and gate/up as separate GEMMs (the trainer's decode copy fuses them)")
@@ -116,7 +112,7 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         step_bytes = metrics.num_bytes_accessed
         k = next(iter(dec.cache.k.values()))
-        counts = code_counts("\n".join(code), [tuple(k.shape), (bucket, *k.shape[1:])])
+        kernels = kernel_calls("\n".join(code))
         with _OpCount() as eager_ops:
             dec._graph_step(*step_args)
         times = {}
@@ -128,19 +124,23 @@ def main() -> None:
             times[name] = (time.perf_counter() - t0) / args.steps
     layers = len(dec.cache.k)
     need = compulsory_bytes(model, dec, bucket, args.max_len)
-    launch_s = counts["kernels"] * args.kernel_us * 1e-6
-    gpu_s = [launch_s + n / (args.bandwidth * 1e12) for n in (sum(need.values()), step_bytes)]
+    launch_s = kernels * args.kernel_us * 1e-6
+    gpu_s = [launch_s + n / (args.bandwidth * 1e12) for n in (sum(need.values()), int(step_bytes))]
     print(f"model {args.model} ({args.dtype}, {'unfused' if args.unfused else 'fused'} projections), {layers} layers, K/V buffer {tuple(k.shape)} x {2 * layers}, "
           f"bucket {bucket}, T {args.temperature}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
-    print(f"compile {compile_s:.1f} s; per step: {counts['kernels']} kernels (eager: {eager_ops.ops} aten ops), "
-          f"{step_bytes / 1e6:.1f} MB read+written by inductor's count (compulsory "
+    print(f"compile {compile_s:.1f} s; per step: {kernels} kernels (eager: {eager_ops.ops} aten ops), "
+          f"{int(step_bytes) / 1e6:.1f} MB read+written by inductor's count (compulsory "
           f"{sum(need.values()) / 1e6:.1f}: weights {need['weights'] / 1e6:.1f}, K/V {need['kv'] / 1e6:.1f}, "
-          f"logits {need['logits'] / 1e6:.1f}), {counts['buffer_allocs']} buffer-sized allocations, "
-          f"{counts['buffer_loops']} buffer-sized loops; eager {times['eager'] * 1e3:.1f} ms, "
+          f"logits {need['logits'] / 1e6:.1f}); eager {times['eager'] * 1e3:.1f} ms, "
           f"compiled {times['compiled'] * 1e3:.1f} ms")
     print(f"GPU estimate ({args.bandwidth} TB/s, {args.kernel_us} us/kernel; compulsory bytes .. inductor's): "
           f"{gpu_s[0] * 1e3:.3f} .. {gpu_s[1] * 1e3:.3f} ms a step, "
           f"{bucket / gpu_s[0]:,.0f} .. {bucket / gpu_s[1]:,.0f} tok/s")
+    for width in (int(w) for w in args.widths.split(",") if w):
+        need = sum(compulsory_bytes(model, dec, bucket, width).values())
+        est = launch_s + need / (args.bandwidth * 1e12)
+        print(f"  attending {width} columns: compulsory {need / 1e6:.1f} MB, {est * 1e3:.3f} ms a step, "
+              f"{bucket / est:,.0f} tok/s")
 
 
 if __name__ == "__main__":

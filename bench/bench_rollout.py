@@ -3,8 +3,10 @@
 to exactly NEW tokens: no stop ids for ours, min_new_tokens for generate).
 
 Providers:
-    fastmgrpo       continuous batching over the slot cache; on CUDA the decode step (forward +
-                    sampling) is torch.compile'd and replayed from a kept CUDA graph
+    fastmgrpo       continuous batching over the slot cache, on a copy of the model whose q/k/v
+                    and gate/up projections are fused (as the trainer's decode copy); on CUDA the
+                    decode step (forward + sampling) is torch.compile'd and replayed from a kept
+                    CUDA graph
     hf_static       generate(cache_implementation="static"): compiles the decode step on CUDA
     hf_dynamic      generate() with its default dynamic cache
 Each is timed after one warm-up call (which also compiles / captures; its time is first_call_s).
@@ -18,6 +20,7 @@ counted by torch.profiler; the eager Gemma 3 270M step launches about 1,550).
 FASTMGRPO_BENCH_ROLLOUT="N,NEW;N,NEW" overrides the shapes; FASTMGRPO_BENCH_ROLLOUT_COMPILE=0
 captures the decode step uncompiled.
 """
+import copy
 import os
 import time
 
@@ -27,6 +30,7 @@ from benchutil import CUDA, DEVICE, device_name, sync
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from fastmgrpo import sampler
+from fastmgrpo.fused_linears import fuse_linears
 from fastmgrpo.sampler import sample
 from fastmgrpo.testing import build_tiny_model
 
@@ -36,6 +40,15 @@ SHAPES = [tuple(int(x) for x in s.split(",")) for s in _SHAPES.split(";") if s.s
 PROMPT_LEN = (16, 128) if CUDA else (4, 24)
 COMPILE = os.environ.get("FASTMGRPO_BENCH_ROLLOUT_COMPILE", "1") != "0"
 _RESULTS: dict[tuple[int, int], dict[str, object]] = {}  # shape -> provider -> tok/s or extra_info
+_DECODE_COPIES: dict[int, torch.nn.Module] = {}  # id(model) -> its fused copy
+
+
+def _decode_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with q/k/v and gate/up fused, as `DecodeWeights` gives the trainer's sampler."""
+    if id(model) not in _DECODE_COPIES:
+        _DECODE_COPIES[id(model)] = copy.deepcopy(model).requires_grad_(False)
+        fuse_linears(_DECODE_COPIES[id(model)])
+    return _DECODE_COPIES[id(model)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,9 +87,10 @@ def _prompts(n, vocab):
 def _target(provider, model, prompts, new):
     if provider == "fastmgrpo":
         gen = torch.Generator(DEVICE).manual_seed(0)
+        decode = _decode_copy(model)
 
         def run():
-            sample(model, prompts, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
+            sample(decode, prompts, max_new_tokens=new, temperature=1.0, stop_ids=set(), pad_id=0,
                    batch_size=len(prompts), generator=gen, compile=COMPILE)
             sync()
         return run
@@ -111,7 +125,7 @@ def test_rollout(benchmark, model, shape, provider):
     benchmark.extra_info["first_call_s"] = round(time.perf_counter() - t0, 2)
     benchmark.pedantic(target, rounds=1 if CUDA else 3, warmup_rounds=0, iterations=1)
     if provider == "fastmgrpo" and CUDA:
-        benchmark.extra_info.update(compile=COMPILE, kernels_per_decode_step=_kernels_per_step(model))
+        benchmark.extra_info.update(compile=COMPILE, kernels_per_decode_step=_kernels_per_step(_decode_copy(model)))
     toks = n * new / benchmark.stats.stats.mean
     benchmark.extra_info["tokens_per_s"] = round(toks, 1)
     print(f"\n{provider} {n}x{new}: {toks:.0f} tok/s")  # in the log even if a later provider times out

@@ -12,7 +12,8 @@
 #   bench_<suite>_<provider>_<shape>.json/.log   one pytest run per (suite, provider, shape), so a
 #                                 slow peer (Liger chunked compiling at the largest shape) loses
 #                                 only its own number; ours run first, then peers, Liger chunked last
-#   rollout_tests.log             tests/test_sampler_engine.py on CUDA (CUDA-graph decode vs no-cache)
+#   rollout_tests.log             tests/test_sampler_engine.py and test_sampler_compile.py on CUDA
+#                                 (CUDA-graph decode vs no-cache; the compiled step vs uncompiled)
 #   bench_rollout_<N>x<NEW>.json/.log        sampler tokens/s vs generate (T_ROLL=150 s per shape)
 #   trainer_tests.log             tests/test_trainer_memory.py on CUDA (pinned copies, syncs per step)
 #   bench_trainer_<part>.json/.log  whole trainer, one pytest run per part (T_TRAINER=120 s each)
@@ -138,7 +139,7 @@ part_step() {  # part name timeout command...
 # pays static-cache generate's cold compilation (> 100 s)
 if want rollout; then
   : > "$OUT/plan_rollout.txt"
-  part_step rollout rollout_tests 60 "$PY" -m pytest tests/test_sampler_engine.py -q -rs -p no:cacheprovider -k cuda
+  part_step rollout rollout_tests 120 "$PY" -m pytest tests/test_sampler_engine.py tests/test_sampler_compile.py -q -rs -p no:cacheprovider -k cuda
   T_ROLL="${T_ROLL:-150}"
   for shape in ${ROLLOUT_SHAPES:-64,256 256,256}; do
     FASTMGRPO_BENCH_ROLLOUT="$shape" part_step rollout "bench_rollout_${shape//,/x}" "$T_ROLL" "$PY" -m pytest \

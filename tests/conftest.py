@@ -17,8 +17,9 @@ from fastmgrpo import env
 # transformers >= 5.25 loads every model with use_kernels=True by default (hub kernels: a download,
 # an error without the `kernels` package); tests (and TRL in them) call from_pretrained directly.
 os.environ.setdefault("USE_HUB_KERNELS", "NO")
-# Subprocesses (CLI runs, torchrun-style ranks) get one intra-op thread too, like this process.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Subprocesses (CLI runs, torchrun-style ranks) get one intra-op thread too, like this process,
+# whatever the caller's OMP_NUM_THREADS: runs compared across processes must round alike.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_configure(config):

@@ -127,21 +127,23 @@ def test_one_compilation_serves_every_shape_across_calls(traced):
 
 
 @pytest.mark.slow  # inductor compiles a 2-layer model's step: about 20 s
-@needs_compiler
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=needs_compiler),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))])
 @pytest.mark.parametrize("pick", [(1.0, 1.0, 0), (0.0, 1.0, 0)], ids=["sampled", "greedy"])
-def test_graph_step_compiles_forward_draw_and_update_together(pick):
+def test_graph_step_compiles_forward_draw_and_update_together(pick, device):
     """The graph-mode step compiled by inductor (the sampler's `_compile`): forward, draw and
     slot update in one graph whose draw reads the logits in one fused loop (no (slots, V)
     buffer but the logits, no RNG call), and the same tokens, log-probs and slot state as the
     uncompiled step over three steps from the same prefill and seed."""
     seed, slots, vocab, max_len = 21, 4, 2048, 48
-    model, _ = build_tiny_model(arch="gemma3", vocab_size=vocab, seed=0)
+    model = build_tiny_model(arch="gemma3", vocab_size=vocab, seed=0)[0].to(device)
     prompts = torch.randint(10, vocab, (slots, 9), generator=torch.Generator().manual_seed(seed)).tolist()
     runs = []
     for compiled in (False, True):
         dec = sampler._Decoder(model, capacity=slots, max_len=max_len, graphs=True, compile=compiled)
         with torch.inference_mode(), sampler._slot_attention_on(model):
-            gen = dec.begin(slots, torch.Generator().manual_seed(seed), 1)
+            gen = dec.begin(slots, torch.Generator(device).manual_seed(seed), 1)
             dec.prefill(torch.arange(slots).numpy(), prompts, 0, pick, gen, (), 20)
             step, stop = sampler._compile(dec._graph_step) if compiled else dec._graph_step, dec._stop((3,))
             out, code = [], []

@@ -477,7 +477,7 @@ class _Decoder:
         self.hi = 0  # host bound on every slot's `col` (eager steps attend over hi + 1 columns)
         self.graphs, self.compile = graphs, compile
         self.compiled: dict[tuple, Callable[..., None]] = {}  # pick -> compiled `_graph_step`
-        self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, pick, stop) -> captured step
+        self.steps: dict[tuple, Callable[[], object]] = {}  # (bucket, width, pick, stop) -> captured step
         self.stops: dict[tuple[int, ...], torch.Tensor] = {}
         # graph mode draws from a counter-based RNG (device tensors, no generator): it compiles
         # into the step and a captured graph draws anew at each replay; re-seeded once per call

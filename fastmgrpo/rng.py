@@ -15,6 +15,8 @@ and Triton alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -45,6 +47,12 @@ def uniform(key: torch.Tensor, count: torch.Tensor, shape: tuple[int, ...]) -> t
     i = torch.arange(numel, device=key.device).view(shape)
     bits = mix32(mix32(i ^ k0) ^ k1) >> 9  # (shape) in [0, 2^23)
     return (bits.float() + 0.5) * 2.0**-23
+
+
+def torch_uniform(generator: torch.Generator | None, device: torch.device | str) -> Callable:
+    """The eager draw: shape -> float32 `torch.rand` draws in [0, 1) on `device` from `generator`
+    (the global generator when None); cheaper eagerly than the hash, but dynamo cannot trace it."""
+    return lambda shape: torch.rand(shape, generator=generator, device=device)
 
 
 class CounterRNG:

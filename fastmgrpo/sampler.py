@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from fastmgrpo.rng import CounterRNG
+from fastmgrpo.rng import CounterRNG, torch_uniform
 from fastmgrpo.types import Completion
 
 _ATTN = "fastmgrpo_slots"
@@ -497,7 +497,7 @@ class _Decoder:
             self.host_ids = torch.zeros((check_every, self.capacity), dtype=torch.long, pin_memory=pin)
             self.host_logp = torch.zeros((check_every, self.capacity), dtype=torch.float32, pin_memory=pin)
         if self.rng is None:
-            return lambda shape: torch.rand(shape, generator=generator, device=self.device)
+            return torch_uniform(generator, self.device)
         self.rng.seed(generator)
         return self.rng
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fastmgrpo.rng import torch_uniform
 from fastmgrpo.sampler import _pick, sample
 from fastmgrpo.testing import build_tiny_model
 
@@ -111,12 +112,6 @@ def test_progress_and_empty_prompt(tiny):
         sample(model, [[]], max_new_tokens=2, temperature=0.0, stop_ids=set(), pad_id=0)
 
 
-def _torch_uniform(seed: int):
-    """`_pick`'s uniform draw from torch.rand with a generator seeded `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    return lambda shape: torch.rand(shape, generator=g)
-
-
 @pytest.mark.parametrize("temperature,top_p,top_k,expected", [
     (1.0, 1.0, 0, [0.5, 0.25, 0.15, 0.1]),
     (1.0, 1.0, 2, [2 / 3, 1 / 3, 0, 0]),
@@ -127,7 +122,7 @@ def _torch_uniform(seed: int):
 def test_pick_samples_the_truncated_distribution(temperature, top_p, top_k, expected):
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     logits = probs.log().repeat(40000, 1)  # (N, V) identical rows
-    ids, logp = _pick(logits, temperature, top_p, top_k, _torch_uniform(0))
+    ids, logp = _pick(logits, temperature, top_p, top_k, torch_uniform(torch.Generator().manual_seed(0), "cpu"))
     freq = torch.bincount(ids, minlength=4).double() / ids.numel()
     torch.testing.assert_close(freq, torch.tensor(expected, dtype=torch.float64), atol=0.01, rtol=0)
     # logprobs are those of the untruncated temperature-scaled distribution
@@ -139,7 +134,7 @@ def test_pick_frequencies_match_softmax_within_5_sigma():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(7, generator=gen) * 2  # a skewed distribution, from 0.2% to ~60%
     n, temperature = 200_000, 0.8
-    ids, logp = _pick(logits.repeat(n, 1), temperature, 1.0, 0, _torch_uniform(1))
+    ids, logp = _pick(logits.repeat(n, 1), temperature, 1.0, 0, torch_uniform(torch.Generator().manual_seed(1), "cpu"))
     p = torch.softmax(logits.double() / temperature, dim=-1)
     freq = torch.bincount(ids, minlength=7).double() / n
     sigma = (p * (1 - p) / n).sqrt()  # binomial std of each frequency
@@ -147,5 +142,5 @@ def test_pick_frequencies_match_softmax_within_5_sigma():
     full = torch.log_softmax(logits / temperature, dim=-1)
     torch.testing.assert_close(logp, full[ids], atol=1e-5, rtol=0)
     # the draw is a function of the generator's state alone (per-(seed, step, rank) replay)
-    again, _ = _pick(logits.repeat(n, 1), temperature, 1.0, 0, _torch_uniform(1))
+    again, _ = _pick(logits.repeat(n, 1), temperature, 1.0, 0, torch_uniform(torch.Generator().manual_seed(1), "cpu"))
     assert torch.equal(ids, again)

@@ -6,7 +6,7 @@ and the counter-based RNG of the compiled, graph-captured step (`rng.CounterRNG`
 import pytest
 import torch
 
-from fastmgrpo.rng import CounterRNG
+from fastmgrpo.rng import CounterRNG, torch_uniform
 from fastmgrpo.sampler import _pick
 
 V, DRAWS = 12, 100_000
@@ -47,7 +47,7 @@ def _uniform(source: str, seed: int):
     """`_pick`'s uniform draw: torch.rand with a generator, or a CounterRNG keyed from one."""
     g = torch.Generator().manual_seed(seed)
     if source == "torch":
-        return lambda shape: torch.rand(shape, generator=g)
+        return torch_uniform(g, "cpu")
     rng = CounterRNG(torch.device("cpu"))
     rng.seed(g)
     return rng
